@@ -1,0 +1,98 @@
+//! The library's one error type: a variant per failed operation, each naming what and where.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in lowrank's library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{op} {path}")]
+    Io {
+        /// What we were doing ("reading", "writing", "opening").
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file did not parse or lacks a field.
+    #[error("parsing {path}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// serde's message, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A safetensors file is malformed (truncated, bad header, ...).
+    #[error("reading safetensors {path}: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A GGUF file is malformed or holds something we cannot run.
+    #[error("reading GGUF {path}: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model configuration is inconsistent or unsupported.
+    #[error("model config: {0}")]
+    Config(String),
+    /// A weight the model needs is not in the files.
+    #[error("missing weight `{name}` in {source_desc}")]
+    MissingWeight {
+        /// HF-style tensor name.
+        name: String,
+        /// Where we looked.
+        source_desc: String,
+    },
+    /// A tensor has a different shape than the model or adapter expects.
+    #[error("shape mismatch for `{name}`: expected {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        /// Tensor or module name.
+        name: String,
+        /// Shape the model requires.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// An adapter is malformed, targets modules the model lacks, or uses an unsupported option.
+    #[error("adapter {path}: {message}")]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Tokenizer construction or encoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// Fetching the default model failed.
+    #[error("fetching the default model: {0}")]
+    Fetch(String),
+    /// Invalid argument to a library call (sampling parameters, batch layout, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An error from the tensor engine.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand for results with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { op, path: path.into(), source }
+    }
+}

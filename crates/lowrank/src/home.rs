@@ -1,0 +1,1 @@
+//! Where lowrank keeps its files (in progress).

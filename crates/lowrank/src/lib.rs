@@ -1,0 +1,18 @@
+//! lowrank: LoRA adapters for transformer language models.
+//!
+//! The crate is laid out as its pipeline: [`model`] loads weights (HF safetensors directories or
+//! GGUF files) into one transformer implementation in HF layout; [`ops`] holds the tensor ops that
+//! training differentiates through; [`adapter`] reads PEFT adapters and applies them by module
+//! path; [`tokenizer`] and [`chat`] turn text into ids; [`generate`] samples from the model.
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod chat;
+pub mod error;
+pub mod generate;
+pub mod home;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,1 +1,17 @@
-//! ops (in progress).
+//! Tensor ops with a forward *and* a backward, so training differentiates through every one of
+//! them. candle's fused `softmax_last_dim`, `rms_norm` and `rope` have no backward (the graph
+//! would be cut silently), and its matmul backward computes a gradient for the frozen weight too;
+//! these ops replace them.
+//!
+//! Shape legend: `N` tokens (all sequences of a batch, flattened), `K` in-features, `M`
+//! out-features, `H` hidden size, `S` key length, `D` head dim.
+
+mod linear;
+mod rms_norm;
+mod rope;
+mod softmax;
+
+pub use linear::{FrozenLinear, FrozenWeight};
+pub use rms_norm::rms_norm;
+pub use rope::{apply_rope, RopeScaling, RopeTable};
+pub use softmax::softmax_last_dim;

@@ -1,0 +1,227 @@
+//! The frozen linear: `y = x Wᵀ (+ b)` where `W` never gets a gradient.
+//!
+//! candle's matmul backward computes both operands' gradients, so a frozen `W` would still cost a
+//! weight-sized gradient and an extra matmul per layer. Here `W` is an argument of a custom op
+//! whose backward returns only `dL/dx = dL/dy · W`. Quantized (GGUF) weights use candle's
+//! quantized matmul forward and dequantise in the backward.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::Result;
+
+/// A frozen weight `[out, in]`, dense (f32) or quantized (GGUF block formats).
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    /// Dense `[out, in]` tensor.
+    Dense(Tensor),
+    /// Quantized `[out, in]`, rows stored as GGUF blocks.
+    Quant(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            FrozenWeight::Dense(w) => w.dims2()?,
+            FrozenWeight::Quant(q) => q.shape().dims2()?,
+        })
+    }
+
+    /// The weight as a dense f32 tensor `[out, in]` (dequantised when quantized).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            FrozenWeight::Dense(w) => w.clone(),
+            FrozenWeight::Quant(q) => q.dequantize(&q.device())?,
+        })
+    }
+
+    /// Storage type name, for `inspect` and logs ("f32", "q4_1", ...).
+    pub fn dtype_name(&self) -> String {
+        match self {
+            FrozenWeight::Dense(w) => format!("{:?}", w.dtype()).to_lowercase(),
+            FrozenWeight::Quant(q) => format!("{:?}", q.dtype()).to_lowercase(),
+        }
+    }
+
+    /// Bytes held by the weight.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            FrozenWeight::Quant(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// GGUF block type when quantized.
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        match self {
+            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Quant(q) => Some(q.dtype()),
+        }
+    }
+}
+
+/// A projection whose weight and bias are constants of the graph.
+#[derive(Clone, Debug)]
+pub struct FrozenLinear {
+    weight: FrozenWeight,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    /// A frozen linear from `W: [out, in]` and an optional `b: [out]`.
+    pub fn new(weight: FrozenWeight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &FrozenWeight {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `x: [N, K] -> [N, M]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let y = match &self.weight {
+            FrozenWeight::Dense(w) => x.apply_op2(w, DenseMatmul)?,
+            FrozenWeight::Quant(q) => x.apply_op1(QuantMatmul(q.clone()))?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// `x: [N, K], W: [M, K] -> [N, M]`; backward returns only `dL/dx`.
+struct DenseMatmul;
+
+impl DenseMatmul {
+    fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<((usize, usize, usize, usize), Layout)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen linear: input has {k} features, weight expects {k2}")
+        }
+        Ok(((1, m, n, k), l2.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp2 for DenseMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bmnk, wt) = Self::dims(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (bmnk, wt) = Self::dims(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // dL/dx: [N, M] x [M, K] -> [N, K]. No gradient for W, by construction.
+        Ok((Some(grad_y.matmul(w)?), None))
+    }
+}
+
+/// Quantized `x: [N, K] -> [N, M]`; backward dequantises `W` to get `dL/dx`.
+struct QuantMatmul(Arc<QTensor>);
+
+impl CustomOp1 for QuantMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-qlinear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd(s, l)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.0.cuda_fwd(s, l)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.0.dequantize(grad_y.device())?.to_dtype(DType::F32)?;
+        Ok(Some(grad_y.matmul(&w)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn dense_matches_matmul_and_freezes_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 8), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 3, &dev)?;
+        let lin = FrozenLinear::new(FrozenWeight::Dense(w.clone()), Some(b.clone()));
+        let y = lin.forward(x.as_tensor())?;
+        let want = x.as_tensor().matmul(&w.t()?)?.broadcast_add(&b)?;
+        let diff = (y.clone() - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "forward differs by {diff}");
+
+        let grads = (y.sqr()?.sum_all()?).backward()?;
+        let gx = grads.get(x.as_tensor()).expect("x must get a gradient");
+        // d/dx sum((xWᵀ+b)²) = 2 (xWᵀ+b) W
+        let want_gx = ((y * 2.0)?.matmul(&w))?;
+        let diff = (gx - want_gx)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "grad differs by {diff}");
+        assert!(grads.get(&w).is_none(), "frozen weight got a gradient");
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_forward_and_backward_follow_dequantised_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (4, 64), &dev)?;
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?);
+        let wd = q.dequantize(&dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 64), &dev)?)?;
+        let lin = FrozenLinear::new(FrozenWeight::Quant(q), None);
+        let y = lin.forward(x.as_tensor())?;
+        let want = x.as_tensor().matmul(&wd.t()?)?;
+        // candle quantizes activations to q8 in the CPU kernel, so allow a small error.
+        let rel = ((&y - &want)?.abs()?.max_all()?.to_scalar::<f32>()?)
+            / want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(rel < 2e-2, "relative error {rel}");
+        let grads = y.sum_all()?.backward()?;
+        let gx = grads.get(x.as_tensor()).expect("x must get a gradient");
+        let want_gx = Tensor::ones((3, 4), DType::F32, &dev)?.matmul(&wd)?;
+        let diff = (gx - want_gx)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "grad differs by {diff}");
+        Ok(())
+    }
+}

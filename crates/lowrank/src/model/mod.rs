@@ -1,1 +1,21 @@
-//! model (in progress).
+//! Models: configuration, weight sources (HF safetensors, GGUF), the transformer, KV cache.
+
+mod block;
+mod cache;
+mod config;
+mod gguf;
+mod hf;
+mod load;
+mod projection;
+mod transformer;
+mod weights;
+
+pub use block::{Block, SeqSpan};
+pub use cache::KvCache;
+pub use config::{Family, ModelConfig};
+pub use gguf::GgufFile;
+pub use hf::SafetensorsDir;
+pub use load::{detect_format, LoadOptions, ModelFormat};
+pub use projection::{AdapterRun, LinearFactory, ModuleInfo, ModuleTable, Projection};
+pub use transformer::{Model, SeqInput};
+pub use weights::{check_shape, WeightSource};

@@ -1,0 +1,204 @@
+//! `adapter_config.json`: PEFT's `LoraConfig`, the keys that change the math typed, every other
+//! key kept as it was read so that a round trip loses nothing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// `target_modules` / `exclude_modules`: a list of names (suffix match), a regex (full match),
+/// or PEFT's `all-linear` shorthand.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleSelector {
+    /// Module names; a path matches if it equals a name or ends with `.name`.
+    List(Vec<String>),
+    /// A regular expression that must match the whole module path (or `all-linear`).
+    Pattern(String),
+}
+
+/// `layers_to_transform`: one index or a list.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum LayerSelector {
+    /// One layer.
+    One(usize),
+    /// Several layers.
+    Many(Vec<usize>),
+}
+
+/// `layers_pattern`: one name or several.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    /// One name.
+    One(String),
+    /// Several names.
+    Many(Vec<String>),
+}
+
+/// The typed part of a PEFT LoRA config. Defaults are PEFT's.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct AdapterConfig {
+    /// `"LORA"`.
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    /// Default rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Default alpha.
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Weight-decomposed LoRA.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Which modules are adapted.
+    #[serde(default)]
+    pub target_modules: Option<ModuleSelector>,
+    /// Which modules are never adapted.
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSelector>,
+    /// Per-module rank overrides (key matched as regex `(.*\.)?(key)$`).
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Only these block indices.
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerSelector>,
+    /// Name of the layer list in module paths (`layers`).
+    #[serde(default)]
+    pub layers_pattern: Option<StringOrList>,
+    /// Dropout on the adapter input during training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Whether the base weight is stored transposed (GPT-2 Conv1D); PEFT resets it for Linear.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// `"none"`, `"all"` or `"lora_only"`.
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    /// Modules trained and saved in full.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Base model the adapter was trained on.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Every key as read, for writing back unchanged.
+    #[serde(skip)]
+    pub raw: serde_json::Map<String, Value>,
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+/// Keys whose non-default value changes the math in ways lowrank does not implement yet.
+/// Each entry: key, and whether a value counts as "off".
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("use_qalora", "QA-LoRA"),
+    ("lora_bias", "a bias on lora_B"),
+    ("layer_replication", "layer replication"),
+    ("target_parameters", "LoRA on nn.Parameter targets"),
+    ("alora_invocation_tokens", "activated LoRA (aLoRA)"),
+    ("trainable_token_indices", "trainable tokens"),
+    ("use_bdlora", "block-diagonal LoRA"),
+    ("arrow_config", "Arrow routing"),
+];
+
+fn is_off(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+impl AdapterConfig {
+    /// Parses `adapter_config.json` text; `path` names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: serde_json::Map<String, Value> =
+            serde_json::from_str(text).map_err(|e| Error::Json { path: path.into(), source: e })?;
+        let mut cfg: AdapterConfig = serde_json::from_value(Value::Object(raw.clone()))
+            .map_err(|e| Error::Json { path: path.into(), source: e })?;
+        cfg.raw = raw;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads `path`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Rejects options whose meaning lowrank does not implement, rather than dropping them.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |m: String| Err(Error::Adapter { path: path.into(), message: m });
+        if self.peft_type != "LORA" {
+            return bad(format!("peft_type `{}` is not supported (only LORA)", self.peft_type));
+        }
+        if self.r == 0 {
+            return bad("r must be positive".into());
+        }
+        if let Some(k) = self.rank_pattern.iter().find(|(_, &r)| r == 0).map(|(k, _)| k) {
+            return bad(format!("rank_pattern `{k}` is 0"));
+        }
+        if self.use_dora {
+            return bad("use_dora: DoRA adapters are not supported yet".into());
+        }
+        if self.bias != "none" {
+            return bad(format!("bias = `{}`: trained base biases are not supported yet (only \"none\")", self.bias));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return bad("modules_to_save: fully trained modules are not supported yet".into());
+        }
+        if self.target_modules.is_none() {
+            return bad("target_modules is missing".into());
+        }
+        for (key, what) in UNSUPPORTED {
+            if let Some(v) = self.raw.get(*key) {
+                if !is_off(v) {
+                    return bad(format!("`{key}` = {v}: {what} is not supported"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_list_regex_and_rejects_unsupported() {
+        let p = Path::new("adapter_config.json");
+        let c = AdapterConfig::from_json(r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"new_key":1}"#, p).unwrap();
+        assert_eq!(c.target_modules, Some(ModuleSelector::List(vec!["q_proj".into()])));
+        assert!(c.raw.contains_key("new_key"), "unknown keys are kept");
+        let c = AdapterConfig::from_json(r#"{"r":4,"target_modules":".*q_proj"}"#, p).unwrap();
+        assert_eq!(c.target_modules, Some(ModuleSelector::Pattern(".*q_proj".into())));
+        let e = AdapterConfig::from_json(r#"{"r":4,"target_modules":["q"],"use_qalora":true}"#, p).unwrap_err();
+        assert!(e.to_string().contains("use_qalora"), "{e}");
+        let e = AdapterConfig::from_json(r#"{"r":4,"target_modules":["q"],"peft_type":"IA3"}"#, p).unwrap_err();
+        assert!(e.to_string().contains("IA3"), "{e}");
+    }
+}

@@ -1,0 +1,85 @@
+//! PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, checked key by
+//! key against the model's modules. Nothing is skipped silently.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::config::AdapterConfig;
+use super::lora::LoraLayer;
+use super::target::plan;
+use super::{Adapter, AdapterLayer};
+use crate::model::{ModuleTable, SafetensorsDir};
+use crate::{Error, Result};
+
+/// Prefix PEFT puts before every module path on disk.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+impl Adapter {
+    /// Loads a PEFT LoRA adapter directory for a model with modules `table`.
+    pub fn load_peft(dir: &Path, table: &ModuleTable, device: &Device) -> Result<Self> {
+        let err = |m: String| Error::Adapter { path: dir.into(), message: m };
+        if !dir.is_dir() {
+            return Err(err("not a directory (expected adapter_config.json and adapter_model.safetensors inside)".into()));
+        }
+        let config = AdapterConfig::from_file(&dir.join("adapter_config.json"))?;
+        let plans = plan(&config, table, dir)?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        if !weights_path.exists() {
+            let hint = if dir.join("adapter_model.bin").exists() {
+                " (found adapter_model.bin: pickled PyTorch files are not read; re-save with safe_serialization=True)"
+            } else {
+                ""
+            };
+            return Err(err(format!("adapter_model.safetensors is missing{hint}")));
+        }
+        let st = SafetensorsDir::open_files(&[weights_path], device)?;
+
+        // module id -> (A, B) as found in the file
+        let mut found: BTreeMap<usize, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for key in st.names() {
+            let path = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| err(format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")))?;
+            let (module, is_a) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
+                (m, true)
+            } else if let Some(m) = path.strip_suffix(".lora_B.weight") {
+                (m, false)
+            } else {
+                return Err(err(format!(
+                    "tensor `{key}` is not a LoRA A/B weight (embedding LoRA, DoRA magnitudes, biases and modules_to_save are not supported yet)"
+                )));
+            };
+            let id = table.id(module).ok_or_else(|| err(format!("tensor `{key}`: the model has no module `{module}` (is this adapter for another model?)")))?;
+            if plans[id].is_none() {
+                return Err(err(format!("tensor `{key}` adapts `{module}`, which adapter_config.json does not target")));
+            }
+            let t = st.load(&key)?;
+            let slot = found.entry(id).or_default();
+            if is_a {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
+        }
+
+        let mut layers: Vec<Option<Box<dyn AdapterLayer>>> = Vec::with_capacity(table.len());
+        for (id, (m, p)) in table.modules().iter().zip(&plans).enumerate() {
+            let Some(p) = p else {
+                layers.push(None);
+                continue;
+            };
+            let (a, b) = found.remove(&id).unwrap_or((None, None));
+            let key = |s: &str| format!("{PEFT_PREFIX}{}.{s}.weight", m.path);
+            let missing = |s: &str| err(format!("adapter_config.json targets `{}` but adapter_model.safetensors has no `{}`", m.path, key(s)));
+            let a = a.ok_or_else(|| missing("lora_A"))?;
+            let b = b.ok_or_else(|| missing("lora_B"))?;
+            crate::model::check_shape(&key("lora_A"), &[p.r, m.in_features], a.dims())?;
+            crate::model::check_shape(&key("lora_B"), &[m.out_features, p.r], b.dims())?;
+            layers.push(Some(Box::new(LoraLayer { a, b, scale: p.scale })));
+        }
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+        let mut adapter = Adapter::new(name, config, layers);
+        adapter.path = Some(dir.into());
+        Ok(adapter)
+    }
+}

@@ -1,0 +1,57 @@
+//! Plain LoRA: `Δy = s · x Aᵀ Bᵀ`.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::AdapterLayer;
+use crate::Result;
+
+/// One LoRA pair for a `[M, K]` projection.
+#[derive(Clone, Debug)]
+pub struct LoraLayer {
+    /// `A: [r, K]`.
+    pub a: Tensor,
+    /// `B: [M, r]`.
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)`).
+    pub scale: f64,
+}
+
+impl LoraLayer {
+    /// PEFT's default init: `A` kaiming-uniform (a = √5, so bound = 1/√K), `B = 0`.
+    pub fn init(r: usize, in_features: usize, out_features: usize, scale: f64, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Self> {
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let a: Vec<f32> = (0..r * in_features).map(|_| rng.random_range(-bound..bound)).collect();
+        Ok(Self {
+            a: Tensor::from_vec(a, (r, in_features), device)?,
+            b: Tensor::zeros((out_features, r), DType::F32, device)?,
+            scale,
+        })
+    }
+
+    /// A seeded RNG for [`LoraLayer::init`].
+    pub fn rng(seed: u64) -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(seed)
+    }
+}
+
+impl AdapterLayer for LoraLayer {
+    fn forward(&self, x: &Tensor, _base: &Tensor) -> Result<Tensor> {
+        // [N, K] x [K, r] -> [N, r]; x [r, M] -> [N, M]
+        let h = x.matmul(&self.a.t()?)?;
+        Ok((h.matmul(&self.b.t()?)? * self.scale)?)
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        // [M, r] x [r, K] -> [M, K]
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+
+    fn rank(&self) -> usize {
+        self.a.dim(0).unwrap_or(0)
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("lora_A.weight", &self.a), ("lora_B.weight", &self.b)]
+    }
+}

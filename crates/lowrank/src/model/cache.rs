@@ -1,0 +1,58 @@
+//! Per-sequence key/value cache.
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// Keys and values of one sequence for every layer: `[kv_heads, S, D]` each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` blocks.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0 }
+    }
+
+    /// Tokens already cached (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k, v: [kv_heads, T, D]` to `layer` and returns the full `[kv_heads, S, D]`.
+    /// The sequence length advances when the last layer is appended.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 1)?, Tensor::cat(&[&pv, v], 1)?),
+            None => (k.clone(), v.clone()),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        if layer + 1 == self.layers.len() {
+            self.len = k.dim(1)?;
+        }
+        Ok((k, v))
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}

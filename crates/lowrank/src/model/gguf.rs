@@ -1,0 +1,325 @@
+//! GGUF model files (llama.cpp's format), read into HF names and layout.
+//!
+//! llama.cpp's converter permutes the rows of `attn_q`/`attn_k` for interleaved RoPE; we undo it
+//! so every module is in HF layout and a PEFT adapter's `lora_B` rows land on the right heads.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Family, ModelConfig};
+use super::weights::WeightSource;
+use crate::ops::{FrozenWeight, RopeScaling};
+use crate::{Error, Result};
+
+/// An open GGUF file: metadata, tensor directory and a reader for tensor data.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: Mutex<BufReader<File>>,
+    device: Device,
+    /// Dequantise every matrix to f32 at load (exact reference numerics, more memory).
+    dequantize: bool,
+    /// Whether q/k rows were permuted by the converter (llama architecture).
+    permuted_qk: bool,
+    heads: (usize, usize),
+}
+
+impl GgufFile {
+    /// Opens and parses the header of `path`.
+    pub fn open(path: &Path, device: &Device, dequantize: bool) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| Error::Gguf {
+            path: path.into(),
+            message: format!("not a readable GGUF file ({e})"),
+        })?;
+        let mut g = Self {
+            path: path.into(),
+            content,
+            reader: Mutex::new(reader),
+            device: device.clone(),
+            dequantize,
+            permuted_qk: false,
+            heads: (0, 0),
+        };
+        let arch = g.architecture()?;
+        g.permuted_qk = arch == "llama";
+        Ok(g)
+    }
+
+    /// The parsed metadata.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, dtypes and shapes as stored (GGUF names).
+    pub fn tensor_infos(&self) -> Vec<(String, GgmlDType, Vec<usize>)> {
+        let mut v: Vec<_> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n.clone(), i.ggml_dtype, i.shape.dims().to_vec()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn err(&self, message: impl Into<String>) -> Error {
+        Error::Gguf { path: self.path.clone(), message: message.into() }
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<String> {
+        Ok(self.meta_str("general.architecture")?.to_string())
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_str(&self, key: &str) -> Result<&str> {
+        match self.meta(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(self.err(format!("metadata `{key}` is not a string"))),
+            None => Err(self.err(format!("metadata `{key}` is missing"))),
+        }
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_u64()
+                .or_else(|_| v.to_u32().map(u64::from))
+                .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+                .map(|x| Some(x as usize))
+                .map_err(|_| self.err(format!("metadata `{key}` is not an integer"))),
+        }
+    }
+
+    fn meta_f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_f32()
+                .or_else(|_| v.to_f64().map(|x| x as f32))
+                .map(Some)
+                .map_err(|_| self.err(format!("metadata `{key}` is not a number"))),
+        }
+    }
+
+    /// The model configuration from `<arch>.*` metadata.
+    pub fn config(&mut self) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        let family = match arch.as_str() {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            other => {
+                return Err(self.err(format!(
+                    "architecture `{other}` is not supported (supported: llama, qwen2; Mistral GGUFs use `llama`)"
+                )))
+            }
+        };
+        let req = |s: &Self, k: &str| -> Result<usize> {
+            s.meta_usize(&format!("{arch}.{k}"))?.ok_or_else(|| s.err(format!("metadata `{arch}.{k}` is missing")))
+        };
+        let hidden_size = req(self, "embedding_length")?;
+        let num_heads = req(self, "attention.head_count")?;
+        let num_kv_heads = self.meta_usize(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(num_heads);
+        let head_dim = self
+            .meta_usize(&format!("{arch}.attention.key_length"))?
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| self.err("tensor `token_embd.weight` is missing"))?;
+        let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
+        let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let t = self.read_tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?;
+            RopeScaling::Factors(t.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            match self.meta(&format!("{arch}.rope.scaling.type")) {
+                Some(Value::String(s)) if s == "linear" => RopeScaling::Linear {
+                    factor: self.meta_f32(&format!("{arch}.rope.scaling.factor"))?.unwrap_or(1.0),
+                },
+                Some(Value::String(s)) if s != "none" => {
+                    return Err(self.err(format!("rope scaling type `{s}` is not supported")))
+                }
+                _ => RopeScaling::None,
+            }
+        };
+        let cfg = ModelConfig {
+            family,
+            vocab_size,
+            hidden_size,
+            intermediate_size: req(self, "feed_forward_length")?,
+            num_layers: req(self, "block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: self.meta_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f64,
+            rope_theta: self.meta_f32(&format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: self.meta_usize(&format!("{arch}.context_length"))?.unwrap_or(4096),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            o_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
+            mlp_bias: self.content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+            sliding_window: None,
+        };
+        cfg.validate()?;
+        self.heads = (num_heads, num_kv_heads);
+        Ok(cfg)
+    }
+
+    fn read_tensor(&self, gguf_name: &str) -> Result<QTensor> {
+        let mut reader = self.reader.lock().map_err(|_| self.err("reader poisoned by an earlier panic"))?;
+        self.content
+            .tensor(&mut *reader, gguf_name, &self.device)
+            .map_err(|e| self.err(format!("reading tensor `{gguf_name}`: {e}")))
+    }
+
+    /// The GGUF name of an HF tensor name, and how many heads its rows are permuted over.
+    fn gguf_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
+        let plain = |s: &str| Some((s.to_string(), None));
+        match hf {
+            "model.embed_tokens.weight" => return plain("token_embd.weight"),
+            "model.norm.weight" => return plain("output_norm.weight"),
+            "lm_head.weight" => return plain("output.weight"),
+            _ => {}
+        }
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (layer, module) = rest.split_once('.')?;
+        let (module, suffix) = module.rsplit_once('.')?;
+        let name = match module {
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            _ => return None,
+        };
+        let heads = match (self.permuted_qk, name) {
+            (true, "attn_q") => Some(self.heads.0),
+            (true, "attn_k") => Some(self.heads.1),
+            _ => None,
+        };
+        Some((format!("blk.{layer}.{name}.{suffix}"), heads))
+    }
+
+    fn lookup(&self, hf: &str) -> Result<(String, Option<usize>)> {
+        self.gguf_name(hf)
+            .filter(|(g, _)| self.content.tensor_infos.contains_key(g))
+            .ok_or_else(|| Error::MissingWeight { name: hf.into(), source_desc: self.describe() })
+    }
+}
+
+/// Undoes llama.cpp's q/k permutation on the rows of a dense `[heads·D, cols]` (or `[heads·D]`) tensor.
+fn unpermute_dense(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let half = rows / heads / 2;
+    let cols: usize = dims[1..].iter().product();
+    // GGUF rows are [heads, D/2, 2, cols]; HF rows are [heads, 2, D/2, cols].
+    Ok(t.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// Row index in GGUF layout of HF row `r` (inverse of the converter's permutation).
+fn gguf_row(r: usize, head_dim: usize) -> usize {
+    let (h, within) = (r / head_dim, r % head_dim);
+    let half = head_dim / 2;
+    let (j, i) = (within / half, within % half);
+    h * head_dim + 2 * i + j
+}
+
+/// Undoes the permutation on a quantized `[rows, cols]` tensor by moving whole rows of blocks.
+fn unpermute_quant(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let data = q.data()?;
+    let row_bytes = cols / q.dtype().block_size() * q.dtype().type_size();
+    if row_bytes * rows != data.len() || rows % heads != 0 {
+        return Err(Error::Config(format!("cannot un-permute quantized tensor {:?}", q.shape())));
+    }
+    let head_dim = rows / heads;
+    let mut out = vec![0u8; data.len()];
+    for r in 0..rows {
+        let g = gguf_row(r, head_dim);
+        out[r * row_bytes..(r + 1) * row_bytes].copy_from_slice(&data[g * row_bytes..(g + 1) * row_bytes]);
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+impl WeightSource for GgufFile {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.lookup(name).is_ok()
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        let (g, heads) = self.lookup(name)?;
+        let t = self.read_tensor(&g)?.dequantize(&self.device)?.to_dtype(DType::F32)?;
+        match heads {
+            Some(h) => unpermute_dense(&t, h),
+            None => Ok(t),
+        }
+    }
+
+    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
+        let (g, heads) = self.lookup(name)?;
+        let q = self.read_tensor(&g)?;
+        let dense = self.dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if dense {
+            let t = q.dequantize(&self.device)?.to_dtype(DType::F32)?;
+            return Ok(FrozenWeight::Dense(match heads {
+                Some(h) => unpermute_dense(&t, h)?,
+                None => t,
+            }));
+        }
+        let q = match heads {
+            Some(h) => unpermute_quant(&q, h)?,
+            None => q,
+        };
+        Ok(FrozenWeight::Quant(Arc::new(q)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_map_inverts_the_converter_permutation() -> Result<()> {
+        // The converter: w.reshape(heads, 2, D/2, cols).swapaxes(1, 2).reshape(w.shape)
+        let (heads, d, cols) = (2usize, 8usize, 3usize);
+        let hf = Tensor::arange(0f32, (heads * d * cols) as f32, &Device::Cpu)?.reshape((heads * d, cols))?;
+        let gguf = hf.reshape((heads, 2, d / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((heads * d, cols))?;
+        let back = unpermute_dense(&gguf, heads)?;
+        assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        for r in 0..heads * d {
+            assert_eq!(gguf.get(gguf_row(r, d))?.to_vec1::<f32>()?, hf.get(r)?.to_vec1::<f32>()?);
+        }
+        Ok(())
+    }
+}

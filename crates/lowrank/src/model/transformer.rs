@@ -1,0 +1,182 @@
+//! The decoder-only transformer: embeddings, blocks, final norm, output head.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::block::{Block, BlockCtx, SeqSpan};
+use super::cache::KvCache;
+use super::config::ModelConfig;
+use super::projection::{AdapterRun, LinearFactory, ModuleTable};
+use super::weights::{dense_checked, matrix_checked, WeightSource};
+use crate::adapter::ActiveAdapter;
+use crate::ops::{rms_norm, FrozenLinear, FrozenWeight, RopeTable};
+use crate::{Error, Result};
+
+/// One sequence of a batch: its new tokens and the adapters its rows use.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// Token ids to process (the continuation of whatever its cache holds).
+    pub tokens: &'a [u32],
+    /// Adapters with weights (empty: the base model).
+    pub adapters: &'a [ActiveAdapter],
+}
+
+/// A loaded model in HF layout.
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed: FrozenWeight,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    rope: RopeTable,
+    modules: ModuleTable,
+    device: Device,
+}
+
+impl Model {
+    /// Builds the model from a weight source (HF names and layout).
+    pub fn load(config: ModelConfig, src: &dyn WeightSource, device: &Device) -> Result<Self> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed = matrix_checked(src, "model.embed_tokens.weight", v, h)?;
+        let mut factory = LinearFactory::new(src);
+        let blocks = (0..config.num_layers)
+            .map(|l| Block::load(&config, l, src, &mut factory))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = dense_checked(src, "model.norm.weight", &[h])?;
+        let head = if config.tie_word_embeddings {
+            embed.clone()
+        } else if src.contains("lm_head.weight") {
+            matrix_checked(src, "lm_head.weight", v, h)?
+        } else {
+            return Err(Error::MissingWeight {
+                name: "lm_head.weight".into(),
+                source_desc: format!("{} (config says the embeddings are not tied)", src.describe()),
+            });
+        };
+        let rope = RopeTable::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
+        Ok(Self {
+            embed,
+            blocks,
+            norm,
+            lm_head: FrozenLinear::new(head, None),
+            rope,
+            modules: factory.finish(),
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Every adaptable projection.
+    pub fn modules(&self) -> &ModuleTable {
+        &self.modules
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers)
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = self.embed.size_in_bytes() + t(&self.norm);
+        if !self.config.tie_word_embeddings {
+            n += self.lm_head.weight().size_in_bytes();
+        }
+        for b in &self.blocks {
+            for p in b.projections() {
+                n += p.base().weight().size_in_bytes() + p.base().bias().map_or(0, t);
+            }
+        }
+        n + self.blocks.len() * 2 * t(&self.norm)
+    }
+
+    /// Runs `seqs` (flattened into `N` rows) through the blocks and the final norm.
+    /// With `caches` (one per sequence) positions continue from each cache and the new keys and
+    /// values are appended; without, every sequence starts at position 0.
+    /// Returns the hidden states `[N, H]`.
+    pub fn forward(&self, seqs: &[SeqInput], mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        if let Some(c) = caches.as_deref() {
+            if c.len() != seqs.len() {
+                return Err(Error::InvalidArgument(format!("{} sequences but {} caches", seqs.len(), c.len())));
+            }
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(Error::InvalidArgument(format!("sequence {i} has no tokens")));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.config.vocab_size
+                )));
+            }
+            let past = caches.as_deref().map_or(0, |c| c[i].len());
+            spans.push(SeqSpan { start: ids.len(), len: s.tokens.len(), past });
+            positions.extend(past..past + s.tokens.len());
+            ids.extend_from_slice(s.tokens);
+        }
+        let runs = adapter_runs(seqs, &spans);
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = match &self.embed {
+            FrozenWeight::Dense(w) => w.embedding(&ids)?,
+            FrozenWeight::Quant(q) => q.embedding(&ids)?.to_dtype(DType::F32)?,
+        }; // [N, H]
+        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+        let ctx = BlockCtx { cos, sin, spans: &spans, runs: &runs };
+        for block in &self.blocks {
+            x = block.forward(&x, &ctx, caches.as_deref_mut())?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// `hidden: [N, H] -> logits [N, V]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Logits of the last token of each sequence: `[B, V]`.
+    pub fn forward_last(&self, seqs: &[SeqInput], caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let hidden = self.forward(seqs, caches)?;
+        let mut last = Vec::with_capacity(seqs.len());
+        let mut end = 0u32;
+        for s in seqs {
+            end += s.tokens.len() as u32;
+            last.push(end - 1);
+        }
+        let idx = Tensor::from_vec(last, seqs.len(), &self.device)?;
+        self.logits(&hidden.index_select(&idx, 0)?)
+    }
+}
+
+/// Groups consecutive sequences with the same adapters into row runs.
+fn adapter_runs<'a>(seqs: &[SeqInput<'a>], spans: &[SeqSpan]) -> Vec<AdapterRun<'a>> {
+    let mut runs: Vec<AdapterRun<'a>> = Vec::new();
+    for (s, span) in seqs.iter().zip(spans) {
+        let rows = span.start..span.start + span.len;
+        match runs.last_mut() {
+            Some(r) if ActiveAdapter::same_set(r.adapters, s.adapters) => r.rows.end = rows.end,
+            _ => runs.push(AdapterRun { rows, adapters: s.adapters }),
+        }
+    }
+    runs
+}

@@ -1,0 +1,71 @@
+//! Logits of our transformer against transformers/PEFT fixtures (scripts/fixtures/models.py),
+//! within 1e-4 in f32.
+
+mod common;
+
+use common::*;
+use lowrank::model::{LoadOptions, Model};
+
+const TOL: f32 = 1e-4;
+
+fn check(family: &str, case: &str, model: &Model, adapters: &[lowrank::adapter::ActiveAdapter]) {
+    for (i, ids) in ids(family).iter().enumerate() {
+        let d = max_diff(&logits(model, ids, adapters), &reference(family, case, i));
+        assert!(d < TOL, "{family}/{case} seq {i}: max |Δlogit| = {d}");
+    }
+}
+
+#[test]
+fn base_models_match_transformers() {
+    for family in ["llama", "llama3", "qwen2", "mistral"] {
+        check(family, "base", &tiny_model(family), &[]);
+    }
+}
+
+#[test]
+fn peft_adapters_match_peft() {
+    let cases: &[(&str, &[&str])] = &[
+        ("llama", &["qv", "all_linear", "rslora", "patterns", "layers", "regex", "zero"]),
+        ("qwen2", &["qv", "all_linear"]),
+        ("mistral", &["qv", "all_linear"]),
+    ];
+    for (family, names) in cases {
+        let model = tiny_model(family);
+        for name in *names {
+            let a = adapter(&model, family, name);
+            check(family, name, &model, &[active(&a, 1.0)]);
+        }
+    }
+}
+
+#[test]
+fn weighted_adapters_add_up_like_peft_cat() {
+    let model = tiny_model("llama");
+    let qv = adapter(&model, "llama", "qv");
+    let all = adapter(&model, "llama", "all_linear");
+    check("llama", "mix", &model, &[active(&qv, 0.7), active(&all, -0.4)]);
+}
+
+#[test]
+fn gguf_dequantised_matches_transformers_gguf_loader() {
+    for ty in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"] {
+        let path = models_dir().join(format!("llama/gguf/tiny-{ty}.gguf"));
+        let model = Model::from_path(&path, &LoadOptions { dequantize: true, ..Default::default() }).unwrap();
+        check("llama", &format!("gguf_{ty}"), &model, &[]);
+    }
+}
+
+#[test]
+fn gguf_quantized_matmul_stays_close_to_reference() {
+    // candle's quantized matmul rounds activations to 8 bits, so it is close, not exact.
+    for ty in ["Q8_0", "Q4_0", "Q4_1"] {
+        let path = models_dir().join(format!("llama/gguf/tiny-{ty}.gguf"));
+        let model = Model::from_path(&path, &LoadOptions::default()).unwrap();
+        for (i, ids) in ids("llama").iter().enumerate() {
+            let want = reference("llama", &format!("gguf_{ty}"), i);
+            let d = max_diff(&logits(&model, ids, &[]), &want);
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 0.05 * scale, "{ty} seq {i}: max |Δlogit| = {d} (logit scale {scale})");
+        }
+    }
+}

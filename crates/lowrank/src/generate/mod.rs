@@ -1,1 +1,3 @@
 //! generate (in progress).
+pub mod sampling;
+pub mod stop;

@@ -1,1 +1,21 @@
-fn main(){}
+//! The `lowrank` command: parse, dispatch, report errors.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = commands::Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if let Some(hint) = commands::hint(&e) {
+                eprintln!("---> HINT: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod bundle;
 pub mod chat;
 pub mod error;
 pub mod generate;

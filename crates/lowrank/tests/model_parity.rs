@@ -56,16 +56,11 @@ fn gguf_dequantised_matches_transformers_gguf_loader() {
 }
 
 #[test]
-fn gguf_quantized_matmul_stays_close_to_reference() {
-    // candle's quantized matmul rounds activations to 8 bits, so it is close, not exact.
+fn gguf_quantized_weights_match_in_f32_arithmetic() {
+    // Kept packed in memory, dequantised tile by tile inside the matmul: same numbers.
     for ty in ["Q8_0", "Q4_0", "Q4_1"] {
         let path = models_dir().join(format!("llama/gguf/tiny-{ty}.gguf"));
         let model = Model::from_path(&path, &LoadOptions::default()).unwrap();
-        for (i, ids) in ids("llama").iter().enumerate() {
-            let want = reference("llama", &format!("gguf_{ty}"), i);
-            let d = max_diff(&logits(&model, ids, &[]), &want);
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(d < 0.05 * scale, "{ty} seq {i}: max |Δlogit| = {d} (logit scale {scale})");
-        }
+        check("llama", &format!("gguf_{ty}"), &model, &[]);
     }
 }

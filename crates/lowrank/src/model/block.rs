@@ -78,6 +78,24 @@ impl Block {
         })
     }
 
+    /// `(HF module path suffix, projection)` for every projection of the block.
+    pub fn named_projections(&self) -> [(&'static str, &Projection); 7] {
+        [
+            ("self_attn.q_proj", &self.q),
+            ("self_attn.k_proj", &self.k),
+            ("self_attn.v_proj", &self.v),
+            ("self_attn.o_proj", &self.o),
+            ("mlp.gate_proj", &self.gate),
+            ("mlp.up_proj", &self.up),
+            ("mlp.down_proj", &self.down),
+        ]
+    }
+
+    /// The two norm weights: `(input_layernorm, post_attention_layernorm)`.
+    pub fn norms(&self) -> (&Tensor, &Tensor) {
+        (&self.input_norm, &self.post_norm)
+    }
+
     /// Every projection of the block.
     pub fn projections(&self) -> [&Projection; 7] {
         [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]

@@ -3,6 +3,7 @@
 mod block;
 mod cache;
 mod config;
+mod export;
 mod gguf;
 mod hf;
 mod load;
@@ -13,6 +14,7 @@ mod weights;
 pub use block::{Block, SeqSpan};
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
+pub use export::{hf_config_json, write_hf_dir};
 pub use gguf::GgufFile;
 pub use hf::SafetensorsDir;
 pub use load::{detect_format, LoadOptions, ModelFormat};

@@ -86,6 +86,21 @@ impl Model {
         &self.device
     }
 
+    /// The embedding matrix `[V, H]`.
+    pub fn embed_weight(&self) -> &FrozenWeight {
+        &self.embed
+    }
+
+    /// The output head matrix `[V, H]` (the embedding when tied).
+    pub fn head_weight(&self) -> &FrozenWeight {
+        self.lm_head.weight()
+    }
+
+    /// The final norm weight `[H]`.
+    pub fn final_norm(&self) -> &Tensor {
+        &self.norm
+    }
+
     /// A fresh cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_layers)

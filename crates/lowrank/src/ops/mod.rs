@@ -7,6 +7,7 @@
 //! out-features, `H` hidden size, `S` key length, `D` head dim.
 
 mod linear;
+mod qmatmul;
 mod rms_norm;
 mod rope;
 mod softmax;

@@ -1,0 +1,92 @@
+//! Arguments and helpers shared by subcommands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::ValueEnum;
+use lowrank::adapter::{ActiveAdapter, Adapter};
+use lowrank::model::{LoadOptions, ModuleTable};
+
+/// Where tensors live.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => Device::new_cuda(0).context("opening CUDA device 0 (is this build made with --features cuda?)"),
+        }
+    }
+}
+
+/// `DIR` or `DIR:WEIGHT`.
+#[derive(Clone, Debug)]
+pub struct AdapterSpec {
+    pub dir: PathBuf,
+    pub weight: f64,
+}
+
+impl std::str::FromStr for AdapterSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some((dir, w)) = s.rsplit_once(':') {
+            if let Ok(weight) = w.parse::<f64>() {
+                if !weight.is_finite() {
+                    return Err(format!("adapter weight `{w}` is not finite"));
+                }
+                return Ok(Self { dir: dir.into(), weight });
+            }
+        }
+        Ok(Self { dir: s.into(), weight: 1.0 })
+    }
+}
+
+/// The model path, or the default model (fetched on first use).
+pub fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
+    match arg {
+        Some(p) => Ok(p.to_path_buf()),
+        None => {
+            let p = lowrank::home::default_model_gguf().context("getting the default model")?;
+            Ok(p)
+        }
+    }
+}
+
+pub fn load_options(device: DeviceArg, dequantize: bool) -> Result<LoadOptions> {
+    Ok(LoadOptions { device: device.device()?, dequantize })
+}
+
+/// Loads each `--adapter` against the model's modules.
+pub fn load_adapters(specs: &[AdapterSpec], table: &ModuleTable, device: &Device) -> Result<Vec<ActiveAdapter>> {
+    specs
+        .iter()
+        .map(|s| {
+            let a = Adapter::load_peft(&s.dir, table, device).with_context(|| format!("loading adapter {}", s.dir.display()))?;
+            Ok(ActiveAdapter { adapter: Arc::new(a), weight: s.weight })
+        })
+        .collect()
+}
+
+/// Resident and peak resident memory of this process in bytes (Linux `/proc/self/status`).
+pub fn memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}

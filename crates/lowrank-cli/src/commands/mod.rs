@@ -1,0 +1,45 @@
+//! One file per subcommand; shared argument types in `common.rs`.
+
+mod common;
+mod generate;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+/// LoRA adapters for transformer language models: run, inspect (train, merge, serve to come).
+#[derive(Parser, Debug)]
+#[command(name = "lowrank", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text with a model and optional adapters; only the text goes to stdout.
+    Generate(generate::GenerateArgs),
+    /// Print what a model (HF dir or GGUF) or a PEFT adapter directory holds.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+    }
+}
+
+/// A known fix for an error, if we have one.
+pub fn hint(e: &anyhow::Error) -> Option<String> {
+    use lowrank::Error;
+    e.chain().find_map(|c| match c.downcast_ref::<Error>()? {
+        Error::Fetch(_) => Some("pass --model PATH to use a model you already have".into()),
+        Error::ShapeMismatch { .. } => Some("the adapter was trained for a model of another size; check `lowrank inspect` on both".into()),
+        Error::Adapter { message, .. } if message.contains("has no module") => {
+            Some("the adapter targets modules this model does not have; was it trained on another architecture?".into())
+        }
+        Error::Safetensors { .. } => Some("the file may be truncated or not safetensors; re-download or re-save it".into()),
+        _ => None,
+    })
+}

@@ -1,0 +1,157 @@
+//! Bad input gives a typed error that names what and where, never a panic.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use common::*;
+use lowrank::adapter::Adapter;
+use lowrank::model::{LoadOptions, Model};
+use lowrank::Error;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn load(path: &Path) -> Error {
+    Model::from_path(path, &LoadOptions::default()).expect_err("loading must fail")
+}
+
+#[test]
+fn truncated_safetensors_is_a_named_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&models_dir().join("llama/model"), tmp.path());
+    let f = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    let e = load(tmp.path());
+    assert!(matches!(e, Error::Safetensors { .. }), "{e:?}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn config_missing_a_field_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&models_dir().join("llama/model"), tmp.path());
+    let p = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load(tmp.path());
+    let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+    assert!(chain.contains("hidden_size") && chain.contains("config.json"), "{chain}");
+}
+
+#[test]
+fn unsupported_model_type_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&models_dir().join("llama/model"), tmp.path());
+    let p = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace("\"llama\"", "\"gpt2\"");
+    std::fs::write(&p, text).unwrap();
+    assert!(load(tmp.path()).to_string().contains("gpt2"));
+}
+
+/// Rewrites one tensor of a copied adapter.
+fn tampered_adapter(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&models_dir().join("llama/adapters/qv"), tmp.path());
+    let f = tmp.path().join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &f).unwrap();
+    tmp
+}
+
+const A0: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+
+#[test]
+fn adapter_for_a_bigger_model_reports_key_and_shapes() {
+    let model = tiny_model("llama");
+    let tmp = tampered_adapter(|t| {
+        t.insert(A0.into(), Tensor::zeros((4, 128), candle_core::DType::F32, &Device::Cpu).unwrap());
+    });
+    let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err();
+    match e {
+        Error::ShapeMismatch { name, expected, found } => {
+            assert_eq!(name, A0);
+            assert_eq!((expected, found), (vec![4, 64], vec![4, 128]));
+        }
+        other => panic!("expected a shape mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn adapter_key_for_a_module_the_model_lacks() {
+    let model = tiny_model("llama");
+    let tmp = tampered_adapter(|t| {
+        let a = t.remove(A0).unwrap();
+        t.insert("base_model.model.transformer.h.0.attn.q_proj.lora_A.weight".into(), a);
+    });
+    let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("transformer.h.0.attn.q_proj") && e.contains("no module"), "{e}");
+}
+
+#[test]
+fn targeted_module_missing_from_the_file() {
+    let model = tiny_model("llama");
+    let tmp = tampered_adapter(|t| {
+        t.remove(A0);
+    });
+    let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains(A0) && e.contains("targets"), "{e}");
+}
+
+#[test]
+fn untargeted_tensor_in_the_file_is_not_skipped() {
+    let model = tiny_model("llama");
+    let tmp = tampered_adapter(|t| {
+        let a = t[A0].clone();
+        t.insert("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(), a);
+    });
+    let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("mlp.up_proj") && e.contains("does not target"), "{e}");
+}
+
+#[test]
+fn unsupported_adapter_option_is_an_error() {
+    let model = tiny_model("llama");
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&models_dir().join("llama/adapters/qv"), tmp.path());
+    let p = tmp.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace("\"use_qalora\": false", "\"use_qalora\": true");
+    std::fs::write(&p, text).unwrap();
+    let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("use_qalora"), "{e}");
+}
+
+#[test]
+fn gguf_of_an_unsupported_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gpt2.gguf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let arch = gguf_file::Value::String("gpt2".into());
+    let t = candle_core::quantized::QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), candle_core::quantized::GgmlDType::F32).unwrap();
+    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
+    drop(f);
+    let e = load(&path).to_string();
+    assert!(e.contains("gpt2") && e.contains("not supported"), "{e}");
+}
+
+#[test]
+fn truncated_gguf_is_a_named_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cut.gguf");
+    let bytes = std::fs::read(models_dir().join("llama/gguf/tiny-Q8_0.gguf")).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = load(&path);
+    assert!(matches!(e, Error::Gguf { .. }), "{e:?}");
+    assert!(e.to_string().contains("cut.gguf"), "{e}");
+}

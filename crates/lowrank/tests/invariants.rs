@@ -1,0 +1,102 @@
+//! Invariants that hold whatever the reference says: a fresh adapter is the identity, weights
+//! scale and add linearly, a mixed batch equals its rows run alone, the KV cache changes nothing.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
+use lowrank::model::{AdapterRun, SeqInput};
+
+fn fresh_config() -> AdapterConfig {
+    AdapterConfig::from_json(r#"{"r":8,"lora_alpha":16,"target_modules":"all-linear"}"#, "fresh".as_ref()).unwrap()
+}
+
+#[test]
+fn fresh_adapter_leaves_logits_unchanged() {
+    let model = tiny_model("llama");
+    let fresh = Arc::new(Adapter::init("fresh", fresh_config(), model.modules(), 7, &Device::Cpu).unwrap());
+    assert_eq!(fresh.num_layers(), model.modules().len());
+    let ids = &ids("llama")[1];
+    let d = max_diff(&logits(&model, ids, &[active(&fresh, 1.0)]), &logits(&model, ids, &[]));
+    assert_eq!(d, 0.0, "B = 0 must leave the model exactly as it was");
+}
+
+#[test]
+fn adapter_with_weight_zero_equals_base() {
+    let model = tiny_model("llama");
+    let a = adapter(&model, "llama", "all_linear");
+    let ids = &ids("llama")[0];
+    let d = max_diff(&logits(&model, ids, &[active(&a, 0.0)]), &logits(&model, ids, &[]));
+    assert!(d < 1e-6, "weight 0 changed logits by {d}");
+    let d = max_diff(&logits(&model, ids, &[active(&a, 1.0)]), &logits(&model, ids, &[]));
+    assert!(d > 1e-2, "the adapter should matter at weight 1 (Δ = {d})");
+}
+
+#[test]
+fn weighted_adapters_add_linearly_in_every_projection() {
+    let model = tiny_model("llama");
+    let qv = adapter(&model, "llama", "qv");
+    let all = adapter(&model, "llama", "all_linear");
+    let (w1, w2) = (0.7, -0.4);
+    for block in model.blocks() {
+        for p in block.projections() {
+            let k = model.modules().modules()[p.id()].in_features;
+            let x = Tensor::randn(0f32, 1.0, (5, k), &Device::Cpu).unwrap();
+            let run = |adapters: &[ActiveAdapter]| p.forward(&x, &[AdapterRun { rows: 0..5, adapters }]).unwrap();
+            let base = run(&[]);
+            let both = run(&[active(&qv, w1), active(&all, w2)]);
+            let sep = ((run(&[active(&qv, w1)]) - &base).unwrap() + (run(&[active(&all, w2)]) - &base).unwrap()).unwrap();
+            let d = max_diff(&(both - &base).unwrap(), &sep);
+            assert!(d < 1e-5, "module {}: Δ = {d}", p.id());
+        }
+    }
+}
+
+#[test]
+fn mixed_batch_rows_equal_each_sequence_alone() {
+    let model = tiny_model("qwen2");
+    let qv = adapter(&model, "qwen2", "qv");
+    let all = adapter(&model, "qwen2", "all_linear");
+    let seqs_ids = ids("qwen2");
+    let a1 = [active(&qv, 1.0)];
+    let a2 = [active(&all, 0.5)];
+    let batch = [
+        SeqInput { tokens: &seqs_ids[0], adapters: &a1 },
+        SeqInput { tokens: &seqs_ids[1], adapters: &a2 },
+        SeqInput { tokens: &seqs_ids[1][..5], adapters: &[] },
+        SeqInput { tokens: &seqs_ids[0][..3], adapters: &a1 },
+    ];
+    let hidden = model.forward(&batch, None).unwrap();
+    let all_logits = model.logits(&hidden).unwrap();
+    let mut start = 0;
+    for s in &batch {
+        let alone = logits(&model, s.tokens, s.adapters);
+        let rows = all_logits.narrow(0, start, s.tokens.len()).unwrap();
+        let d = max_diff(&rows, &alone);
+        assert!(d < 1e-4, "rows {start}.. differ by {d}");
+        start += s.tokens.len();
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    for family in ["llama3", "mistral"] {
+        let model = tiny_model(family);
+        let ids = &ids(family)[0];
+        let a = if family == "mistral" { Some(adapter(&model, family, "qv")) } else { None };
+        let adapters: Vec<ActiveAdapter> = a.iter().map(|a| active(a, 1.0)).collect();
+        let full = logits(&model, ids, &adapters);
+        let k = ids.len() / 2;
+        let mut cache = [model.new_cache()];
+        model.forward(&[SeqInput { tokens: &ids[..k], adapters: &adapters }], Some(&mut cache)).unwrap();
+        for (i, &t) in ids.iter().enumerate().skip(k) {
+            let step = model.forward_last(&[SeqInput { tokens: &[t], adapters: &adapters }], Some(&mut cache)).unwrap();
+            let d = max_diff(&step.squeeze(0).unwrap(), &full.get(i).unwrap());
+            assert!(d < 1e-4, "{family} position {i}: Δ = {d}");
+        }
+        assert_eq!(cache[0].len(), ids.len());
+    }
+}

@@ -79,9 +79,22 @@ pub enum Error {
     /// Fetching the default model failed.
     #[error("fetching the default model: {0}")]
     Fetch(String),
+    /// A training data file has a malformed row, or nothing to train on.
+    #[error("{}{}: {message}", .path.display(), .line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line of the offending row; `None` for the file as a whole.
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
     /// Invalid argument to a library call (sampling parameters, batch layout, ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// Training cannot continue (non-finite loss, a checkpoint that does not fit the run).
+    #[error("training: {0}")]
+    Training(String),
     /// An error from the tensor engine.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -9,11 +9,13 @@
 pub mod adapter;
 pub mod bundle;
 pub mod chat;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod home;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -10,7 +10,8 @@ use lowrank::adapter::{ActiveAdapter, Adapter};
 use lowrank::model::{LoadOptions, ModuleTable};
 
 /// Where tensors live.
-#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
     /// The CPU.
     #[default]

@@ -1,12 +1,14 @@
 //! One file per subcommand; shared argument types in `common.rs`.
 
 mod common;
+mod example;
 mod generate;
 mod inspect;
+mod train;
 
 use clap::{Parser, Subcommand};
 
-/// LoRA adapters for transformer language models: run, inspect (train, merge, serve to come).
+/// LoRA adapters for transformer language models: generate, train, inspect.
 #[derive(Parser, Debug)]
 #[command(name = "lowrank", version, about)]
 pub struct Cli {
@@ -18,6 +20,8 @@ pub struct Cli {
 enum Command {
     /// Generate text with a model and optional adapters; only the text goes to stdout.
     Generate(generate::GenerateArgs),
+    /// Train a LoRA adapter (with no --model and --data: the shipped example task).
+    Train(Box<train::TrainArgs>),
     /// Print what a model (HF dir or GGUF) or a PEFT adapter directory holds.
     Inspect(inspect::InspectArgs),
 }
@@ -27,6 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Train(args) => train::run(*args),
     }
 }
 

@@ -75,7 +75,7 @@ impl Adapter {
             let b = b.ok_or_else(|| missing("lora_B"))?;
             crate::model::check_shape(&key("lora_A"), &[p.r, m.in_features], a.dims())?;
             crate::model::check_shape(&key("lora_B"), &[m.out_features, p.r], b.dims())?;
-            layers.push(Some(Box::new(LoraLayer { a, b, scale: p.scale })));
+            layers.push(Some(Box::new(LoraLayer { a, b, scale: p.scale, dropout: None })));
         }
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
         let mut adapter = Adapter::new(name, config, layers);

@@ -1,8 +1,9 @@
 //! Plain LoRA: `Δy = s · x Aᵀ Bᵀ`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
+use super::dropout::Dropout;
 use super::AdapterLayer;
 use crate::Result;
 
@@ -15,6 +16,8 @@ pub struct LoraLayer {
     pub b: Tensor,
     /// `alpha / r` (or `alpha / sqrt(r)`).
     pub scale: f64,
+    /// Dropout on the input while training.
+    pub dropout: Option<Dropout>,
 }
 
 impl LoraLayer {
@@ -26,6 +29,7 @@ impl LoraLayer {
             a: Tensor::from_vec(a, (r, in_features), device)?,
             b: Tensor::zeros((out_features, r), DType::F32, device)?,
             scale,
+            dropout: None,
         })
     }
 
@@ -37,6 +41,10 @@ impl LoraLayer {
 
 impl AdapterLayer for LoraLayer {
     fn forward(&self, x: &Tensor, _base: &Tensor) -> Result<Tensor> {
+        let x = match &self.dropout {
+            Some(d) => d.apply(x)?,
+            None => x.clone(),
+        };
         // [N, K] x [K, r] -> [N, r]; x [r, M] -> [N, M]
         let h = x.matmul(&self.a.t()?)?;
         Ok((h.matmul(&self.b.t()?)? * self.scale)?)
@@ -53,5 +61,12 @@ impl AdapterLayer for LoraLayer {
 
     fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         vec![("lora_A.weight", &self.a), ("lora_B.weight", &self.b)]
+    }
+
+    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<(Box<dyn AdapterLayer>, Vec<(&'static str, Var)>)> {
+        let a = Var::from_tensor(&self.a.copy()?)?;
+        let b = Var::from_tensor(&self.b.copy()?)?;
+        let layer = LoraLayer { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: self.scale, dropout };
+        Ok((Box::new(layer), vec![("lora_A.weight", a), ("lora_B.weight", b)]))
     }
 }

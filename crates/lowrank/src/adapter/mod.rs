@@ -5,18 +5,23 @@
 //! adapters and a batch can mix them row by row ([`ActiveAdapter`]).
 
 mod config;
+mod dropout;
 mod io;
 mod lora;
+mod save;
 mod target;
 
 use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 
 pub use config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
+pub use dropout::{Dropout, DropoutControl};
+pub use io::PEFT_PREFIX;
 pub use lora::LoraLayer;
+pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
 use crate::model::ModuleTable;
@@ -32,6 +37,9 @@ pub trait AdapterLayer: Send + Sync + Debug {
     fn rank(&self) -> usize;
     /// Named tensors as PEFT stores them (`lora_A.weight`, ...).
     fn tensors(&self) -> Vec<(&'static str, &Tensor)>;
+    /// A copy whose tensors are trainable variables (with `dropout` on its input while
+    /// training), and those variables by name.
+    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<(Box<dyn AdapterLayer>, Vec<(&'static str, Var)>)>;
 }
 
 /// A loaded adapter: its config and a layer for each module it adapts.
@@ -67,6 +75,27 @@ impl Adapter {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::new(name.to_string(), config, layers))
+    }
+
+    /// A copy with trainable variables, and those variables under their PEFT keys
+    /// (`base_model.model.<module>.lora_A.weight`), in module order.
+    /// Dropout (`lora_dropout` of the config) is driven by `dropout`.
+    pub fn to_trainable(&self, table: &ModuleTable, dropout: Option<&Arc<DropoutControl>>) -> Result<(Adapter, Vec<(String, Var)>)> {
+        let mut vars = Vec::new();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (id, (m, l)) in table.modules().iter().zip(&self.layers).enumerate() {
+            layers.push(match l {
+                Some(l) => {
+                    let (layer, named) = l.to_trainable(dropout.map(|c| Dropout::new(c.clone(), id)))?;
+                    vars.extend(named.into_iter().map(|(n, v)| (format!("{}{}.{n}", io::PEFT_PREFIX, m.path), v)));
+                    Some(layer)
+                }
+                None => None,
+            });
+        }
+        let mut a = Adapter::new(self.name.clone(), self.config.clone(), layers);
+        a.path = self.path.clone();
+        Ok((a, vars))
     }
 
     /// The layer for module `id`, if this adapter adapts it.

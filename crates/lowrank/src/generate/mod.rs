@@ -1,11 +1,13 @@
 //! Text generation: prefill, then one token at a time through the KV cache, sampling, stop at
 //! EOS / stop strings / length, text streamed as it becomes final.
 
+mod batch;
 pub mod sampling;
 pub mod stop;
 
 use std::time::Instant;
 
+pub use batch::greedy_batch;
 pub use sampling::{Sampler, SamplingParams};
 pub use stop::{StopResult, StopStrings};
 

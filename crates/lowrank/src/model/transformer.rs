@@ -96,6 +96,11 @@ impl Model {
         self.lm_head.weight()
     }
 
+    /// The output head (frozen).
+    pub fn head(&self) -> &FrozenLinear {
+        &self.lm_head
+    }
+
     /// The final norm weight `[H]`.
     pub fn final_norm(&self) -> &Tensor {
         &self.norm

@@ -1,0 +1,397 @@
+//! `lowrank train`: fine-tune a LoRA adapter on JSONL data.
+//!
+//! Three layers: [`TrainArgs`] (flags, also the keys of `--config FILE.toml`) → [`Settings`]
+//! (flags over file over defaults, destructured so no flag is ignored) → the run.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
+use lowrank::bundle::ModelBundle;
+use lowrank::data::{load_jsonl, DataOptions, Dataset};
+use lowrank::train::{metrics, AdamWConfig, Observer, RunEnd, Schedule, StepMetrics, TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+
+use super::common::{load_options, memory, mib, model_path, DeviceArg};
+use super::example;
+
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file whose keys are these flags' names (with `_`); flags override it
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Model: HF directory or .gguf [default: SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data, JSONL ({"text"}, {"prompt","completion"} or {"messages"}) [default: the shipped example task]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Held-out JSONL for evaluation
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of --data for evaluation instead
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// Output directory (must not exist, or be the run being resumed)
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Optimizer steps
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the data (instead of --steps)
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Sequences per micro-batch [default: 4]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1]
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 2e-4]
+    #[arg(long)]
+    lr: Option<f64>,
+    /// LoRA rank [default: 16]
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha [default: 2 × rank]
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// LoRA dropout [default: 0]
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Modules to adapt: comma-separated names, or all-linear [default: all-linear]
+    #[arg(long)]
+    target_modules: Option<String>,
+    /// Scale by alpha/sqrt(rank) (rsLoRA)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    rslora: Option<bool>,
+    /// Longest sequence in tokens; longer rows are truncated [default: 512]
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Train on prompt tokens too, not only completions / assistant turns
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    train_on_prompt: Option<bool>,
+    /// Seed for init, data order and dropout [default: 0]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Learning-rate schedule [default: cosine]
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    /// Linear warmup steps [default: 0]
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// AdamW weight decay [default: 0]
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 disables) [default: 1.0]
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Checkpoint every N steps [default: 50]
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Evaluate every N steps [default: 25]
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Continue the run in this directory (its settings are reused; flags may not change them)
+    #[arg(long)]
+    #[serde(skip)]
+    resume: Option<PathBuf>,
+    /// Dequantise a GGUF base to f32 at load
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    dequantize: Option<bool>,
+    /// Device
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum ScheduleArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl From<ScheduleArg> for Schedule {
+    fn from(s: ScheduleArg) -> Self {
+        match s {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Cosine => Schedule::Cosine,
+        }
+    }
+}
+
+/// The resolved settings of a run, written to `OUT/lowrank_train.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    pub eval_split: Option<f64>,
+    pub output: PathBuf,
+    pub epochs: Option<f64>,
+    pub max_seq_len: usize,
+    pub train_on_prompt: bool,
+    pub dequantize: bool,
+    pub device: DeviceArg,
+    pub adapter: serde_json::Value,
+    pub train: TrainConfig,
+    /// The shipped example task: show before/after answers at the end.
+    pub example: bool,
+}
+
+const SETTINGS_FILE: &str = "lowrank_train.json";
+
+impl Settings {
+    fn resolve(args: TrainArgs) -> Result<Self> {
+        // A resumed run starts from its saved settings; a config file from its keys.
+        let file = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<TrainArgs>(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => TrainArgs::default(),
+        };
+        let saved: Option<Settings> = match &args.resume {
+            Some(dir) => {
+                let p = dir.join(SETTINGS_FILE);
+                let text = std::fs::read_to_string(&p).with_context(|| format!("reading {} (is {} a lowrank train output?)", p.display(), dir.display()))?;
+                Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?)
+            }
+            None => None,
+        };
+        if let Some(s) = saved {
+            return s.overridden_by(args);
+        }
+        let TrainArgs {
+            config: _, model, data, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
+            target_modules, rslora, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
+            save_every, eval_every, resume: _, dequantize, device,
+        } = args;
+        let example = model.is_none() && file.model.is_none() && data.is_none() && file.data.is_none();
+        let d = example::defaults(example);
+        let (data, eval_data) = match data.or(file.data) {
+            Some(p) => (p, eval_data.or(file.eval_data)),
+            None if example => {
+                let (train, eval) = example::write_dataset()?;
+                (train, Some(eval))
+            }
+            None => bail!("--data is required when --model is given"),
+        };
+        let rank = rank.or(file.rank).unwrap_or(16);
+        let targets = target_modules.or(file.target_modules).unwrap_or_else(|| "all-linear".into());
+        let target_json = if targets == "all-linear" {
+            serde_json::json!("all-linear")
+        } else {
+            serde_json::json!(targets.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
+        };
+        let adapter = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": alpha.or(file.alpha).unwrap_or(2.0 * rank as f64),
+            "lora_dropout": dropout.or(file.dropout).unwrap_or(0.0),
+            "target_modules": target_json,
+            "use_rslora": rslora.or(file.rslora).unwrap_or(false),
+            "bias": "none",
+            "base_model_name_or_path": model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
+        });
+        let max_grad_norm = max_grad_norm.or(file.max_grad_norm).unwrap_or(1.0);
+        let train = TrainConfig {
+            steps: steps.or(file.steps).unwrap_or(0),
+            batch_size: batch_size.or(file.batch_size).unwrap_or(4),
+            grad_accum: grad_accum.or(file.grad_accum).unwrap_or(1),
+            lr: lr.or(file.lr).unwrap_or(d.lr),
+            schedule: schedule.or(file.schedule).map(Into::into).unwrap_or(Schedule::Cosine),
+            warmup: warmup.or(file.warmup).unwrap_or(d.warmup),
+            adamw: AdamWConfig { weight_decay: weight_decay.or(file.weight_decay).unwrap_or(0.0), ..Default::default() },
+            max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+            seed: seed.or(file.seed).unwrap_or(0),
+            save_every: Some(save_every.or(file.save_every).unwrap_or(50)),
+            eval_every: Some(eval_every.or(file.eval_every).unwrap_or(25)),
+            loss_chunk: 512,
+        };
+        let steps_or_epochs = train.steps > 0 || epochs.or(file.epochs).is_some();
+        let mut s = Settings {
+            model: model_path(model.or(file.model).as_deref())?,
+            data,
+            eval_data,
+            eval_split: eval_split.or(file.eval_split),
+            output: match output.or(file.output) {
+                Some(o) => o,
+                None if example => example::default_output()?,
+                None => bail!("--output is required"),
+            },
+            epochs: epochs.or(file.epochs),
+            max_seq_len: max_seq_len.or(file.max_seq_len).unwrap_or(512),
+            train_on_prompt: train_on_prompt.or(file.train_on_prompt).unwrap_or(false),
+            dequantize: dequantize.or(file.dequantize).unwrap_or(false),
+            device: device.or(file.device).unwrap_or_default(),
+            adapter,
+            train,
+            example,
+        };
+        if !steps_or_epochs {
+            if example {
+                s.train.steps = d.steps;
+            } else {
+                bail!("give --steps or --epochs");
+            }
+        }
+        Ok(s)
+    }
+
+    /// A resumed run: only flags that do not change the result may be given.
+    fn overridden_by(mut self, args: TrainArgs) -> Result<Self> {
+        let TrainArgs { save_every, eval_every, device, output, .. } = &args;
+        if let Some(n) = save_every {
+            self.train.save_every = Some(*n);
+        }
+        if let Some(n) = eval_every {
+            self.train.eval_every = Some(*n);
+        }
+        if let Some(d) = device {
+            self.device = *d;
+        }
+        if let Some(o) = output {
+            if o != &self.output {
+                bail!("--resume continues in {}; --output cannot change it", self.output.display());
+            }
+        }
+        let changed = args.model.is_some() || args.data.is_some() || args.steps.is_some() || args.lr.is_some() || args.rank.is_some() || args.batch_size.is_some() || args.seed.is_some();
+        if changed {
+            bail!("--resume reuses the run's own settings ({}); drop the other training flags", self.output.join(SETTINGS_FILE).display());
+        }
+        Ok(self)
+    }
+}
+
+/// Ctrl-C asks the loop to checkpoint and stop; a progress line on stderr.
+struct Progress {
+    stop: Arc<AtomicBool>,
+    started: Instant,
+    first_step: usize,
+}
+
+impl Observer for Progress {
+    fn on_step(&mut self, m: &StepMetrics, total: usize) {
+        let done = (m.step - self.first_step).max(1) as f64;
+        let eta = self.started.elapsed().as_secs_f64() / done * (total - m.step) as f64;
+        let eval = m.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
+        eprintln!(
+            "step {:>5}/{total}  loss {:.4}{eval}  lr {:.2e}  |g| {:.3}  {:.0} tok/s  eta {:.0}s",
+            m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s, eta
+        );
+    }
+    fn should_stop(&mut self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Dataset>)> {
+    let opts = DataOptions { max_seq_len: s.max_seq_len, train_on_prompt: s.train_on_prompt };
+    let tpl = bundle.chat_template.as_ref();
+    let train = load_jsonl(&s.data, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", s.data.display()))?;
+    let report = |name: &str, d: &Dataset| {
+        eprintln!(
+            "{name}: {} rows ({:?}), {} tokens, {} targets; {} truncated at {}, {} dropped (no target tokens)",
+            d.examples.len(), d.stats.format, d.stats.tokens, d.stats.target_tokens, d.stats.truncated, s.max_seq_len, d.stats.dropped_no_targets
+        )
+    };
+    let (train, eval) = match (&s.eval_data, s.eval_split) {
+        (Some(p), _) => (train, Some(load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?)),
+        (None, Some(f)) => {
+            let (t, e) = train.split(f, s.train.seed)?;
+            (t, Some(e))
+        }
+        (None, None) => (train, None),
+    };
+    report("train", &train);
+    if let Some(e) = &eval {
+        report("eval", e);
+    }
+    Ok((train, eval))
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let resume = args.resume.clone();
+    let mut s = Settings::resolve(args)?;
+    if resume.is_none() && s.output.exists() && std::fs::read_dir(&s.output).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("output directory {} already exists and is not empty (use --resume {0} to continue it)", s.output.display());
+    }
+    let opts = load_options(s.device, s.dequantize)?;
+    let bundle = ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
+    let (train, eval) = load_data(&s, &bundle)?;
+    if let Some(epochs) = s.epochs {
+        let per_epoch = train.examples.len().div_ceil(s.train.batch_size * s.train.grad_accum);
+        s.train.steps = ((per_epoch as f64 * epochs).ceil() as usize).max(1);
+    }
+    std::fs::create_dir_all(&s.output).with_context(|| format!("creating {}", s.output.display()))?;
+    let settings_json = serde_json::to_vec_pretty(&s)?;
+    lowrank::train::checkpoint::write_atomic(&s.output.join(SETTINGS_FILE), &settings_json)?;
+
+    let model = &bundle.model;
+    let adapter_cfg = AdapterConfig::from_json(&s.adapter.to_string(), Path::new(SETTINGS_FILE))?;
+    let mut trainer = match &resume {
+        Some(dir) => Trainer::resume(model, s.train.clone(), &s.output, dir)?,
+        None => {
+            let init = Adapter::init("adapter", adapter_cfg, model.modules(), s.train.seed, model.device())?;
+            Trainer::new(model, &init, s.train.clone(), &s.output)?
+        }
+    };
+    let trainable = trainer.adapter().num_parameters();
+    let total = model.config().num_parameters();
+    eprintln!(
+        "training {} of {} parameters ({:.3}%): rank {}, {} modules; {} steps of {} × {} sequences{}",
+        trainable, total, 100.0 * trainable as f64 / total as f64, s.adapter["r"], trainer.adapter().num_layers(),
+        s.train.steps, s.train.batch_size, s.train.grad_accum,
+        if trainer.step() > 0 { format!(", resuming at step {}", trainer.step()) } else { String::new() }
+    );
+    let before = if s.example && trainer.step() == 0 { Some(example::exact_match(&bundle, &[])?) } else { None };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    let mut progress = Progress { stop, started: Instant::now(), first_step: trainer.step() };
+    let empty = Vec::new();
+    let eval_examples = eval.as_ref().map(|e| &e.examples).unwrap_or(&empty);
+    let end = trainer.run(&train.examples, eval_examples, &mut progress);
+    let history = metrics::read(&s.output.join("metrics.jsonl"))?;
+    lowrank::train::checkpoint::write_atomic(&s.output.join("loss.svg"), metrics::loss_svg(&history).as_bytes())?;
+    match end? {
+        RunEnd::Stopped => {
+            eprintln!("stopped at step {}; checkpoint saved. Continue with: lowrank train --resume {}", trainer.step(), s.output.display());
+            return Ok(());
+        }
+        RunEnd::Finished => {}
+    }
+    save_adapter(trainer.adapter(), &bundle, &s.output)?;
+    if let Some((_, peak)) = memory() {
+        eprintln!("peak resident memory {:.0} MiB", mib(peak));
+    }
+    eprintln!("adapter written to {} (PEFT format); metrics.jsonl, loss.svg and {SETTINGS_FILE} beside it", s.output.display());
+    if s.example {
+        let after = example::exact_match(&bundle, &[ActiveAdapter { adapter: trainer.adapter().clone(), weight: 1.0 }])?;
+        example::report(before.as_ref(), &after);
+    }
+    Ok(())
+}
+
+/// Writes the final adapter's two PEFT files into `out`, each atomically.
+fn save_adapter(adapter: &Adapter, bundle: &ModelBundle, out: &Path) -> Result<()> {
+    let tmp = out.join(format!(".adapter-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    adapter.save_peft(&tmp, bundle.model.modules())?;
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::rename(tmp.join(f), out.join(f)).with_context(|| format!("moving {f} into {}", out.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}

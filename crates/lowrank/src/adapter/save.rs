@@ -1,0 +1,446 @@
+//! Writing PEFT adapter directories that PEFT's `PeftModel.from_pretrained` loads unchanged.
+//!
+//! * `adapter_config.json`: every key PEFT 0.21 writes for a `LoraConfig` (its defaults for the
+//!   ones lowrank does not model), then every key read from an existing file
+//!   ([`AdapterConfig::raw`], so unknown keys survive a round trip), then the typed fields of
+//!   [`AdapterConfig`] on top. Serialised as PEFT does, `json.dumps(d, indent=2, sort_keys=True)`
+//!   with no trailing newline ([`json_dumps_sorted`]). A config loaded from a PEFT file and saved
+//!   again is byte-identical to it (a typed value that means the same as the one read, e.g. the
+//!   same `target_modules` set in another order, keeps the text read).
+//! * `adapter_model.safetensors`: `base_model.model.<module path>.<tensor>` for every tensor of
+//!   [`AdapterLayer::tensors`], f32, with metadata `{"format": "pt"}`.
+//!
+//! The directory is written atomically: both files go into a hidden temporary directory beside
+//! `dir`, are synced, and the temporary directory is renamed to `dir`. `dir` must not exist, or be
+//! an empty directory; lowrank never overwrites or merges into an existing adapter.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use serde_json::{Map, Value};
+
+use super::config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
+use super::io::PEFT_PREFIX;
+use super::target::plan;
+use super::Adapter;
+use crate::model::ModuleTable;
+use crate::{Error, Result};
+
+/// The PEFT version whose `LoraConfig` key set and defaults [`peft_config_json`] writes. It goes
+/// into `peft_version` when the config read had none; PEFT only consults that key for OFT, so
+/// older and newer PEFT releases load the file without a warning.
+pub const PEFT_VERSION: &str = "0.21.2";
+
+/// `LoraConfig(task_type="CAUSAL_LM").to_dict()` of PEFT 0.21.2 minus the keys that
+/// [`peft_config_json`] always sets from the typed config, as `save_pretrained` writes it
+/// (`inference_mode` forced to `true`).
+const PEFT_DEFAULTS: &str = r#"{
+  "alora_invocation_tokens": null,
+  "arrow_config": null,
+  "auto_mapping": null,
+  "corda_config": null,
+  "ensure_weight_tying": false,
+  "eva_config": null,
+  "inference_mode": true,
+  "init_lora_weights": true,
+  "kasa_config": null,
+  "layer_replication": null,
+  "loftq_config": {},
+  "lora_bias": false,
+  "lora_ga_config": null,
+  "megatron_config": null,
+  "megatron_core": "megatron.core",
+  "monteclora_config": null,
+  "qalora_group_size": 16,
+  "revision": null,
+  "target_parameters": null,
+  "task_type": "CAUSAL_LM",
+  "trainable_token_indices": null,
+  "use_bdlora": null,
+  "use_qalora": false,
+  "velora_config": null
+}"#;
+
+/// The `adapter_config.json` object for `cfg`: PEFT 0.21's defaults for every key it writes, the
+/// keys of `cfg.raw` over them, the typed fields over those, `peft_type = "LORA"` and
+/// `inference_mode = true` (as PEFT's `save_pretrained`). `task_type` is `"CAUSAL_LM"` unless the
+/// file read said otherwise; `peft_version` is the one read, else [`PEFT_VERSION`].
+///
+/// `target_modules = "all-linear"` is kept literally here (PEFT reads it); [`Adapter::save_peft`]
+/// replaces it with the resolved module paths, as PEFT's own `save_pretrained` does.
+pub fn peft_config_json(cfg: &AdapterConfig) -> Value {
+    let Value::Object(mut out) = serde_json::from_str::<Value>(PEFT_DEFAULTS).expect("PEFT_DEFAULTS is valid JSON") else {
+        unreachable!("PEFT_DEFAULTS is an object")
+    };
+    out.insert("peft_version".into(), Value::String(PEFT_VERSION.into()));
+    for (k, v) in &cfg.raw {
+        out.insert(k.clone(), v.clone());
+    }
+    let typed: [(&str, Value); 16] = [
+        ("peft_type", Value::String("LORA".into())),
+        ("r", cfg.r.into()),
+        ("lora_alpha", number(cfg.lora_alpha)),
+        ("use_rslora", cfg.use_rslora.into()),
+        ("use_dora", cfg.use_dora.into()),
+        ("target_modules", cfg.target_modules.as_ref().map_or(Value::Null, selector)),
+        ("exclude_modules", cfg.exclude_modules.as_ref().map_or(Value::Null, selector)),
+        ("rank_pattern", Value::Object(cfg.rank_pattern.iter().map(|(k, &r)| (k.clone(), r.into())).collect())),
+        ("alpha_pattern", Value::Object(cfg.alpha_pattern.iter().map(|(k, &a)| (k.clone(), number(a))).collect())),
+        (
+            "layers_to_transform",
+            match &cfg.layers_to_transform {
+                None => Value::Null,
+                Some(LayerSelector::One(i)) => (*i).into(),
+                Some(LayerSelector::Many(v)) => v.clone().into(),
+            },
+        ),
+        (
+            "layers_pattern",
+            match &cfg.layers_pattern {
+                None => Value::Null,
+                Some(StringOrList::One(s)) => s.clone().into(),
+                Some(StringOrList::Many(v)) => v.clone().into(),
+            },
+        ),
+        ("lora_dropout", Value::from(cfg.lora_dropout)),
+        ("fan_in_fan_out", cfg.fan_in_fan_out.into()),
+        ("bias", cfg.bias.clone().into()),
+        ("modules_to_save", cfg.modules_to_save.clone().map_or(Value::Null, Value::from)),
+        ("base_model_name_or_path", cfg.base_model_name_or_path.clone().map_or(Value::Null, Value::from)),
+    ];
+    for (k, v) in typed {
+        set_keeping_equivalent(&mut out, k, v);
+    }
+    out.insert("inference_mode".into(), Value::Bool(true));
+    Value::Object(out)
+}
+
+/// Sets `key` to `v` unless the value already there means the same (kept as read).
+fn set_keeping_equivalent(out: &mut Map<String, Value>, key: &str, v: Value) {
+    if out.get(key).is_some_and(|old| equivalent(old, &v)) {
+        return;
+    }
+    out.insert(key.to_string(), v);
+}
+
+/// Same meaning: numbers by value (`8` and `8.0`), lists of strings as sets (PEFT keeps
+/// `target_modules` as a set), objects key by key, everything else exactly.
+fn equivalent(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) if x.iter().chain(y).all(Value::is_string) => {
+            let mut x: Vec<&str> = x.iter().filter_map(Value::as_str).collect();
+            let mut y: Vec<&str> = y.iter().filter_map(Value::as_str).collect();
+            x.sort_unstable();
+            y.sort_unstable();
+            x.dedup();
+            y.dedup();
+            x == y
+        }
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| equivalent(v, w))),
+        _ => a == b,
+    }
+}
+
+/// An integral float as an integer (PEFT's `lora_alpha: int = 8`), anything else as a float.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        Value::from(x as i64)
+    } else {
+        Value::from(x)
+    }
+}
+
+fn selector(s: &ModuleSelector) -> Value {
+    match s {
+        ModuleSelector::Pattern(p) => Value::String(p.clone()),
+        ModuleSelector::List(l) => {
+            let mut l = l.clone();
+            l.sort();
+            l.dedup();
+            l.into()
+        }
+    }
+}
+
+/// `json.dumps(v, indent=2, sort_keys=True)` byte for byte: 2-space indent, `", "`-free item
+/// separators, `": "` after keys, keys sorted by code point, non-ASCII escaped as `\uXXXX`,
+/// floats as Python's `repr` (`0.0`, `1e-05`), `[]`/`{}` when empty, no trailing newline.
+pub fn json_dumps_sorted(v: &Value) -> String {
+    let mut s = String::new();
+    write_value(&mut s, v, 0);
+    s
+}
+
+fn write_value(s: &mut String, v: &Value, depth: usize) {
+    match v {
+        Value::Null => s.push_str("null"),
+        Value::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            if n.is_f64() {
+                s.push_str(&py_float_repr(n.as_f64().unwrap_or(f64::NAN)));
+            } else {
+                s.push_str(&n.to_string());
+            }
+        }
+        Value::String(t) => write_string(s, t),
+        Value::Array(a) if a.is_empty() => s.push_str("[]"),
+        Value::Array(a) => {
+            s.push('[');
+            for (i, x) in a.iter().enumerate() {
+                s.push_str(if i == 0 { "\n" } else { ",\n" });
+                indent(s, depth + 1);
+                write_value(s, x, depth + 1);
+            }
+            s.push('\n');
+            indent(s, depth);
+            s.push(']');
+        }
+        Value::Object(o) if o.is_empty() => s.push_str("{}"),
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            s.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                s.push_str(if i == 0 { "\n" } else { ",\n" });
+                indent(s, depth + 1);
+                write_string(s, k);
+                s.push_str(": ");
+                write_value(s, &o[k], depth + 1);
+            }
+            s.push('\n');
+            indent(s, depth);
+            s.push('}');
+        }
+    }
+}
+
+fn indent(s: &mut String, depth: usize) {
+    for _ in 0..depth {
+        s.push_str("  ");
+    }
+}
+
+/// Python's `json` string encoding with `ensure_ascii=True`.
+fn write_string(s: &mut String, t: &str) {
+    s.push('"');
+    for c in t.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            '\n' => s.push_str("\\n"),
+            '\r' => s.push_str("\\r"),
+            '\t' => s.push_str("\\t"),
+            '\u{8}' => s.push_str("\\b"),
+            '\u{c}' => s.push_str("\\f"),
+            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    s.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => s.push(c),
+        }
+    }
+    s.push('"');
+}
+
+/// Python's `repr(float)` (what `json.dumps` writes): shortest round-trip digits, scientific
+/// notation when the decimal exponent is below -4 or at least 16 (`1e-05`, `1e+16`), otherwise
+/// fixed with at least one decimal (`8.0`, `0.0001`).
+fn py_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits, e.g. "-1.25e-5".
+    let e_fmt = format!("{:e}", x.abs());
+    let (mant, exp) = e_fmt.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let sign = if x < 0.0 { "-" } else { "" };
+    if !(-4..16).contains(&exp) {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let esign = if exp < 0 { '-' } else { '+' };
+        return format!("{sign}{first}{frac}e{esign}{:02}", exp.abs());
+    }
+    if exp < 0 {
+        return format!("{sign}0.{}{digits}", "0".repeat((-exp - 1) as usize));
+    }
+    let int_len = exp as usize + 1;
+    if digits.len() <= int_len {
+        format!("{sign}{digits}{}.0", "0".repeat(int_len - digits.len()))
+    } else {
+        format!("{sign}{}.{}", &digits[..int_len], &digits[int_len..])
+    }
+}
+
+impl Adapter {
+    /// Writes this adapter as a PEFT directory `dir` (`adapter_config.json` +
+    /// `adapter_model.safetensors`) for a model whose modules are `table` (the table the adapter
+    /// was built or loaded for).
+    ///
+    /// `target_modules = "all-linear"` is written as PEFT 0.21 writes it: the resolved list of
+    /// every linear module path of the model (the lm_head is never part of it). The config as
+    /// written must select exactly the modules this adapter holds, with the ranks its tensors
+    /// have; otherwise nothing is written and the mismatch is reported.
+    ///
+    /// Atomic: everything is written into a temporary directory beside `dir` and renamed into
+    /// place. `dir` must not exist or must be an empty directory; an existing non-empty
+    /// directory (a previous adapter included) is an error, never overwritten.
+    pub fn save_peft(&self, dir: &Path, table: &ModuleTable) -> Result<()> {
+        let err = |m: String| Error::Adapter { path: dir.into(), message: m };
+        if self.layers.len() != table.len() {
+            return Err(err(format!(
+                "the adapter has {} module slots but the model table has {} modules (saved with another model's table?)",
+                self.layers.len(),
+                table.len()
+            )));
+        }
+
+        // The config as it will be written (all-linear resolved, as PEFT saves it).
+        let mut cfg = self.config.clone();
+        if matches!(&cfg.target_modules, Some(ModuleSelector::Pattern(p)) if p.eq_ignore_ascii_case("all-linear")) {
+            let paths = table.modules().iter().map(|m| m.path.clone()).filter(|p| p != "lm_head").collect();
+            cfg.target_modules = Some(ModuleSelector::List(paths));
+        }
+        cfg.validate(dir)?;
+        // It must select exactly the modules we hold, at the ranks we hold.
+        let plans = plan(&cfg, table, dir)?;
+        for ((m, p), l) in table.modules().iter().zip(&plans).zip(&self.layers) {
+            match (p, l) {
+                (None, None) => {}
+                (Some(p), Some(l)) if p.r == l.rank() => {}
+                (Some(p), Some(l)) => {
+                    return Err(err(format!("`{}`: the config gives rank {} but the layer has rank {}", m.path, p.r, l.rank())))
+                }
+                (Some(_), None) => return Err(err(format!("the config targets `{}` but the adapter has no layer for it", m.path))),
+                (None, Some(_)) => return Err(err(format!("the adapter has a layer for `{}` but the config does not target it", m.path))),
+            }
+        }
+        let config_text = json_dumps_sorted(&peft_config_json(&cfg));
+
+        // Tensors, f32 little-endian.
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (m, l) in table.modules().iter().zip(&self.layers) {
+            let Some(l) = l else { continue };
+            for (name, t) in l.tensors() {
+                let data: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                tensors.push((format!("{PEFT_PREFIX}{}.{name}", m.path), t.dims().to_vec(), bytes));
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(k, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (k.as_str(), v))
+                    .map_err(|e| err(format!("tensor `{k}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let st_bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| err(format!("serialising tensors: {e}")))?;
+
+        // Into a temporary sibling, then renamed into place.
+        if dir.exists() {
+            let empty = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?.next().is_none();
+            if !empty {
+                return Err(err("already exists and is not an empty directory; choose a new path (adapters are never overwritten)".into()));
+            }
+        }
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io("creating", &parent, e))?;
+        let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let tmp = parent.join(format!(".{base}.tmp-{}-{nanos}", std::process::id()));
+        let result = (|| -> Result<()> {
+            std::fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+            write_synced(&tmp.join("adapter_config.json"), config_text.as_bytes())?;
+            write_synced(&tmp.join("adapter_model.safetensors"), &st_bytes)?;
+            if dir.is_dir() {
+                // Only an empty directory gets here (checked above).
+                std::fs::remove_dir(dir).map_err(|e| Error::io("replacing empty directory", dir, e))?;
+            }
+            std::fs::rename(&tmp, dir).map_err(|e| Error::io("renaming into place", dir, e))?;
+            if let Ok(d) = File::open(&parent) {
+                let _ = d.sync_all(); // persist the rename where the platform allows it
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io("creating", path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io("writing", path, e))?;
+    f.sync_all().map_err(|e| Error::io("syncing", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_float_repr() {
+        for (x, want) in [
+            (0.0, "0.0"),
+            (8.0, "8.0"),
+            (0.05, "0.05"),
+            (0.0001, "0.0001"),
+            (1e-5, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (1e16, "1e+16"),
+            (1.25e17, "1.25e+17"),
+            (123456789012345.6, "123456789012345.6"),
+            (-2.5, "-2.5"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (100.0, "100.0"),
+            (1e15, "1000000000000000.0"),
+        ] {
+            assert_eq!(py_float_repr(x), want, "{x}");
+        }
+    }
+
+    #[test]
+    fn json_layout_matches_python() {
+        let v: Value = serde_json::from_str(r#"{"b":[1,"x"],"a":{},"c":[],"d":{"z":null,"y":2.0},"e":"é\n"}"#).unwrap();
+        let want = "{\n  \"a\": {},\n  \"b\": [\n    1,\n    \"x\"\n  ],\n  \"c\": [],\n  \"d\": {\n    \"y\": 2.0,\n    \"z\": null\n  },\n  \"e\": \"\\u00e9\\n\"\n}";
+        assert_eq!(json_dumps_sorted(&v), want);
+    }
+
+    #[test]
+    fn new_config_has_peft_defaults() {
+        let cfg = AdapterConfig::from_json(r#"{"r":4,"lora_alpha":8.0,"target_modules":["v_proj","q_proj"]}"#, Path::new("x")).unwrap();
+        let mut cfg2 = cfg.clone();
+        cfg2.raw.clear();
+        let v = peft_config_json(&cfg2);
+        assert_eq!(v["task_type"], "CAUSAL_LM");
+        assert_eq!(v["peft_type"], "LORA");
+        assert_eq!(v["inference_mode"], true);
+        assert_eq!(v["peft_version"], PEFT_VERSION);
+        assert_eq!(v["lora_alpha"], 8);
+        assert_eq!(v["lora_dropout"], 0.0);
+        assert_eq!(v["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+        assert_eq!(v.as_object().unwrap().len(), 41);
+        // read values that mean the same are kept as read
+        let v = peft_config_json(&cfg);
+        assert_eq!(v["lora_alpha"], 8.0);
+        assert_eq!(v["target_modules"], serde_json::json!(["v_proj", "q_proj"]));
+    }
+}

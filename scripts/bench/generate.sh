@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Generation throughput of the default model (SmolLM2-135M-Instruct) on CPU: lowrank against
+# transformers + PEFT. Prefill and greedy decode tokens/s, without an adapter and with a LoRA
+# adapter (r 16, alpha 32, all seven projections, B non-zero); 8-sequence batch decode too.
+#
+#   scripts/bench/generate.sh                   # from any directory
+#   REPS=9 THREADS=2 scripts/bench/generate.sh  # knobs: REPS WARMUP PROMPT DECODE BATCH THREADS
+#
+# 1. builds and runs `cargo bench -p lowrank --bench generate` (crates/lowrank/benches/generate.rs;
+#    bench profile = release): the GGUF as loaded (Q4_1) and dequantised to f32;
+# 2. runs scripts/bench/transformers_generate.py with $LOWRANK_REF_PYTHON
+#    (default ~/.cache/lowrank-reference/venv/bin/python) on $LOWRANK_REF_MODEL (default
+#    ~/.cache/lowrank-reference/smollm2-hf, the dequantised GGUF weights in f32), if that exists;
+# 3. prints both tables and lowrank / transformers for each row.
+#
+# Defaults: prompt 128 tokens, 64 decoded tokens, median of 5 after 1 warm-up, 2 threads, batch 8.
+# Takes about 10 minutes on two cores after the build. Timings are only as quiet as the machine:
+# run it with nothing else busy; per-repetition seconds go to stderr so the spread is visible, and
+# the load average around each run is printed with its table. On a shared machine torch's OpenMP
+# threads spin-wait and lose far more than lowrank's; OMP_WAIT_POLICY=PASSIVE (passed through to
+# the reference) softens that.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+REPS=${REPS:-5} WARMUP=${WARMUP:-1} PROMPT=${PROMPT:-128} DECODE=${DECODE:-64} BATCH=${BATCH:-8} THREADS=${THREADS:-2}
+REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
+REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
+args=(--reps "$REPS" --warmup "$WARMUP" --prompt "$PROMPT" --decode "$DECODE" --batch "$BATCH" --threads "$THREADS")
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# The 1-minute load average, sampled every 10 s while each run lasts and printed with its table
+# (mean and max): on a machine with other work the figures are not comparable.
+watch_load() { while sleep 10; do cut -d' ' -f1 /proc/loadavg 2>/dev/null || true; done >"$tmp/load-$1.txt" & watcher=$!; }
+stop_load() {
+    kill "$watcher" 2>/dev/null || true
+    wait "$watcher" 2>/dev/null || true
+    awk -v n="$(nproc)" '{ s += $1; if ($1 > m) m = $1 } END { if (NR) printf "# load average during the run (%d cores): mean %.2f, max %.2f over %d samples\n", n, s / NR, m, NR; else print "# load average: no sample" }' "$tmp/load-$1.txt" >"$tmp/load-$1.line"
+}
+
+echo "== building (cargo bench --no-run)" >&2
+cargo bench -p lowrank --bench generate --no-run >&2
+echo "== lowrank" >&2
+watch_load lowrank
+cargo bench -p lowrank --bench generate -- "${args[@]}" >"$tmp/lowrank.txt"
+stop_load lowrank
+
+have_ref=0
+if [[ -x "$REF_PYTHON" && -d "$REF_MODEL" ]]; then
+    echo "== transformers + PEFT" >&2
+    watch_load reference
+    "$REF_PYTHON" scripts/bench/transformers_generate.py --model "$REF_MODEL" "${args[@]}" >"$tmp/reference.txt"
+    stop_load reference
+    have_ref=1
+fi
+
+echo
+cat "$tmp/lowrank.txt"
+cat "$tmp/load-lowrank.line"
+echo
+if [[ $have_ref == 0 ]]; then
+    echo "# no reference: $REF_PYTHON or $REF_MODEL is missing (set LOWRANK_REF_PYTHON / LOWRANK_REF_MODEL)"
+    exit 0
+fi
+cat "$tmp/reference.txt"
+cat "$tmp/load-reference.line"
+echo
+# Rows are `mode adapter prefill decode batch`; compare each lowrank row with the reference row
+# of the same adapter.
+awk -v batch="$BATCH" '
+    FNR == NR { if ($1 !~ /^#/ && $1 != "mode") { p[$2] = $3; d[$2] = $4; b[$2] = $5 } next }
+    $1 ~ /^#/ || $1 == "mode" || $2 ~ /^ratio/ { next }
+    !header++ {
+        print "# lowrank / transformers, same adapter (>1: lowrank faster)"
+        printf "%-12s %-14s %14s %14s %20s\n", "mode", "adapter", "prefill", "decode", "batch" batch "_decode"
+    }
+    {
+        r = ($5 == "-" || b[$2] == "-" || b[$2] == "") ? "-" : sprintf("%.2f", $5 / b[$2])
+        printf "%-12s %-14s %14.2f %14.2f %20s\n", $1, $2, $3 / p[$2], $4 / d[$2], r
+    }
+' "$tmp/reference.txt" "$tmp/lowrank.txt"

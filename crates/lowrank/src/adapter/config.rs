@@ -173,6 +173,9 @@ impl AdapterConfig {
         if self.target_modules.is_none() {
             return bad("target_modules is missing".into());
         }
+        if matches!(self.target_modules, Some(ModuleSelector::Pattern(_))) && self.layers_to_transform.is_some() {
+            return bad("layers_to_transform cannot be used when target_modules is a string (regex or all-linear); PEFT refuses it too".into());
+        }
         for (key, what) in UNSUPPORTED {
             if let Some(v) = self.raw.get(*key) {
                 if !is_off(v) {

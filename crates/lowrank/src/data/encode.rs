@@ -99,7 +99,9 @@ impl<'a> Encoder<'a> {
     pub(crate) fn encode(&self, row: &Row) -> Result<Example, String> {
         let mut example = match row {
             Row::Text(text) => self.text(text)?,
-            Row::PromptCompletion { prompt, completion } => self.prompt_completion(prompt, completion)?,
+            Row::PromptCompletion { prompt, completion } => {
+                self.prompt_completion(prompt, completion)?
+            }
             Row::Messages(messages) => self.messages(messages)?,
         };
         if let Some(first) = example.targets.first_mut() {
@@ -117,8 +119,14 @@ impl<'a> Encoder<'a> {
     fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<Example, String> {
         let ids = self.encode_text(&format!("{prompt}{completion}"), true)?;
         let prompt_ids = self.encode_text(prompt, true)?;
-        let boundary = ids.iter().zip(&prompt_ids).take_while(|(a, b)| a == b).count();
-        let targets = (0..ids.len()).map(|t| t >= boundary || self.train_on_prompt).collect();
+        let boundary = ids
+            .iter()
+            .zip(&prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let targets = (0..ids.len())
+            .map(|t| t >= boundary || self.train_on_prompt)
+            .collect();
         Ok(self.with_eos(Example { ids, targets }))
     }
 
@@ -128,7 +136,9 @@ impl<'a> Encoder<'a> {
              write the rows as \"text\" or \"prompt\" + \"completion\"",
         )?;
         let render = |messages: &[Message], generation_prompt: bool| {
-            template.render(messages, generation_prompt).map_err(|e| e.to_string())
+            template
+                .render(messages, generation_prompt)
+                .map_err(|e| e.to_string())
         };
         let text = render(messages, false)?;
         let ids = self.encode_text(&text, false)?;
@@ -149,7 +159,11 @@ impl<'a> Encoder<'a> {
 
         let mut targets = vec![false; ids.len()];
         let mut last_turn_closed = false;
-        for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+        for (i, _) in messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == "assistant")
+        {
             let before = render(&messages[..i], true)?;
             let through = render(&messages[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {

@@ -1,0 +1,92 @@
+//! Gradients and AdamW steps against PEFT + torch (scripts/fixtures/training.py): the loss and
+//! every lora_A / lora_B gradient after one backward, the adapter after 5 AdamW steps.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use lowrank::adapter::{ActiveAdapter, Adapter};
+use lowrank::train::{collect_grads, forward_backward, AdamW, AdamWConfig, TrainSeq};
+
+fn dir(family: &str) -> PathBuf {
+    models_dir().join("../training").join(family)
+}
+
+struct Batch {
+    ids: Vec<Vec<u32>>,
+    targets: Vec<Vec<bool>>,
+}
+
+fn batch(family: &str) -> Batch {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir(family).join("batch.json")).unwrap()).unwrap();
+    let rows = |k: &str| -> Vec<Vec<u64>> { serde_json::from_value(v[k].clone()).unwrap() };
+    Batch {
+        ids: rows("ids").into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect(),
+        targets: rows("target_mask").into_iter().map(|r| r.into_iter().map(|x| x == 1).collect()).collect(),
+    }
+}
+
+fn losses(family: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(family).join("losses.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn loss_and_adapter_gradients_match_peft() {
+    for family in ["llama", "qwen2"] {
+        let model = tiny_model(family);
+        let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
+        let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
+        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
+        let b = batch(family);
+        let seqs: Vec<TrainSeq> = b.ids.iter().zip(&b.targets).map(|(i, t)| TrainSeq { ids: i, targets: t }).collect();
+        let out = forward_backward(&model, &active, &seqs, 4, 1.0).unwrap();
+        let want = losses(family)["loss"].as_f64().unwrap();
+        assert!((out.loss - want).abs() < 1e-5, "{family}: loss {} vs {want}", out.loss);
+        assert_eq!(out.targets, 17);
+
+        let want: HashMap<String, Tensor> = candle_core::safetensors::load(dir(family).join("grads.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(want.len(), vars.len());
+        let got = collect_grads(&out.grads, &vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()).unwrap();
+        for ((key, _), g) in vars.iter().zip(&got) {
+            let d = max_diff(g, &want[key]);
+            assert!(d < 1e-5, "{family} {key}: |Δgrad| = {d}");
+        }
+    }
+}
+
+#[test]
+fn five_adamw_steps_match_torch() {
+    for family in ["llama", "qwen2"] {
+        let model = tiny_model(family);
+        let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
+        let (adapter, named) = init.to_trainable(model.modules(), None).unwrap();
+        let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
+        let b = batch(family);
+        let seqs: Vec<TrainSeq> = b.ids.iter().zip(&b.targets).map(|(i, t)| TrainSeq { ids: i, targets: t }).collect();
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig { weight_decay: 0.01, ..Default::default() }).unwrap();
+        let want = losses(family);
+        for step in 0..5 {
+            let out = forward_backward(&model, &active, &seqs, 4, 1.0).unwrap();
+            let w = want["losses"][step].as_f64().unwrap();
+            assert!((out.loss - w).abs() < 1e-4, "{family} step {step}: loss {} vs {w}", out.loss);
+            opt.step(&collect_grads(&out.grads, &vars).unwrap(), 1e-2).unwrap();
+        }
+        let after = Adapter::load_peft(&dir(family).join("after5"), model.modules(), &Device::Cpu).unwrap();
+        let mut worst = 0f32;
+        for id in 0..model.modules().len() {
+            let (Some(got), Some(want)) = (active[0].adapter.layer(id), after.layer(id)) else { continue };
+            for ((_, g), (_, w)) in got.tensors().iter().zip(want.tensors()) {
+                worst = worst.max(max_diff(g, w));
+            }
+        }
+        assert!(worst < 1e-4, "{family}: adapter after 5 steps differs by {worst}");
+        let out = forward_backward(&model, &active, &seqs, 4, 1.0).unwrap();
+        let w = want["loss_after5"].as_f64().unwrap();
+        assert!((out.loss - w).abs() < 1e-4, "{family}: loss after 5 steps {} vs {w}", out.loss);
+    }
+}

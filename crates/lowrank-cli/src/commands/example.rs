@@ -63,8 +63,10 @@ pub fn exact_match(bundle: &ModelBundle, adapters: &[ActiveAdapter]) -> Result<E
         prompts.push(bundle.tokenizer.encode(&template.render(&msgs, true)?, false)?);
         rows.push((question, answer.content));
     }
-    let max_new = rows.iter().map(|(_, a)| a.len()).max().unwrap_or(16) + 8;
+    let max_new = rows.iter().map(|(_, a)| bundle.tokenizer.encode(a, false).map(|t| t.len()).unwrap_or(16)).max().unwrap_or(16) + 4;
+    let t = std::time::Instant::now();
     let outs = greedy_batch(&bundle.model, adapters, &prompts, max_new, bundle.tokenizer.eos_token_ids())?;
+    eprintln!("answered {} held-out questions in {:.1}s", prompts.len(), t.elapsed().as_secs_f64());
     let mut correct = 0;
     let mut samples = Vec::new();
     for ((q, reference), ids) in rows.into_iter().zip(outs) {

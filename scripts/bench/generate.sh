@@ -18,7 +18,7 @@
 # run it with nothing else busy; per-repetition seconds go to stderr so the spread is visible, and
 # the load average around each run is printed with its table. On a shared machine torch's OpenMP
 # threads spin-wait and lose far more than lowrank's; OMP_WAIT_POLICY=PASSIVE (passed through to
-# the reference) softens that.
+# the reference) helped in one trial under load.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod home;
 pub mod model;
 pub mod ops;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 

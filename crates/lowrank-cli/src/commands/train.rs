@@ -305,18 +305,20 @@ fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Data
             d.examples.len(), d.stats.format, d.stats.tokens, d.stats.target_tokens, d.stats.truncated, s.max_seq_len, d.stats.dropped_no_targets
         )
     };
+    report("train", &train);
     let (train, eval) = match (&s.eval_data, s.eval_split) {
-        (Some(p), _) => (train, Some(load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?)),
+        (Some(p), _) => {
+            let eval = load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?;
+            report("eval", &eval);
+            (train, Some(eval))
+        }
         (None, Some(f)) => {
             let (t, e) = train.split(f, s.train.seed)?;
+            eprintln!("split: {} rows for training, {} held out", t.examples.len(), e.examples.len());
             (t, Some(e))
         }
         (None, None) => (train, None),
     };
-    report("train", &train);
-    if let Some(e) = &eval {
-        report("eval", e);
-    }
     Ok((train, eval))
 }
 

@@ -1,0 +1,67 @@
+//! `lowrank train` as a user runs it, on the default model with a few rows of the example data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lowrank(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lowrank")).args(args).output().expect("running lowrank")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn example_rows(n: usize) -> String {
+    let all = include_str!("../../../examples/data/train.jsonl");
+    all.lines().take(n).map(|l| format!("{l}\n")).collect()
+}
+
+fn default_gguf() -> PathBuf {
+    lowrank::home::default_model_gguf().expect("default model")
+}
+
+#[test]
+fn trains_writes_peft_outputs_and_the_adapter_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(&data, example_rows(6)).unwrap();
+    let out = tmp.path().join("run");
+    let model = default_gguf();
+    let args = [
+        "train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "--steps", "2", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--lr", "1e-3",
+        "--save-every", "1", "--eval-split", "0.34",
+    ];
+    let r = lowrank(&args);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let err = text(&r.stderr);
+    assert!(err.contains("step     2/2") && err.contains("training") && err.contains("parameters"), "{err}");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "lowrank_train.json", "metrics.jsonl", "loss.svg", "checkpoints/latest"] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+
+    // The same output directory again is refused; the adapter generates.
+    let again = lowrank(&args);
+    assert!(!again.status.success() && text(&again.stderr).contains("already exists"));
+    let g = lowrank(&["generate", "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "8"]);
+    assert!(g.status.success(), "{}", text(&g.stderr));
+    assert!(!text(&g.stdout).trim().is_empty());
+}
+
+#[test]
+fn malformed_data_names_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(&data, format!("{}{{\"messages\": [oops\n", example_rows(2))).unwrap();
+    let out = tmp.path().join("run");
+    let model = default_gguf();
+    let r = lowrank(&["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--steps", "1"]);
+    assert!(!r.status.success());
+    let err = text(&r.stderr);
+    assert!(err.contains("bad.jsonl:3"), "{err}");
+    assert!(!Path::new(&out).join("adapter_model.safetensors").exists());
+}

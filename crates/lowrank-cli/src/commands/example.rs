@@ -21,7 +21,7 @@ pub struct Defaults {
 
 pub fn defaults(example: bool) -> Defaults {
     if example {
-        Defaults { lr: 1e-3, warmup: 10, steps: 150 }
+        Defaults { lr: 1e-3, warmup: 10, steps: 60 }
     } else {
         Defaults { lr: 2e-4, warmup: 0, steps: 0 }
     }

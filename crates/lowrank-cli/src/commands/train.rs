@@ -380,7 +380,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     eprintln!("adapter written to {} (PEFT format); metrics.jsonl, loss.svg and {SETTINGS_FILE} beside it", s.output.display());
     if s.example {
-        let after = example::exact_match(&bundle, &[ActiveAdapter { adapter: trainer.adapter().clone(), weight: 1.0 }])?;
+        // The adapter as written (plain tensors, no training graph), as a user would load it.
+        let trained = Adapter::load_peft(&s.output, model.modules(), model.device())?;
+        let after = example::exact_match(&bundle, &[ActiveAdapter { adapter: Arc::new(trained), weight: 1.0 }])?;
         example::report(before.as_ref(), &after);
     }
     Ok(())

@@ -28,11 +28,14 @@ impl KvCache {
     }
 
     /// Appends `k, v: [kv_heads, T, D]` to `layer` and returns the full `[kv_heads, S, D]`.
-    /// The sequence length advances when the last layer is appended.
+    /// The sequence length advances when the last layer is appended. The cache is for inference:
+    /// it keeps values, never the autograd graph that made them (a trainable adapter would
+    /// otherwise chain every decoding step's graph to the next).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.detach(), v.detach());
         let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 1)?, Tensor::cat(&[&pv, v], 1)?),
-            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            None => (k, v),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         if layer + 1 == self.layers.len() {

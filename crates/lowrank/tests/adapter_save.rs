@@ -245,32 +245,3 @@ fn training_fixture_adapters_round_trip() {
         }
     }
 }
-
-/// Writes adapters saved by lowrank for `scripts/fixtures/peft_load_check.py`:
-/// `LOWRANK_SAVE_DIR=/tmp/x cargo test -p lowrank --test adapter_save -- --ignored write_for_peft_check`.
-#[test]
-#[ignore = "writes to $LOWRANK_SAVE_DIR for the manual PEFT load check"]
-fn write_for_peft_check() {
-    let root = std::path::PathBuf::from(std::env::var("LOWRANK_SAVE_DIR").expect("set LOWRANK_SAVE_DIR"));
-    for (family, names) in CASES {
-        let model = tiny_model(family);
-        for name in *names {
-            load(&fixture_dir(family, name), &model).save_peft(&root.join(family).join(name), model.modules()).unwrap();
-        }
-    }
-    // A fresh adapter (no config read: every key from lowrank's defaults), all seven projections.
-    let model = tiny_model("llama");
-    let cfg = AdapterConfig::from_json(
-        r#"{"r":4,"lora_alpha":8,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}"#,
-        Path::new("fresh"),
-    )
-    .unwrap();
-    let cfg = AdapterConfig { raw: Default::default(), ..cfg };
-    Adapter::init("fresh", cfg, model.modules(), 7, &Device::Cpu).unwrap().save_peft(&root.join("llama/fresh"), model.modules()).unwrap();
-    let cfg = AdapterConfig::from_json(r#"{"r":2,"lora_alpha":4,"target_modules":"all-linear"}"#, Path::new("fresh")).unwrap();
-    let cfg = AdapterConfig { raw: Default::default(), ..cfg };
-    Adapter::init("fresh", cfg, model.modules(), 8, &Device::Cpu)
-        .unwrap()
-        .save_peft(&root.join("llama/fresh_all_linear"), model.modules())
-        .unwrap();
-}

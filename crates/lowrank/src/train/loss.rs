@@ -47,6 +47,8 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
     }
     let dev = hidden.device();
     let h = hidden.detach();
+    // dL/dh needs the head as a dense [V, H] matrix: dequantise a quantized head once, not per chunk.
+    let w_dense = if with_grad { Some(head.weight().to_dense()?) } else { None };
     let mut loss = 0f64;
     let mut grads = Vec::new();
     for (rows_c, labels_c) in rows.chunks(chunk.max(1)).zip(labels.chunks(chunk.max(1))) {
@@ -68,7 +70,9 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
         let p = e.broadcast_div(&sum)?;
         let onehot = Tensor::zeros(p.shape(), DType::F32, dev)?.scatter_add(&lab, &Tensor::ones((labels_c.len(), 1), DType::F32, dev)?, 1)?;
         let gz = ((p - onehot)? * (scale / count as f64))?;
-        grads.push(head_backward(head, &gz)?); // [c, H]
+        if let Some(w) = &w_dense {
+            grads.push(gz.matmul(w)?); // [c, H]
+        }
     }
     if !with_grad {
         let surrogate = Tensor::zeros((), DType::F32, dev)?;
@@ -79,15 +83,6 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
     let g = Tensor::zeros(hidden.shape(), DType::F32, dev)?.index_add(&all, &g_rows, 0)?; // [N, H]
     let surrogate = (hidden * g)?.sum_all()?;
     Ok(LossAndSurrogate { loss: scale * loss / count as f64, targets: count, surrogate })
-}
-
-/// `dL/dh = dL/dz · W` for the frozen output head.
-fn head_backward(head: &FrozenLinear, gz: &Tensor) -> Result<Tensor> {
-    use crate::ops::FrozenWeight;
-    Ok(match head.weight() {
-        FrozenWeight::Dense(w) => gz.matmul(w)?,
-        FrozenWeight::Quant(_) => gz.matmul(&head.weight().to_dense()?)?,
-    })
 }
 
 #[cfg(test)]

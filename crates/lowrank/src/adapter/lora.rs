@@ -45,9 +45,10 @@ impl AdapterLayer for LoraLayer {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
-        // [N, K] x [K, r] -> [N, r]; x [r, M] -> [N, M]
-        let h = x.matmul(&self.a.t()?)?;
-        Ok((h.matmul(&self.b.t()?)? * self.scale)?)
+        // [N, K] x [K, r] -> [N, r]; x [r, M] -> [N, M]. Scaling the narrow [N, r] (not the
+        // [N, M] result, as PEFT writes it) saves one [N, M] tensor per projection in the graph.
+        let h = (x.matmul(&self.a.t()?)? * self.scale)?;
+        Ok(h.matmul(&self.b.t()?)?)
     }
 
     fn delta_weight(&self) -> Result<Tensor> {

@@ -6,7 +6,7 @@ use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, Projection};
 use super::weights::{dense_checked, WeightSource};
-use crate::ops::{apply_rope, rms_norm, softmax_last_dim};
+use crate::ops::{apply_rope, causal_attention, rms_norm, Segment};
 use crate::Result;
 
 /// Where each sequence sits in the flattened batch.
@@ -114,7 +114,7 @@ impl Block {
     }
 
     /// `h: [N, H] -> [N, heads·D]`, causal attention within each sequence.
-    fn attention(&self, h: &Tensor, ctx: &BlockCtx, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+    fn attention(&self, h: &Tensor, ctx: &BlockCtx, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let n = h.dim(0)?;
         let d = self.head_dim;
         let q = self.q.forward(h, ctx.runs)?.reshape((n, self.heads, d))?;
@@ -122,52 +122,25 @@ impl Block {
         let v = self.v.forward(h, ctx.runs)?.reshape((n, self.kv_heads, d))?;
         let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let mut outs = Vec::with_capacity(ctx.spans.len());
-        for (i, span) in ctx.spans.iter().enumerate() {
-            let rows = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, span.start, span.len)?.transpose(0, 1)?.contiguous()?) };
-            let (qs, ks, vs) = (rows(&q)?, rows(&k)?, rows(&v)?); // [heads, T, D], [kv, T, D]
-            let (ks, vs) = match caches.as_deref_mut() {
-                Some(c) => c[i].append(self.layer, &ks, &vs)?, // [kv, S, D]
-                None => (ks, vs),
-            };
-            let o = self.attend(&qs, &ks, &vs, span.past)?; // [heads, T, D]
-            outs.push(o.transpose(0, 1)?.reshape((span.len, self.heads * d))?);
-        }
-        Ok(Tensor::cat(&outs, 0)?)
-    }
-
-    /// `q: [heads, T, D]`, `k, v: [kv, S, D]` -> `[heads, T, D]`; query `t` sits at `past + t`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
-        let (t, d) = (q.dim(1)?, self.head_dim);
-        let s = k.dim(1)?;
-        let groups = self.heads / self.kv_heads;
-        // Query heads sharing a kv head sit next to each other: [kv, groups·T, D].
-        let q = q.reshape((self.kv_heads, groups * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [kv, groups·T, S]
-        let scores = match self.mask(t, s, past, q.device())? {
-            Some(m) => scores.reshape((self.kv_heads, groups, t, s))?.broadcast_add(&m)?.reshape((self.kv_heads, groups * t, s))?,
-            None => scores,
-        };
-        let p = softmax_last_dim(&scores)?;
-        Ok(p.matmul(v)?.reshape((self.heads, t, d))?)
-    }
-
-    /// `[T, S]` additive mask (0 or -inf), `None` when every key is visible.
-    fn mask(&self, t: usize, s: usize, past: usize, dev: &candle_core::Device) -> Result<Option<Tensor>> {
-        let window = self.sliding_window.unwrap_or(usize::MAX);
-        if t == 1 && s <= window {
-            return Ok(None);
-        }
-        let mut m = vec![0f32; t * s];
-        for i in 0..t {
-            let pos = past + i;
-            for j in 0..s {
-                if j > pos || pos - j >= window {
-                    m[i * s + j] = f32::NEG_INFINITY;
-                }
+        let o = match caches {
+            // Every sequence attends to its own new rows: one call for the whole batch.
+            None => {
+                let segs: Vec<Segment> = ctx.spans.iter().map(|s| Segment { q_start: s.start, q_len: s.len, k_start: s.start, k_len: s.len }).collect();
+                causal_attention(&q, &k, &v, &segs, self.sliding_window)? // [N, heads, D]
             }
-        }
-        Ok(Some(Tensor::from_vec(m, (t, s), dev)?))
+            // Each sequence's keys are its cache plus its new rows.
+            Some(caches) => {
+                let mut outs = Vec::with_capacity(ctx.spans.len());
+                for (span, cache) in ctx.spans.iter().zip(caches.iter_mut()) {
+                    let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
+                    let (ks, vs) = cache.append(self.layer, &rows(&k)?, &rows(&v)?)?; // [S, kv, D]
+                    let seg = Segment { q_start: 0, q_len: span.len, k_start: 0, k_len: ks.dim(0)? };
+                    outs.push(causal_attention(&rows(&q)?, &ks, &vs, &[seg], self.sliding_window)?); // [T, heads, D]
+                }
+                Tensor::cat(&outs, 0)?
+            }
+        };
+        Ok(o.reshape((n, self.heads * d))?)
     }
 }
 

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use crate::Result;
 
-/// Keys and values of one sequence for every layer: `[kv_heads, S, D]` each.
+/// Keys and values of one sequence for every layer: `[S, kv_heads, D]` each.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -27,19 +27,19 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends `k, v: [kv_heads, T, D]` to `layer` and returns the full `[kv_heads, S, D]`.
+    /// Appends `k, v: [T, kv_heads, D]` to `layer` and returns the full `[S, kv_heads, D]`.
     /// The sequence length advances when the last layer is appended. The cache is for inference:
     /// it keeps values, never the autograd graph that made them (a trainable adapter would
     /// otherwise chain every decoding step's graph to the next).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = (k.detach(), v.detach());
         let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 0)?, Tensor::cat(&[&pv, &v], 0)?),
             None => (k, v),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         if layer + 1 == self.layers.len() {
-            self.len = k.dim(1)?;
+            self.len = k.dim(0)?;
         }
         Ok((k, v))
     }

@@ -6,12 +6,14 @@
 //! Shape legend: `N` tokens (all sequences of a batch, flattened), `K` in-features, `M`
 //! out-features, `H` hidden size, `S` key length, `D` head dim.
 
+mod attention;
 mod linear;
 mod qmatmul;
 mod rms_norm;
 mod rope;
 mod softmax;
 
+pub use attention::{causal_attention, Segment};
 pub use linear::{FrozenLinear, FrozenWeight};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};

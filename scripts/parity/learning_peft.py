@@ -1,0 +1,258 @@
+"""PEFT + transformers side of scripts/parity/learning.sh: trains a LoRA adapter on the shipped
+example task (examples/data/) with `lowrank train`'s example defaults, then reports held-out loss
+and greedy exact match on all of examples/data/eval.jsonl, defined as lowrank defines them.
+
+usage: learning_peft.py MODEL_DIR --out DIR [--settings lowrank_train.json] [--seed S] [--threads K]
+                        [--order own|lowrank] [--before] [--steps N] [--lr LR] [--warmup W] ...
+
+--settings takes the hyper-parameters from the resolved settings a `lowrank train` run wrote
+(OUT/lowrank_train.json), so the two sides cannot drift apart, and refuses settings this script
+does not mirror (grad accumulation, another schedule, dropout, rsLoRA, weight decay, other targets).
+
+What is mirrored from lowrank (crates/lowrank/src):
+- examples (data/encode.rs): the chat template rendered with add_generation_prompt=False, encoded
+  without special tokens; targets are the assistant turn's tokens, from the end of the prompt
+  rendered *with* the generation prompt through the turn's `<|im_end|>` (the newline after it is
+  input, not a target; no eos is appended since the template closes the turn); cut at
+  max_seq_len (512).
+- loss (train/step.rs, train/loss.rs): mean next-token cross-entropy over the target tokens of the
+  whole micro-batch (tokens pooled across its sequences, not a mean of per-sequence means);
+  held-out loss (train/trainer.rs eval_loss): summed cross-entropy over every eval target / count.
+- optimiser: AdamW betas (0.9, 0.999) eps 1e-8 weight decay 0, global-norm clip 1.0, transformers'
+  get_cosine_schedule_with_warmup (lr 0 at step 0 of the warmup), batch 4, no accumulation.
+- LoRA r 16 alpha 32 dropout 0 on all linear layers of the blocks (PEFT "all-linear").
+- data order: batches of 4 consecutive indices of a per-epoch permutation. `--order own` (default)
+  shuffles with Python's random.Random(seed * 1000 + epoch); `--order lowrank` reproduces lowrank's
+  permutation (SplitMix64 + Fisher-Yates, data/shuffle.rs), so only the adapter's random init (torch
+  here, rand's StdRng there) and the arithmetic differ.
+- exact match (lowrank-cli commands/example.rs): greedy reply to the user turn (chat template with
+  add_generation_prompt), at most (longest reference answer in tokens + 4) new tokens, stop at
+  `<|im_end|>`, decoded without special tokens, stripped, compared with the reference.
+
+Writes OUT/metrics.jsonl (step, loss, eval_loss, lr, grad_norm as lowrank's) and OUT/answers.jsonl,
+and prints a last line `result final_loss X eval_loss Y exact C total N train_s T eval_s E`.
+"""
+import argparse, json, math, random, time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+REPO = Path(__file__).resolve().parents[2]
+MASK64 = (1 << 64) - 1
+
+
+def rows(path):
+    return [json.loads(l)["messages"] for l in open(path, encoding="utf-8") if l.strip()]
+
+
+class Encoder:
+    def __init__(self, tok, max_len):
+        self.tok, self.max_len, self.eos = tok, max_len, tok.convert_tokens_to_ids("<|im_end|>")
+
+    def ids(self, messages, generation_prompt):
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def example(self, messages):
+        ids = self.ids(messages, False)
+        targets = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = self.ids(messages[:i], True), self.ids(messages[: i + 1], False)
+            assert ids[: len(through)] == through and through[: len(before)] == before, "template not prefix-stable"
+            span = range(len(before), len(through))
+            end = next((t + 1 for t in reversed(span) if ids[t] == self.eos), span.stop)
+            for t in range(span.start, end):
+                targets[t] = True
+            assert end > span.start and ids[end - 1] == self.eos, "assistant turn not closed by <|im_end|>"
+        targets[0] = False
+        return ids[: self.max_len], targets[: self.max_len]
+
+
+def splitmix_permutation(n, seed, stream):
+    """lowrank's data/shuffle.rs `permutation(n, seed, stream)`."""
+    state = [seed & MASK64]
+
+    def next_u64():
+        state[0] = (state[0] + 0x9E3779B97F4A7C15) & MASK64
+        z = state[0]
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        return z ^ (z >> 31)
+
+    mixed = next_u64() ^ ((stream * 0xD1B54A32D192ED03) & MASK64)
+    state[0] = mixed
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        bound = i + 1
+        zone = MASK64 - (MASK64 % bound)
+        while True:
+            x = next_u64()
+            if x < zone:
+                break
+        j = x % bound
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def permutation(kind, n, seed, epoch):
+    if kind == "lowrank":
+        return splitmix_permutation(n, seed, epoch)
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order
+
+
+def batch_tensors(examples, pad):
+    """Right-padded ids, attention mask and next-token labels (-100 where no loss)."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, (x, tg) in enumerate(examples):
+        ids[b, : len(x)] = torch.tensor(x)
+        mask[b, : len(x)] = 1
+        labels[b, : len(x)] = torch.tensor([t if keep else -100 for t, keep in zip(x, tg)])
+    return ids, mask, labels
+
+
+def ce_sum(model, examples, pad):
+    """(sum of next-token cross-entropy over the targets, number of targets)."""
+    ids, mask, labels = batch_tensors(examples, pad)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    tgt = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((tgt != -100).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, examples, batch, pad):
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch):
+        s, c = ce_sum(model, examples[i : i + batch], pad)
+        total, count = total + float(s), count + c
+    return total / count
+
+
+@torch.no_grad()
+def exact_match(model, tok, eval_rows, eos):
+    prompts = [tok.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in eval_rows]
+    refs = [m[-1]["content"] for m in eval_rows]
+    max_new = max(len(tok(r, add_special_tokens=False).input_ids) for r in refs) + 4
+    answers, correct = [], 0
+    for p, ref in zip(prompts, refs):
+        ids = torch.tensor([tok(p, add_special_tokens=False).input_ids])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos)
+        ans = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        correct += ans == ref.strip()
+        answers.append({"reference": ref, "answer": ans})
+    return correct, answers
+
+
+def from_settings(a):
+    """Overrides `a` with a lowrank run's resolved settings; fails on what is not mirrored."""
+    s = json.load(open(a.settings))
+    t, ad = s["train"], s["adapter"]
+    unsupported = {
+        "grad_accum": (t["grad_accum"], 1), "schedule": (t["schedule"], "cosine"),
+        "weight_decay": (t["adamw"]["weight_decay"], 0.0), "betas/eps": ((t["adamw"]["beta1"], t["adamw"]["beta2"], t["adamw"]["eps"]), (0.9, 0.999, 1e-8)),
+        "max_grad_norm": (t["max_grad_norm"], 1.0), "lora_dropout": (ad["lora_dropout"], 0.0), "use_rslora": (ad["use_rslora"], False),
+        "target_modules": (ad["target_modules"], "all-linear"), "lora_alpha": (ad["lora_alpha"], 2 * ad["r"]),
+        "train_on_prompt": (s["train_on_prompt"], False), "epochs": (s["epochs"], None), "example": (s["example"], True),
+    }
+    bad = [f"{k} = {v!r} (mirrored: {want!r})" for k, (v, want) in unsupported.items() if v != want]
+    if bad:
+        raise SystemExit(f"{a.settings}: not mirrored here: " + "; ".join(bad))
+    a.steps, a.lr, a.warmup, a.batch, a.rank = t["steps"], t["lr"], t["warmup"], t["batch_size"], ad["r"]
+    a.max_seq_len, a.eval_every, a.seed = s["max_seq_len"], t["eval_every"] or 0, t["seed"]
+    print(f"settings from {a.settings}: steps {a.steps} lr {a.lr} warmup {a.warmup} batch {a.batch} r {a.rank} "
+          f"max_seq_len {a.max_seq_len} eval_every {a.eval_every} seed {a.seed}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--order", choices=["own", "lowrank"], default="own")
+    p.add_argument("--before", action="store_true", help="also score the base model first")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--train", default=str(REPO / "examples/data/train.jsonl"))
+    p.add_argument("--eval", default=str(REPO / "examples/data/eval.jsonl"))
+    p.add_argument("--settings", help="take the hyper-parameters from a lowrank run's lowrank_train.json")
+    a = p.parse_args()
+    if a.settings:
+        from_settings(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    enc = Encoder(tok, a.max_seq_len)
+    train_rows, eval_rows = rows(a.train), rows(a.eval)
+    train, held = [enc.example(m) for m in train_rows], [enc.example(m) for m in eval_rows]
+    for name, d in (("train", train), ("eval", held)):
+        print(f"{name}: {len(d)} rows, {sum(len(x) for x, _ in d)} tokens, {sum(map(sum, (t for _, t in d)))} targets", flush=True)
+
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    if a.before:
+        model.eval()
+        c, _ = exact_match(model, tok, eval_rows, enc.eos)
+        print(f"before: exact {c}/{len(eval_rows)}", flush=True)
+    cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    params = [q for q in model.parameters() if q.requires_grad]
+    print(f"trainable {sum(q.numel() for q in params)} parameters", flush=True)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, a.warmup, a.steps)
+
+    per_epoch = math.ceil(len(train) / a.batch)
+    metrics = open(out / "metrics.jsonl", "w")
+    t0 = time.perf_counter()
+    for step in range(a.steps):
+        epoch, k = divmod(step, per_epoch)
+        order = permutation(a.order, len(train), a.seed, epoch)
+        batch = [train[i] for i in order[k * a.batch : (k + 1) * a.batch]]
+        model.train()
+        s, c = ce_sum(model, batch, enc.eos)
+        loss = s / c
+        loss.backward()
+        gn = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        lr = sched.get_last_lr()[0]
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        m = {"step": step + 1, "loss": loss.item()}
+        if (a.eval_every and (step + 1) % a.eval_every == 0) or step + 1 == a.steps:
+            model.eval()
+            m["eval_loss"] = eval_loss(model, held, a.batch, enc.eos)
+        m.update(lr=lr, grad_norm=gn)
+        metrics.write(json.dumps(m) + "\n"); metrics.flush()
+        ev = f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+        print(f"step {step + 1:>4}/{a.steps}  loss {m['loss']:.4f}{ev}  lr {lr:.2e}  |g| {gn:.3f}", flush=True)
+    train_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model.eval()
+    correct, answers = exact_match(model, tok, eval_rows, enc.eos)
+    eval_s = time.perf_counter() - t0
+    with open(out / "answers.jsonl", "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in answers)
+    print(f"held-out exact match after training: {correct}/{len(eval_rows)}")
+    print(f"result final_loss {m['loss']:.6f} eval_loss {m['eval_loss']:.6f} exact {correct} total {len(eval_rows)} "
+          f"train_s {train_s:.1f} eval_s {eval_s:.1f}")
+
+
+if __name__ == "__main__":
+    main()

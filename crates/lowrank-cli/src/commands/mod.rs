@@ -4,6 +4,7 @@ mod common;
 mod example;
 mod generate;
 mod inspect;
+mod progress;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -6,18 +6,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::bundle::ModelBundle;
 use lowrank::data::{load_jsonl, DataOptions, Dataset};
-use lowrank::train::{metrics, AdamWConfig, Observer, RunEnd, Schedule, StepMetrics, TrainConfig, Trainer};
+use lowrank::train::{metrics, AdamWConfig, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
 use super::common::{load_options, memory, mib, model_path, DeviceArg};
 use super::example;
+use super::progress::Progress;
 
 #[derive(Args, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -273,28 +273,6 @@ impl Settings {
     }
 }
 
-/// Ctrl-C asks the loop to checkpoint and stop; a progress line on stderr.
-struct Progress {
-    stop: Arc<AtomicBool>,
-    started: Instant,
-    first_step: usize,
-}
-
-impl Observer for Progress {
-    fn on_step(&mut self, m: &StepMetrics, total: usize) {
-        let done = (m.step - self.first_step).max(1) as f64;
-        let eta = self.started.elapsed().as_secs_f64() / done * (total - m.step) as f64;
-        let eval = m.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
-        eprintln!(
-            "step {:>5}/{total}  loss {:.4}{eval}  lr {:.2e}  |g| {:.3}  {:.0} tok/s  eta {:.0}s",
-            m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s, eta
-        );
-    }
-    fn should_stop(&mut self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-}
-
 fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Dataset>)> {
     let opts = DataOptions { max_seq_len: s.max_seq_len, train_on_prompt: s.train_on_prompt };
     let tpl = bundle.chat_template.as_ref();
@@ -361,10 +339,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
-    let mut progress = Progress { stop, started: Instant::now(), first_step: trainer.step() };
+    let mut progress = Progress::new(stop, trainer.step());
     let empty = Vec::new();
     let eval_examples = eval.as_ref().map(|e| &e.examples).unwrap_or(&empty);
     let end = trainer.run(&train.examples, eval_examples, &mut progress);
+    progress.finish();
     let history = metrics::read(&s.output.join("metrics.jsonl"))?;
     lowrank::train::checkpoint::write_atomic(&s.output.join("loss.svg"), metrics::loss_svg(&history).as_bytes())?;
     match end? {

@@ -55,23 +55,10 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
         let idx = Tensor::from_slice(rows_c, rows_c.len(), dev)?;
         let hc = h.index_select(&idx, 0)?; // [c, H]
         let z = head.forward(&hc)?; // [c, V]
-        let max = z.max_keepdim(D::Minus1)?;
-        let e = z.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
-        let lab = Tensor::from_slice(labels_c, labels_c.len(), dev)?.unsqueeze(1)?;
-        let z_t = z.gather(&lab, 1)?; // [c, 1]
-        // CE = log Σ exp(z) - z_t
-        let ce = ((sum.log()? + max)? - z_t)?;
-        loss += ce.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !with_grad {
-            continue;
-        }
-        // dCE/dz = softmax(z) - onehot(t), then · W back to the hidden size.
-        let p = e.broadcast_div(&sum)?;
-        let onehot = Tensor::zeros(p.shape(), DType::F32, dev)?.scatter_add(&lab, &Tensor::ones((labels_c.len(), 1), DType::F32, dev)?, 1)?;
-        let gz = ((p - onehot)? * (scale / count as f64))?;
-        if let Some(w) = &w_dense {
-            grads.push(gz.matmul(w)?); // [c, H]
+        let (ce, gz) = ce_rows(&z, labels_c, (scale / count as f64) as f32, with_grad)?;
+        loss += ce;
+        if let (Some(gz), Some(w)) = (gz, &w_dense) {
+            grads.push(gz.matmul(w)?); // [c, V] x [V, H] -> [c, H]
         }
     }
     if !with_grad {
@@ -83,6 +70,77 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
     let g = Tensor::zeros(hidden.shape(), DType::F32, dev)?.index_add(&all, &g_rows, 0)?; // [N, H]
     let surrogate = (hidden * g)?.sum_all()?;
     Ok(LossAndSurrogate { loss: scale * loss / count as f64, targets: count, surrogate })
+}
+
+/// `z: [c, V]` logits, `labels: [c]`: `Σ CE(z_i, label_i)` and, with `with_grad`,
+/// `gscale · (softmax(z) − onehot(labels))`.
+fn ce_rows(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<Tensor>)> {
+    let (c, v) = z.dims2()?;
+    if labels.len() != c {
+        return Err(Error::InvalidArgument(format!("{} labels for {c} rows of logits", labels.len())));
+    }
+    if labels.iter().any(|&l| l as usize >= v) {
+        return Err(Error::InvalidArgument(format!("a target id is outside the vocabulary of {v}")));
+    }
+    if z.device().is_cpu() && z.dtype() == DType::F32 {
+        return ce_rows_cpu(&z.contiguous()?, labels, gscale, with_grad);
+    }
+    ce_rows_tensor(z, labels, gscale, with_grad)
+}
+
+/// [`ce_rows`] from candle ops, for devices and dtypes without the CPU kernel.
+fn ce_rows_tensor(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<Tensor>)> {
+    let (c, v) = z.dims2()?;
+    let dev = z.device();
+    let max = z.max_keepdim(D::Minus1)?;
+    let e = z.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
+    let lab = Tensor::from_slice(labels, c, dev)?.unsqueeze(1)?;
+    // CE = log Σ exp(z) - z_t
+    let ce = ((sum.log()? + max)? - z.gather(&lab, 1)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    if !with_grad {
+        return Ok((ce, None));
+    }
+    let onehot = Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(&lab, &Tensor::ones((c, 1), DType::F32, dev)?, 1)?;
+    Ok((ce, Some(((e.broadcast_div(&sum)? - onehot)? * gscale as f64)?)))
+}
+
+/// [`ce_rows`] in one pass over each row, rows in parallel: the `[c, V]` logits are read once
+/// and the gradient is the only other `[c, V]` buffer.
+fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<Tensor>)> {
+    use rayon::prelude::*;
+    let (c, v) = z.dims2()?;
+    let dev = z.device().clone();
+    let (storage, layout) = z.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        return Err(Error::InvalidArgument("logits are not a contiguous CPU tensor".into()));
+    };
+    let z = &cpu.as_slice::<f32>()?[a..b];
+    // Per row: log Σ exp(z) with the max taken out.
+    let row_lse = |row: &[f32]| {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+        (max, sum)
+    };
+    if !with_grad {
+        let ce: f64 = z.par_chunks_exact(v).zip(labels.par_iter()).map(|(row, &t)| {
+            let (max, sum) = row_lse(row);
+            (sum.ln() + max - row[t as usize]) as f64
+        }).sum();
+        return Ok((ce, None));
+    }
+    let mut g = vec![0f32; c * v];
+    let ce: f64 = g.par_chunks_exact_mut(v).zip(z.par_chunks_exact(v)).zip(labels.par_iter()).map(|((g, row), &t)| {
+        let (max, sum) = row_lse(row);
+        let k = gscale / sum;
+        for (g, x) in g.iter_mut().zip(row) {
+            *g = (x - max).exp() * k;
+        }
+        g[t as usize] -= gscale;
+        (sum.ln() + max - row[t as usize]) as f64
+    }).sum();
+    drop(storage);
+    Ok((ce, Some(Tensor::from_vec(g, (c, v), &dev)?)))
 }
 
 #[cfg(test)]
@@ -110,6 +168,20 @@ mod tests {
         let g_ref = want.backward()?;
         let d = (g.get(h.as_tensor()).unwrap() - g_ref.get(h.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-5, "grad differs by {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_kernel_equals_composed_ops() -> Result<()> {
+        let z = Tensor::randn(0f32, 4.0, (5, 300), &Device::Cpu)?;
+        let labels = [0, 299, 17, 17, 150];
+        let (ce, g) = ce_rows_cpu(&z, &labels, 0.3, true)?;
+        let (ce_ref, g_ref) = ce_rows_tensor(&z, &labels, 0.3, true)?;
+        assert!((ce - ce_ref).abs() < 1e-4, "{ce} vs {ce_ref}");
+        let (g, g_ref) = (g.expect("gradient"), g_ref.expect("gradient"));
+        let d = (g - g_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "gradients differ by {d}");
+        assert!(matches!(ce_rows(&z, &[300], 1.0, false), Err(Error::InvalidArgument(_))), "label outside the vocabulary");
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use super::dropout::Dropout;
 use super::AdapterLayer;
+use crate::ops::LowRank;
 use crate::Result;
 
 /// One LoRA pair for a `[M, K]` projection.
@@ -69,5 +70,12 @@ impl AdapterLayer for LoraLayer {
         let b = Var::from_tensor(&self.b.copy()?)?;
         let layer = LoraLayer { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: self.scale, dropout };
         Ok((Box::new(layer), vec![("lora_A.weight", a), ("lora_B.weight", b)]))
+    }
+
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        match self.dropout {
+            None => Some(LowRank { a: &self.a, b: &self.b, scale: self.scale }),
+            Some(_) => None,
+        }
     }
 }

@@ -25,6 +25,7 @@ pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
 use crate::model::ModuleTable;
+use crate::ops::LowRank;
 use crate::Result;
 
 /// What an adapter does to one projection.
@@ -40,6 +41,11 @@ pub trait AdapterLayer: Send + Sync + Debug {
     /// A copy whose tensors are trainable variables (with `dropout` on its input while
     /// training), and those variables by name.
     fn to_trainable(&self, dropout: Option<Dropout>) -> Result<(Box<dyn AdapterLayer>, Vec<(&'static str, Var)>)>;
+    /// The factors when the layer is exactly `s · x Aᵀ Bᵀ` (LoRA without dropout), so the
+    /// projection can run it fused with its base; `None` otherwise.
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        None
+    }
 }
 
 /// A loaded adapter: its config and a layer for each module it adapts.

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::weights::{dense_checked, matrix_checked, WeightSource};
 use crate::adapter::ActiveAdapter;
-use crate::ops::FrozenLinear;
+use crate::ops::{FrozenLinear, LowRank};
 use crate::Result;
 
 /// One adaptable projection of the model.
@@ -90,6 +90,11 @@ impl Projection {
 
     /// `x: [N, K] -> [N, M]`: the base once for all rows, then each run's adapters on its rows.
     pub fn forward(&self, x: &Tensor, runs: &[AdapterRun]) -> Result<Tensor> {
+        if let [run] = runs {
+            if let Some(y) = self.fused(x, run.adapters)? {
+                return Ok(y);
+            }
+        }
         let base = self.base.forward(x)?;
         if runs.iter().all(|r| !self.touched_by(r)) {
             return Ok(base);
@@ -111,6 +116,13 @@ impl Projection {
             pieces.push(piece);
         }
         Ok(Tensor::cat(&pieces, 0)?)
+    }
+
+    /// Every row under one plain LoRA layer: base and bypass as one fused op, if it applies.
+    fn fused(&self, x: &Tensor, adapters: &[ActiveAdapter]) -> Result<Option<Tensor>> {
+        let [active] = adapters else { return Ok(None) };
+        let Some(lr) = active.adapter.layer(self.id).and_then(|l| l.low_rank()) else { return Ok(None) };
+        self.base.forward_low_rank(x, &LowRank { scale: lr.scale * active.weight, ..lr })
     }
 
     fn touched_by(&self, run: &AdapterRun) -> bool {

@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{gemm, Mat};
 use super::softmax_last_dim;
 use crate::{Error, Result};
 
@@ -107,7 +108,7 @@ impl Attention {
         let q = &x.q[(s.q_start + t0) * self.q_stride() + h * d..];
         let k = &x.k[(s.k_start + lo) * self.k_stride() + self.kv_head(h) * d..];
         // p[rows, keys] = scale · q[rows, D] · kᵀ[D, keys]
-        gemm(rows, keys, d, p, keys, false, Mat::rows(q, self.q_stride()), Mat::cols(k, self.k_stride()), self.scale);
+        gemm(rows, keys, d, p, keys, false, Mat::rows(q, self.q_stride()), Mat::cols(k, self.k_stride()), self.scale, false);
         let past = s.k_len - s.q_len;
         for (i, row) in p.chunks_exact_mut(keys).enumerate() {
             let pos = past + t0 + i;
@@ -138,7 +139,7 @@ impl Attention {
             self.probs(x, s, h, t0, t1, lo, hi, &mut p);
             let v = &x.v[(s.k_start + lo) * self.k_stride() + self.kv_head(h) * d..];
             // out[t0..t1] = p[rows, keys] · v[keys, D]
-            gemm(t1 - t0, d, hi - lo, &mut out[t0 * d..], d, false, Mat::rows(&p, hi - lo), Mat::rows(v, self.k_stride()), 1.0);
+            gemm(t1 - t0, d, hi - lo, &mut out[t0 * d..], d, false, Mat::rows(&p, hi - lo), Mat::rows(v, self.k_stride()), 1.0, false);
         }
         out
     }
@@ -161,11 +162,11 @@ impl Attention {
             let k = &x.k[(s.k_start + lo) * ks + g * d..];
             let v = &x.v[(s.k_start + lo) * ks + g * d..];
             // dv[lo..hi] += pᵀ[keys, rows] · go[rows, D]
-            gemm(keys, d, rows, &mut dv[lo * d..], d, true, Mat::cols(&p, keys), Mat::rows(go_blk, qs), 1.0);
+            gemm(keys, d, rows, &mut dv[lo * d..], d, true, Mat::cols(&p, keys), Mat::rows(go_blk, qs), 1.0, false);
             // dp[rows, keys] = go[rows, D] · vᵀ[D, keys]
             dp.clear();
             dp.resize(rows * keys, 0.0);
-            gemm(rows, keys, d, &mut dp, keys, false, Mat::rows(go_blk, qs), Mat::cols(v, ks), 1.0);
+            gemm(rows, keys, d, &mut dp, keys, false, Mat::rows(go_blk, qs), Mat::cols(v, ks), 1.0, false);
             // ds = p ⊙ (dp − Σ_d go·o) · scale (softmax backward, then the score scale)
             for i in 0..rows {
                 let delta: f32 = go_blk[i * qs..i * qs + d].iter().zip(&o_blk[i * qs..i * qs + d]).map(|(a, b)| a * b).sum();
@@ -174,9 +175,9 @@ impl Attention {
                 }
             }
             // dq[t0..t1] = ds[rows, keys] · k[keys, D]
-            gemm(rows, d, keys, &mut dq[t0 * d..], d, false, Mat::rows(&dp, keys), Mat::rows(k, ks), 1.0);
+            gemm(rows, d, keys, &mut dq[t0 * d..], d, false, Mat::rows(&dp, keys), Mat::rows(k, ks), 1.0, false);
             // dk[lo..hi] += dsᵀ[keys, rows] · q[rows, D]
-            gemm(keys, d, rows, &mut dk[lo * d..], d, true, Mat::cols(&dp, keys), Mat::rows(q, qs), 1.0);
+            gemm(keys, d, rows, &mut dk[lo * d..], d, true, Mat::cols(&dp, keys), Mat::rows(q, qs), 1.0, false);
         }
         [dq, dk, dv]
     }
@@ -286,55 +287,6 @@ fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &Layout) -> candle_core::Result
     match s {
         candle_core::Storage::Cpu(c) => slice(c, l),
         _ => candle_core::bail!("causal-attention backward: tensor not on the CPU"),
-    }
-}
-
-/// A matrix operand: a slice and the element strides of its rows and columns.
-struct Mat<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// Row-major with row stride `stride`.
-    fn rows(data: &'a [f32], stride: usize) -> Self {
-        Self { data, row_stride: stride, col_stride: 1 }
-    }
-
-    /// The transpose of a row-major matrix with row stride `stride`.
-    fn cols(data: &'a [f32], stride: usize) -> Self {
-        Self { data, row_stride: 1, col_stride: stride }
-    }
-
-    /// Whether an `m × n` view fits in the slice.
-    fn fits(&self, m: usize, n: usize) -> bool {
-        m == 0 || n == 0 || (m - 1) * self.row_stride + (n - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `dst[m, n] (row stride dst_stride) = (dst if accumulate) + scale · lhs[m, k] · rhs[k, n]`,
-/// single-threaded (the callers run one task per thread).
-#[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_stride: usize, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
-    let dst_fits = m == 0 || n == 0 || (m - 1) * dst_stride + n <= dst.len();
-    assert!(dst_fits && lhs.fits(m, k) && rhs.fits(k, n), "attention gemm operand out of bounds");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the assert above checks every element each operand's strides address lies inside
-    // its slice; dst is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, dst_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(), lhs.col_stride as isize, lhs.row_stride as isize,
-            rhs.data.as_ptr(), rhs.col_stride as isize, rhs.row_stride as isize,
-            1.0, scale,
-            false, false, false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

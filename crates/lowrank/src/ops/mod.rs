@@ -7,7 +7,9 @@
 //! out-features, `H` hidden size, `S` key length, `D` head dim.
 
 mod attention;
+mod gemm;
 mod linear;
+mod lora_linear;
 mod qmatmul;
 mod rms_norm;
 mod rope;
@@ -15,6 +17,7 @@ mod softmax;
 
 pub use attention::{causal_attention, Segment};
 pub use linear::{FrozenLinear, FrozenWeight};
+pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};
 pub use softmax::softmax_last_dim;

@@ -6,7 +6,7 @@ use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, Projection};
 use super::weights::{dense_checked, WeightSource};
-use crate::ops::{apply_rope, causal_attention, rms_norm, Segment};
+use crate::ops::{apply_rope, causal_attention, rms_norm, swiglu, Segment};
 use crate::Result;
 
 /// Where each sequence sits in the flattened batch.
@@ -107,9 +107,9 @@ impl Block {
         let attn = self.attention(&h, ctx, caches)?;
         let x = (x + self.o.forward(&attn, ctx.runs)?)?;
         let h = rms_norm(&x, &self.post_norm, self.eps)?;
-        let gate = self.gate.forward(&h, ctx.runs)?.silu()?;
+        let gate = self.gate.forward(&h, ctx.runs)?;
         let up = self.up.forward(&h, ctx.runs)?;
-        let mlp = self.down.forward(&(gate * up)?, ctx.runs)?;
+        let mlp = self.down.forward(&swiglu(&gate, &up)?, ctx.runs)?;
         Ok((x + mlp)?)
     }
 

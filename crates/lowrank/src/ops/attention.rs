@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Mat};
-use super::softmax_last_dim;
+use super::{exp_shifted, softmax_last_dim};
 use crate::{Error, Result};
 
 /// Query rows per tile: a `[BLOCK, S]` score tile stays in L2 for the lengths we train on.
@@ -117,12 +117,8 @@ impl Attention {
             let b = pos + 1 - lo;
             let vis = &mut row[a..b];
             let max = vis.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for e in vis.iter_mut() {
-                *e = (*e - max).exp();
-                sum += *e;
-            }
-            vis.iter_mut().for_each(|e| *e /= sum);
+            let inv = 1.0 / exp_shifted(vis, max);
+            vis.iter_mut().for_each(|e| *e *= inv);
             row[..a].fill(0.0);
             row[b..].fill(0.0);
         }

@@ -7,6 +7,7 @@
 //! out-features, `H` hidden size, `S` key length, `D` head dim.
 
 mod attention;
+mod exp;
 mod gemm;
 mod linear;
 mod lora_linear;
@@ -14,10 +15,13 @@ mod qmatmul;
 mod rms_norm;
 mod rope;
 mod softmax;
+mod swiglu;
 
+pub use exp::exp_shifted;
 pub use attention::{causal_attention, Segment};
 pub use linear::{FrozenLinear, FrozenWeight};
 pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};
 pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;

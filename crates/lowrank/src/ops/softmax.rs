@@ -31,12 +31,9 @@ impl CustomOp1 for Softmax {
         if n > 0 {
             for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (d, v) in dst.iter_mut().zip(row) {
-                    *d = (v - max).exp();
-                    sum += *d;
-                }
-                dst.iter_mut().for_each(|d| *d /= sum);
+                dst.copy_from_slice(row);
+                let inv = 1.0 / super::exp_shifted(dst, max);
+                dst.iter_mut().for_each(|d| *d *= inv);
             }
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))

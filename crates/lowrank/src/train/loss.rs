@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::ops::FrozenLinear;
+use crate::ops::{exp_shifted, FrozenLinear};
 use crate::{Error, Result};
 
 /// Loss value and the tensor to call `backward()` on.
@@ -116,29 +116,27 @@ fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Resu
         return Err(Error::InvalidArgument("logits are not a contiguous CPU tensor".into()));
     };
     let z = &cpu.as_slice::<f32>()?[a..b];
-    // Per row: log Σ exp(z) with the max taken out.
-    let row_lse = |row: &[f32]| {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-        (max, sum)
-    };
+    let row_max = |row: &[f32]| row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Per row: CE = log Σ exp(z - max) + max - z_t, and the gradient
+    // gscale · (exp(z - max) / Σ - onehot), the exponentials computed once, in the gradient row.
     if !with_grad {
-        let ce: f64 = z.par_chunks_exact(v).zip(labels.par_iter()).map(|(row, &t)| {
-            let (max, sum) = row_lse(row);
-            (sum.ln() + max - row[t as usize]) as f64
-        }).sum();
+        let ce: f64 = z.par_chunks_exact(v).zip(labels.par_iter()).map_init(|| vec![0f32; v], |buf, (row, &t)| {
+            let max = row_max(row);
+            buf.copy_from_slice(row);
+            (exp_shifted(buf, max).ln() + max - row[t as usize]) as f64
+        }).collect::<Vec<_>>().iter().sum();
         return Ok((ce, None));
     }
     let mut g = vec![0f32; c * v];
     let ce: f64 = g.par_chunks_exact_mut(v).zip(z.par_chunks_exact(v)).zip(labels.par_iter()).map(|((g, row), &t)| {
-        let (max, sum) = row_lse(row);
-        let k = gscale / sum;
-        for (g, x) in g.iter_mut().zip(row) {
-            *g = (x - max).exp() * k;
-        }
-        g[t as usize] -= gscale;
-        (sum.ln() + max - row[t as usize]) as f64
-    }).sum();
+            let max = row_max(row);
+            g.copy_from_slice(row);
+            let sum = exp_shifted(g, max);
+            let k = gscale / sum;
+            g.iter_mut().for_each(|e| *e *= k);
+            g[t as usize] -= gscale;
+            (sum.ln() + max - row[t as usize]) as f64
+        }).collect::<Vec<_>>().iter().sum(); // summed in row order: the same loss every run
     drop(storage);
     Ok((ce, Some(Tensor::from_vec(g, (c, v), &dev)?)))
 }

@@ -1,0 +1,105 @@
+//! The SwiGLU gate `silu(g) ⊙ u` as one op with a backward.
+//!
+//! From candle ops it is three graph nodes (sigmoid inside silu, silu, mul), each keeping an
+//! `[N, I]` tensor and producing zero-filled `[N, I]` gradients; here the forward keeps nothing but
+//! its inputs and the backward writes both gradients in one pass.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::exp::exp;
+use crate::{Error, Result};
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+/// `g, u: [..] -> silu(g) ⊙ u` (same shape), where `silu(g) = g · σ(g)`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.shape() != u.shape() {
+        return Err(Error::InvalidArgument(format!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims())));
+    }
+    if g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?);
+    }
+    Ok((g.silu()? * u)?)
+}
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("swiglu: non-contiguous input")
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => values(c, l),
+        _ => candle_core::bail!("swiglu: operand not on the CPU"),
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (values(s1, l1)?, values(s2, l2)?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let ((sg, lg), (su, lu), (sd, ld)) = (g.storage_and_layout(), u.storage_and_layout(), dy.storage_and_layout());
+        let (gv, uv, dv) = (stored(&sg, lg)?, stored(&su, lu)?, stored(&sd, ld)?);
+        let (mut dg, mut du) = (vec![0f32; gv.len()], vec![0f32; gv.len()]);
+        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dg, du))| {
+            let at = i * CHUNK;
+            for (j, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                let (g, u, d) = (gv[at + j], uv[at + j], dv[at + j]);
+                let s = sigmoid(g);
+                // d silu(g)/dg = σ(g) · (1 + g · (1 − σ(g)))
+                *dg = d * u * s * (1.0 + g * (1.0 - s));
+                *du = d * g * s;
+            }
+        });
+        let dev = g.device();
+        Ok((Some(Tensor::from_vec(dg, lg.shape(), dev)?), Some(Tensor::from_vec(du, lu.shape(), dev)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn equals_silu_times_up_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 3.0, (70, 300), &dev)?)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (70, 300), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (70, 300), &dev)?;
+        let got = swiglu(g.as_tensor(), u.as_tensor())?;
+        let want = (g.as_tensor().silu()? * u.as_tensor())?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?) };
+        assert!(diff(&got, &want)? < 1e-5, "forward differs by {}", diff(&got, &want)?);
+        let (gr, gr_ref) = ((got * &up)?.sum_all()?.backward()?, (want * &up)?.sum_all()?.backward()?);
+        for (name, v) in [("gate", &g), ("up", &u)] {
+            let (a, b) = (gr.get(v.as_tensor()).expect("grad"), gr_ref.get(v.as_tensor()).expect("grad"));
+            assert!(diff(a, b)? < 1e-5, "d{name} differs by {}", diff(a, b)?);
+        }
+        Ok(())
+    }
+}

@@ -186,8 +186,14 @@ impl CustomOp1 for QuantMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let w = self.0.dequantize(grad_y.device())?.to_dtype(DType::F32)?;
-        Ok(Some(grad_y.matmul(&w)?))
+        if !grad_y.device().is_cpu() {
+            let w = self.0.dequantize(grad_y.device())?.to_dtype(DType::F32)?;
+            return Ok(Some(grad_y.matmul(&w)?));
+        }
+        let (n, _) = grad_y.dims2()?;
+        let dy = grad_y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let dx = super::qmatmul::qmatmul_t_f32(&self.0, &dy, n)?;
+        Ok(Some(Tensor::from_vec(dx, (n, self.0.shape().dims2()?.1), grad_y.device())?))
     }
 }
 

@@ -88,8 +88,8 @@ impl LoraLinear {
     /// `dy W` as a fresh `[n, k]` buffer.
     fn base_grad(&self, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
         let dense = match &self.w {
-            FrozenWeight::Dense(w) => w.clone(),
-            FrozenWeight::Quant(q) => q.dequantize(&q.device())?.to_dtype(DType::F32)?,
+            FrozenWeight::Dense(w) => w,
+            FrozenWeight::Quant(q) => return super::qmatmul::qmatmul_t_f32(q, dy, n),
         };
         let (m, k) = dense.dims2()?;
         let (s, l) = dense.storage_and_layout();

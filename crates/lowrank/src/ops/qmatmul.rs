@@ -37,7 +37,31 @@ pub fn qmatmul_f32(w: &QTensor, x: &[f32], n: usize) -> candle_core::Result<Vec<
     }
 }
 
-fn run<T: GgmlType>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+/// `dy: [n, m]` (row-major) times `W: [m, k]` quantized; returns `dy W: [n, k]` (the input
+/// gradient of `x Wᵀ`) without dequantising all of `W` at once.
+pub fn qmatmul_t_f32(w: &QTensor, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+    let (m, k) = w.shape().dims2()?;
+    if dy.len() != n * m {
+        candle_core::bail!("qmatmul: gradient has {} values, expected {n}×{m}", dy.len())
+    }
+    let data = w.data()?;
+    match w.dtype() {
+        GgmlDType::Q4_0 => run_t::<BlockQ4_0>(&data, dy, n, m, k),
+        GgmlDType::Q4_1 => run_t::<BlockQ4_1>(&data, dy, n, m, k),
+        GgmlDType::Q5_0 => run_t::<BlockQ5_0>(&data, dy, n, m, k),
+        GgmlDType::Q5_1 => run_t::<BlockQ5_1>(&data, dy, n, m, k),
+        GgmlDType::Q8_0 => run_t::<BlockQ8_0>(&data, dy, n, m, k),
+        GgmlDType::Q2K => run_t::<BlockQ2K>(&data, dy, n, m, k),
+        GgmlDType::Q3K => run_t::<BlockQ3K>(&data, dy, n, m, k),
+        GgmlDType::Q4K => run_t::<BlockQ4K>(&data, dy, n, m, k),
+        GgmlDType::Q5K => run_t::<BlockQ5K>(&data, dy, n, m, k),
+        GgmlDType::Q6K => run_t::<BlockQ6K>(&data, dy, n, m, k),
+        other => candle_core::bail!("qmatmul: no f32 kernel for {other:?}"),
+    }
+}
+
+/// The weight's bytes as `m` rows of `k / BLCK_SIZE` blocks, checked.
+fn blocks<T: GgmlType>(bytes: &[u8], m: usize, k: usize) -> candle_core::Result<&[T]> {
     if k % T::BLCK_SIZE != 0 {
         candle_core::bail!("qmatmul: row length {k} is not a multiple of the block size {}", T::BLCK_SIZE)
     }
@@ -48,7 +72,33 @@ fn run<T: GgmlType>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> ca
     }
     // SAFETY: length and alignment checked above; the blocks are plain-old-data `repr(C)` structs
     // and the bytes come from candle's own typed storage of this dtype.
-    let blocks: &[T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, m * per_row) };
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, m * per_row) })
+}
+
+/// `dx[n, k] = dy[n, m] · W[m, k]`: the rows of `dy` split among threads, each dequantising `W`
+/// a tile of `T_ROWS` rows at a time and accumulating `dy[:, tile] · tile` into its rows of `dx`.
+fn run_t<T: GgmlType>(bytes: &[u8], dy: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+    const T_ROWS: usize = 128;
+    let blocks = blocks::<T>(bytes, m, k)?;
+    let per_row = k / T::BLCK_SIZE;
+    let mut dx = vec![0f32; n * k];
+    let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    dx.par_chunks_mut(rows_per_task * k).enumerate().for_each(|(task, out)| {
+        let (r0, rows) = (task * rows_per_task, out.len() / k);
+        let mut w = vec![0f32; T_ROWS * k];
+        for t0 in (0..m).step_by(T_ROWS) {
+            let tr = T_ROWS.min(m - t0);
+            T::to_float(&blocks[t0 * per_row..(t0 + tr) * per_row], &mut w[..tr * k]);
+            let g = &dy[r0 * m + t0..];
+            super::gemm::gemm(rows, k, tr, out, k, t0 > 0, super::gemm::Mat::rows(g, m), super::gemm::Mat::rows(&w, k), 1.0, false);
+        }
+    });
+    Ok(dx)
+}
+
+fn run<T: GgmlType>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+    let blocks = blocks::<T>(bytes, m, k)?;
+    let per_row = k / T::BLCK_SIZE;
 
     // yᵀ: [m, n], filled tile by tile in parallel.
     let mut yt = vec![0f32; m * n];
@@ -104,6 +154,12 @@ mod tests {
                 let got = Tensor::from_vec(got, (n, 70), &dev)?;
                 let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(d < 1e-3, "{dtype:?} n={n}: {d}");
+                // The transposed product: [n, 70] · W [70, 256].
+                let dy = Tensor::randn(0f32, 1.0, (n, 70), &dev)?;
+                let want = dy.matmul(&wd)?;
+                let got = qmatmul_t_f32(&q, &dy.flatten_all()?.to_vec1()?, n)?;
+                let d = (Tensor::from_vec(got, (n, 256), &dev)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-3, "{dtype:?} transposed n={n}: {d}");
             }
         }
         Ok(())

@@ -9,7 +9,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     lowrank::threads::configure();
     let cli = commands::Cli::parse();
-    match commands::run(cli) {
+    match lowrank::threads::run(|| commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -136,6 +136,11 @@ fn main() -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     lowrank::threads::configure();
+    lowrank::threads::run(|| run(&s))
+}
+
+/// The measurement, on a compute thread as the CLI runs it.
+fn run(s: &Settings) -> Result<()> {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
 
     let gguf = lowrank::home::default_model_gguf().context("fetching the default model")?;

@@ -1,6 +1,7 @@
 //! RMSNorm with a backward: `y = x / sqrt(mean(x²) + eps) ⊙ w`.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
 
 use crate::Result;
 
@@ -16,6 +17,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct RmsNorm {
     eps: f64,
+}
+
+/// Rows per parallel task.
+const ROWS: usize = 16;
+
+/// `1 / sqrt(mean(x²) + eps)`.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// The contiguous f32 values of a tensor's storage, which must be on the CPU.
+fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (Storage::Cpu(c), Some((a, b))) => Ok(&c.as_slice::<f32>()?[a..b]),
+        _ => candle_core::bail!("rms-norm: operand not contiguous on the CPU"),
+    }
 }
 
 impl CustomOp2 for RmsNorm {
@@ -42,13 +60,14 @@ impl CustomOp2 for RmsNorm {
         }
         let eps = self.eps as f32;
         let mut out = vec![0f32; x.len()];
-        for (row, dst) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for ((d, v), g) in dst.iter_mut().zip(row).zip(w) {
-                *d = v * r * g;
+        out.par_chunks_mut(h * ROWS).zip(x.par_chunks(h * ROWS)).for_each(|(dst, x)| {
+            for (row, dst) in x.chunks_exact(h).zip(dst.chunks_exact_mut(h)) {
+                let r = inv_rms(row, eps);
+                for ((d, v), g) in dst.iter_mut().zip(row).zip(w) {
+                    *d = v * r * g;
+                }
             }
-        }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -59,12 +78,26 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // r: [N, 1]; xhat = x r; dx = r (g w - xhat · mean(g w xhat))
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let xhat = x.broadcast_mul(&r)?;
-        let gw = g.broadcast_mul(w)?;
-        let proj = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
+        // Per row, r = 1/rms(x), x̂ = x r: dx = r (g⊙w − x̂ · mean(g⊙w⊙x̂)).
+        let g = g.contiguous()?;
+        let ((sx, lx), (sw, lw), (sg, lg)) = (x.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
+        let (xv, wv, gv) = (stored(&sx, lx)?, stored(&sw, lw)?, stored(&sg, lg)?);
+        let h = wv.len();
+        if h == 0 || xv.len() % h != 0 || gv.len() != xv.len() {
+            candle_core::bail!("rms-norm backward: {} values, {} gradients, hidden size {h}", xv.len(), gv.len())
+        }
+        let eps = self.eps as f32;
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(h * ROWS).zip(xv.par_chunks(h * ROWS).zip(gv.par_chunks(h * ROWS))).for_each(|(dx, (x, g))| {
+            for ((dx, x), g) in dx.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
+                let r = inv_rms(x, eps);
+                let proj = x.iter().zip(g).zip(wv).map(|((x, g), w)| g * w * x * r).sum::<f32>() / h as f32;
+                for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(wv) {
+                    *d = r * (g * w - x * r * proj);
+                }
+            }
+        });
+        let dx = Tensor::from_vec(dx, lx.shape(), x.device())?;
         Ok((Some(dx), None))
     }
 }

@@ -1,7 +1,8 @@
 //! Rotary position embeddings in HF layout (rotate-half, not interleaved), from differentiable
 //! primitives so gradients flow to the queries and keys.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -102,6 +103,18 @@ impl RopeTable {
 
 /// Rotate `x: [N, heads, D]` by `cos, sin: [N, 1, D/2]` (rotate-half convention).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (n, _heads, d) = x.dims3()?;
+    if cos.dims3()? != (n, 1, d / 2) || sin.dims3()? != (n, 1, d / 2) || d % 2 != 0 {
+        return Err(Error::InvalidArgument(format!("rope: x {:?} with cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims())));
+    }
+    if x.device().is_cpu() && [x.dtype(), cos.dtype(), sin.dtype()].iter().all(|t| *t == DType::F32) {
+        return Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)?);
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// [`apply_rope`] from candle ops (other devices and dtypes; the reference in tests).
+fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -110,9 +123,84 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[a, b], D::Minus1)?)
 }
 
+/// The rotation as one op: its backward is the rotation by the opposite angle.
+struct Rope;
+
+/// Rotates every head of every row of `x: [N, heads, D]` by `(cos, sin): [N, D/2]`, with `sign`
+/// 1 (forward) or -1 (the inverse rotation, for the gradient).
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], half: usize, sign: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    if x.is_empty() || half == 0 {
+        return y;
+    }
+    let row = x.len() / (cos.len() / half).max(1); // heads · D
+    y.par_chunks_mut(row).zip(x.par_chunks(row)).enumerate().for_each(|(t, (y, x))| {
+        let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        for (y, x) in y.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for i in 0..half {
+                let si = sign * s[i];
+                y1[i] = x1[i] * c[i] - x2[i] * si;
+                y2[i] = x2[i] * c[i] + x1[i] * si;
+            }
+        }
+    });
+    y
+}
+
+fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("rope: non-contiguous input")
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => values(c, l),
+        _ => candle_core::bail!("rope: operand not on the CPU"),
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sc: &CpuStorage, lc: &Layout, ss: &CpuStorage, ls: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let half = lx.shape().dims3()?.2 / 2;
+        let y = rotate(values(sx, lx)?, values(sc, lc)?, values(ss, ls)?, half, 1.0);
+        Ok((CpuStorage::F32(y), lx.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let half = x.dims3()?.2 / 2;
+        let ((sg, lg), (sc, lc), (ss, ls)) = (dy.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
+        let dx = rotate(stored(&sg, lg)?, stored(&sc, lc)?, stored(&ss, ls)?, half, -1.0);
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn op_equals_composed_rotation_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let table = RopeTable::new(8, 10000.0, &RopeScaling::None)?;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 3, 8), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (5, 3, 8), &dev)?;
+        let (cos, sin) = table.cos_sin(&[0, 3, 9, 100, 4000], &dev)?;
+        let (y, want) = (apply_rope(&x, &cos, &sin)?, rope_composed(&x, &cos, &sin)?);
+        assert!((&y - &want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        let (g, g_ref) = ((y * &up)?.sum_all()?.backward()?, (want * &up)?.sum_all()?.backward()?);
+        let (a, b) = (g.get(x.as_tensor()).expect("grad"), g_ref.get(x.as_tensor()).expect("grad"));
+        assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        Ok(())
+    }
 
     #[test]
     fn rotation_preserves_norm_and_position_zero_is_identity() -> Result<()> {

@@ -4,9 +4,11 @@
 # alpha 32 on q,k,v,o,gate,up,down, AdamW, median step time of 6 steps after the first.
 #
 #   scripts/bench/train.sh                              # from any directory
-#   STEPS=8 THREADS=2 scripts/bench/train.sh            # knobs: STEPS BATCH SEQ THREADS
+#   STEPS=8 THREADS=2 ROUNDS=3 scripts/bench/train.sh   # knobs: STEPS BATCH SEQ THREADS ROUNDS
 #
-# Four runs, one after another, each in its own process (peak RSS is per process):
+# ROUNDS rounds (default 2) of four runs, one after another, each in its own process (peak RSS
+# is per process); the table shows each configuration's median over the rounds (tokens/s, step
+# time) and its largest peak RSS, so a burst of load on the shared machine hits every tool:
 # 1. `cargo bench -p lowrank --bench train -- --mode q4_1` (crates/lowrank/benches/train.rs;
 #    bench profile = release): the GGUF as loaded, quantised matmul;
 # 2. the same with `--mode f32`: the GGUF dequantised to f32 at load;
@@ -16,13 +18,13 @@
 # 4. the same with --bf16 (bf16 autocast).
 # Then one table: tokens/s, median step seconds, peak RSS, and each row over PEFT f32.
 #
-# Takes about 5 minutes on two cores after the build. Timings are only as quiet as the machine:
+# Takes about 5 minutes a round on two cores after the build. Timings are only as quiet as the machine:
 # run it with nothing else busy (the 1-minute load average during each run is printed under the
 # table); per-step seconds go to stderr.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-STEPS=${STEPS:-6} BATCH=${BATCH:-4} SEQ=${SEQ:-256} THREADS=${THREADS:-2}
+STEPS=${STEPS:-6} BATCH=${BATCH:-4} SEQ=${SEQ:-256} THREADS=${THREADS:-2} ROUNDS=${ROUNDS:-2}
 REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
 REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
 REF_SCRIPT=${LOWRANK_TRAIN_REF:-/work/shared/reference/train_bench.py}
@@ -41,40 +43,53 @@ echo "== building (cargo bench --no-run)" >&2
 cargo bench -p lowrank --bench train --no-run >&2
 
 # Each run appends `tool mode tokens/s median_step_s peak_rss_mib` to rows.txt.
-for mode in q4_1 f32; do
-    echo "== lowrank $mode" >&2
-    watch_load "lowrank-$mode"
-    cargo bench -p lowrank --bench train -- --mode "$mode" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" >"$tmp/lowrank-$mode.txt"
-    stop_load "lowrank-$mode"
-    awk '$1 !~ /^#/ && $1 != "mode" { print "lowrank", $1, $2, $3, $4 }' "$tmp/lowrank-$mode.txt" >>"$tmp/rows.txt"
-done
-
 have_ref=0
-if [[ -x "$REF_PYTHON" && -d "$REF_MODEL" && -f "$REF_SCRIPT" ]]; then
-    have_ref=1
+[[ -x "$REF_PYTHON" && -d "$REF_MODEL" && -f "$REF_SCRIPT" ]] && have_ref=1
+for round in $(seq 1 "$ROUNDS"); do
+    for mode in q4_1 f32; do
+        echo "== round $round: lowrank $mode" >&2
+        watch_load "lowrank-$mode-$round"
+        cargo bench -p lowrank --bench train -- --mode "$mode" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" >"$tmp/lowrank-$mode.txt"
+        stop_load "lowrank-$mode-$round"
+        awk '$1 !~ /^#/ && $1 != "mode" { print "lowrank", $1, $2, $3, $4 }' "$tmp/lowrank-$mode.txt" >>"$tmp/rows.txt"
+    done
+    [[ $have_ref == 1 ]] || continue
     for variant in f32 bf16; do
         flag=()
         [[ $variant == bf16 ]] && flag=(--bf16)
-        echo "== PEFT $variant" >&2
-        watch_load "peft-$variant"
+        echo "== round $round: PEFT $variant" >&2
+        watch_load "peft-$variant-$round"
         "$REF_PYTHON" "$REF_SCRIPT" "$REF_MODEL" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" "${flag[@]}" | tee "$tmp/peft-$variant.txt" >&2
-        stop_load "peft-$variant"
+        stop_load "peft-$variant-$round"
         # Last line: `trainable N median_step_s S tokens_per_s X peak_rss_mib M`.
         awk -v v="$variant" '$1 == "trainable" { for (i = 1; i < NF; i += 2) f[$i] = $(i + 1); print "peft", "hf-" v, f["tokens_per_s"], f["median_step_s"], f["peak_rss_mib"] }' "$tmp/peft-$variant.txt" >>"$tmp/rows.txt"
     done
-fi
+done
 
 echo
-echo "# LoRA training, SmolLM2-135M, batch $BATCH x $SEQ tokens, r 16 alpha 32 on 7 projections, AdamW; median of $((STEPS - 1)) steps after 1 warm-up, $THREADS threads"
+echo "# LoRA training, SmolLM2-135M, batch $BATCH x $SEQ tokens, r 16 alpha 32 on 7 projections, AdamW; per run the median of $((STEPS - 1)) steps after 1 warm-up, $THREADS threads; median over $ROUNDS rounds"
 echo "# ratio columns: this row / PEFT f32 (tokens/s >1: faster; RSS <1: smaller)"
 awk '
-    { tool[NR] = $1; mode[NR] = $2; tps[NR] = $3; med[NR] = $4; rss[NR] = $5; if ($1 == "peft" && $2 == "hf-f32") { rt = $3; rr = $5 } }
+    function median(list,   n, v, i, j, t) {
+        n = split(list, v, " ")
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    }
+    {
+        key = $1 " " $2
+        if (!(key in seen)) { seen[key] = 1; order[++k] = key }
+        tps[key] = tps[key] " " $3; med[key] = med[key] " " $4; runs[key] = runs[key] " " sprintf("%.0f", $3)
+        if ($5 > rss[key]) rss[key] = $5
+    }
     END {
-        printf "%-8s %-10s %10s %14s %13s %15s %13s\n", "tool", "mode", "tokens/s", "median_step_s", "peak_rss_mib", "tok/s_vs_peft", "rss_vs_peft"
-        for (i = 1; i <= NR; i++) {
-            a = rt ? sprintf("%.2f", tps[i] / rt) : "-"
-            b = rr ? sprintf("%.2f", rss[i] / rr) : "-"
-            printf "%-8s %-10s %10.1f %14.3f %13.0f %15s %13s\n", tool[i], mode[i], tps[i], med[i], rss[i], a, b
+        rt = ("peft hf-f32" in seen) ? median(tps["peft hf-f32"]) : 0; rr = rss["peft hf-f32"]
+        printf "%-8s %-10s %10s %14s %13s %15s %13s  %s\n", "tool", "mode", "tokens/s", "median_step_s", "peak_rss_mib", "tok/s_vs_peft", "rss_vs_peft", "tokens/s of each round"
+        for (i = 1; i <= k; i++) {
+            key = order[i]; split(key, kk, " ")
+            t = median(tps[key])
+            a = rt ? sprintf("%.2f", t / rt) : "-"
+            b = rr ? sprintf("%.2f", rss[key] / rr) : "-"
+            printf "%-8s %-10s %10.1f %14.3f %13.0f %15s %13s %s\n", kk[1], kk[2], t, median(med[key]), rss[key], a, b, runs[key]
         }
     }
 ' "$tmp/rows.txt"

@@ -41,7 +41,7 @@ pub struct TrainArgs {
     /// Output directory (must not exist, or be the run being resumed)
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Optimizer steps
+    /// Optimizer steps (or give --epochs) [default for the example task: 60]
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<usize>,
     /// Passes over the data (instead of --steps)
@@ -53,7 +53,7 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step [default: 1]
     #[arg(long)]
     grad_accum: Option<usize>,
-    /// Peak learning rate [default: 2e-4]
+    /// Peak learning rate [default: 2e-4; 1e-3 for the example task]
     #[arg(long)]
     lr: Option<f64>,
     /// LoRA rank [default: 16]
@@ -83,7 +83,7 @@ pub struct TrainArgs {
     /// Learning-rate schedule [default: cosine]
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
-    /// Linear warmup steps [default: 0]
+    /// Linear warmup steps [default: 0; 10 for the example task]
     #[arg(long)]
     warmup: Option<usize>,
     /// AdamW weight decay [default: 0]

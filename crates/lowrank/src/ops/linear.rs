@@ -138,7 +138,14 @@ impl CustomOp2 for DenseMatmul {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (bmnk, wt) = Self::dims(l1, l2)?;
-        Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        let (_, n, m, k) = bmnk;
+        // f32, both contiguous: W a tile of rows at a time (see `xwt_tiled`); else candle's matmul.
+        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((xa, xb)), Some((wa, wb))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+            let (x, w) = (&xs[xa..xb], &ws[wa..wb]);
+            let y = super::qmatmul::xwt_tiled(x, n, m, k, |r0, rows, buf| buf.copy_from_slice(&w[r0 * k..(r0 + rows) * k]));
+            return Ok((CpuStorage::F32(y), Shape::from((n, m))));
+        }
+        Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((n, m))))
     }
 
     fn cuda_fwd(

@@ -78,9 +78,7 @@ impl LoraLinear {
                 let (m, k) = w.dims2()?;
                 let (s, l) = w.storage_and_layout();
                 let w = stored(&s, l)?;
-                let mut y = vec![0f32; n * m];
-                gemm(n, m, k, &mut y, m, false, Mat::rows(x, k), Mat::cols(w, k), 1.0, true);
-                Ok(y)
+                Ok(super::qmatmul::xwt_tiled(x, n, m, k, |r0, rows, buf| buf.copy_from_slice(&w[r0 * k..(r0 + rows) * k])))
             }
         }
     }

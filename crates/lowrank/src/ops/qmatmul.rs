@@ -12,8 +12,11 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
-/// Output rows dequantised at a time (a `ROWS × K` f32 tile stays in L2).
-const ROWS: usize = 32;
+use super::gemm::{gemm, Mat};
+
+/// Output rows dequantised at a time (a `ROWS × K` f32 tile stays in L2; 32 made the gemm
+/// under-fed: 128 measured ~15% faster training).
+const ROWS: usize = 128;
 
 /// `x: [n, k]` (row-major) times `Wᵀ` where `W: [m, k]` is quantized; returns `[n, m]`.
 pub fn qmatmul_f32(w: &QTensor, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
@@ -90,7 +93,7 @@ fn run_t<T: GgmlType>(bytes: &[u8], dy: &[f32], n: usize, m: usize, k: usize) ->
             let tr = T_ROWS.min(m - t0);
             T::to_float(&blocks[t0 * per_row..(t0 + tr) * per_row], &mut w[..tr * k]);
             let g = &dy[r0 * m + t0..];
-            super::gemm::gemm(rows, k, tr, out, k, t0 > 0, super::gemm::Mat::rows(g, m), super::gemm::Mat::rows(&w, k), 1.0, false);
+            gemm(rows, k, tr, out, k, t0 > 0, Mat::rows(g, m), Mat::rows(&w, k), 1.0, false);
         }
     });
     Ok(dx)
@@ -100,39 +103,35 @@ fn run<T: GgmlType>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> ca
     let blocks = blocks::<T>(bytes, m, k)?;
     let per_row = k / T::BLCK_SIZE;
 
-    // yᵀ: [m, n], filled tile by tile in parallel.
-    let mut yt = vec![0f32; m * n];
-    yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(tile, out)| {
-        let r0 = tile * ROWS;
-        let rows = out.len() / n;
-        let mut w = vec![0f32; rows * k];
-        T::to_float(&blocks[r0 * per_row..(r0 + rows) * per_row], &mut w);
-        // out[rows, n] = w[rows, k] · xᵀ[k, n]
-        // SAFETY: every pointer/stride pair addresses inside its buffer: w is rows×k row-major,
-        // x is n×k row-major (read as k×n with row stride 1, column stride k), out is rows×n.
-        unsafe {
-            gemm::gemm(
-                rows, n, k,
-                out.as_mut_ptr(), 1, n as isize,
-                false,
-                w.as_ptr(), 1, k as isize,
-                x.as_ptr(), k as isize, 1,
-                0.0, 1.0,
-                false, false, false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
-    if n == 1 {
-        return Ok(yt);
-    }
+    Ok(xwt_tiled(x, n, m, k, |r0, rows, w| T::to_float(&blocks[r0 * per_row..(r0 + rows) * per_row], w)))
+}
+
+/// `y[n, m] = x[n, k] · Wᵀ` a tile of `ROWS` rows of `W` at a time, tiles in parallel;
+/// `fill(r0, rows, buf)` writes rows `r0..r0 + rows` of `W` (f32, row-major) into `buf`.
+/// Each tile's product is a small cache-resident gemm whose operands pack quickly.
+pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, fill: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let starts: Vec<usize> = (0..m).step_by(ROWS).collect();
+    let tiles: Vec<Vec<f32>> = starts
+        .into_par_iter()
+        .map(|r0| {
+            let rows = ROWS.min(m - r0);
+            let mut w = vec![0f32; rows * k];
+            fill(r0, rows, &mut w);
+            // out[n, rows] = x[n, k] · w_tileᵀ[k, rows]
+            let mut out = vec![0f32; n * rows];
+            gemm(n, rows, k, &mut out, rows, false, Mat::rows(x, k), Mat::cols(&w, k), 1.0, false);
+            out
+        })
+        .collect();
+    // y[n, m]: each tile's rows into their columns.
     let mut y = vec![0f32; n * m];
-    for (j, row) in yt.chunks_exact(n).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            y[i * m + j] = *v;
+    for (t, out) in tiles.iter().enumerate() {
+        let (r0, rows) = (t * ROWS, out.len() / n.max(1));
+        for (i, src) in out.chunks_exact(rows.max(1)).enumerate() {
+            y[i * m + r0..i * m + r0 + rows].copy_from_slice(src);
         }
     }
-    Ok(y)
+    y
 }
 
 #[cfg(test)]

@@ -163,13 +163,15 @@ impl<'a> Trainer<'a> {
                 )));
             }
 
+            // Training throughput: the step itself, not the evaluation that may follow it.
+            let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
             let due = |every: Option<usize>| every.is_some_and(|n| n > 0 && self.step % n == 0);
             let eval_loss = if !eval.is_empty() && (due(cfg.eval_every) || self.step == cfg.steps) {
                 Some(self.eval_loss(eval)?)
             } else {
                 None
             };
-            let m = StepMetrics { step: self.step, loss, eval_loss, lr, grad_norm, tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64() };
+            let m = StepMetrics { step: self.step, loss, eval_loss, lr, grad_norm, tokens_per_s };
             metrics::append(&metrics_path, &m)?;
             obs.on_step(&m, cfg.steps);
             if due(cfg.save_every) && self.step < cfg.steps {

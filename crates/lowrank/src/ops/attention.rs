@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Mat};
+use super::storage::{stored, values};
 use super::{exp_shifted, softmax_last_dim};
 use crate::{Error, Result};
 
@@ -219,7 +220,7 @@ impl CustomOp3 for Attention {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Views { q: slice(s1, l1)?, k: slice(s2, l2)?, v: slice(s3, l3)? };
+        let x = Views { q: values(s1, l1)?, k: values(s2, l2)?, v: values(s3, l3)? };
         let (qs, d) = (self.q_stride(), self.d);
         let heads: Vec<_> = self.tasks().into_par_iter().map(|(s, h)| self.forward_head(&x, &self.segments[s], h)).collect();
         // Rows no segment covers stay 0.
@@ -241,8 +242,8 @@ impl CustomOp3 for Attention {
         let (sv, lv) = v.storage_and_layout();
         let (so, lo) = o.storage_and_layout();
         let (sg, lg) = go.storage_and_layout();
-        let x = Views { q: cpu_slice(&sq, lq)?, k: cpu_slice(&sk, lk)?, v: cpu_slice(&sv, lv)? };
-        let (o_data, go_data) = (cpu_slice(&so, lo)?, cpu_slice(&sg, lg)?);
+        let x = Views { q: stored(&sq, lq)?, k: stored(&sk, lk)?, v: stored(&sv, lv)? };
+        let (o_data, go_data) = (stored(&so, lo)?, stored(&sg, lg)?);
         if o_data.len() != x.q.len() || go_data.len() != x.q.len() {
             candle_core::bail!("causal-attention backward: output or its gradient has the wrong size")
         }
@@ -268,21 +269,6 @@ impl CustomOp3 for Attention {
             Some(Tensor::from_vec(dk, lk.shape(), dev)?),
             Some(Tensor::from_vec(dv, lv.shape(), dev)?),
         ))
-    }
-}
-
-/// The contiguous f32 values of a CPU storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("causal-attention: non-contiguous input")
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
-fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(c) => slice(c, l),
-        _ => candle_core::bail!("causal-attention backward: tensor not on the CPU"),
     }
 }
 

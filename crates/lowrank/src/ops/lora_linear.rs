@@ -5,10 +5,11 @@
 //! side of the add. Here the bypass is accumulated into the base output buffer, and the backward
 //! returns `dL/dx`, `dL/dA` and `dL/dB` directly — still none for `W`.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::gemm::{gemm, Mat};
 use super::linear::FrozenWeight;
+use super::storage::{stored, values};
 use crate::{Error, Result};
 
 /// The low-rank factors of a bypass: `A: [r, K]`, `B: [M, r]`, scale `s`.
@@ -51,22 +52,6 @@ pub fn lora_linear(x: &Tensor, w: &FrozenWeight, lr: &LowRank) -> Result<Option<
 struct LoraLinear {
     w: FrozenWeight,
     scale: f32,
-}
-
-/// The contiguous f32 values of a CPU storage.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("low-rank linear: non-contiguous operand")
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
-/// The contiguous f32 values of a tensor's storage, which must be on the CPU.
-fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => values(c, l),
-        _ => candle_core::bail!("low-rank linear: operand not on the CPU"),
-    }
 }
 
 impl LoraLinear {

@@ -15,6 +15,7 @@ mod qmatmul;
 mod rms_norm;
 mod rope;
 mod softmax;
+mod storage;
 mod swiglu;
 
 pub use exp::exp_shifted;

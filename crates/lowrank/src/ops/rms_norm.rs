@@ -1,7 +1,9 @@
 //! RMSNorm with a backward: `y = x / sqrt(mean(x²) + eps) ⊙ w`.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
+
+use super::storage::stored;
 
 use crate::Result;
 
@@ -26,14 +28,6 @@ const ROWS: usize = 16;
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     1.0 / (ms + eps).sqrt()
-}
-
-/// The contiguous f32 values of a tensor's storage, which must be on the CPU.
-fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (Storage::Cpu(c), Some((a, b))) => Ok(&c.as_slice::<f32>()?[a..b]),
-        _ => candle_core::bail!("rms-norm: operand not contiguous on the CPU"),
-    }
 }
 
 impl CustomOp2 for RmsNorm {

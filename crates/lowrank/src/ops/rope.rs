@@ -1,9 +1,10 @@
 //! Rotary position embeddings in HF layout (rotate-half, not interleaved), from differentiable
 //! primitives so gradients flow to the queries and keys.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::storage::{stored, values};
 use crate::{Error, Result};
 
 /// How the rotary frequencies are rescaled (`rope_scaling` / `rope_parameters` in config.json).
@@ -147,20 +148,6 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], half: usize, sign: f32) -> Vec<f3
         }
     });
     y
-}
-
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("rope: non-contiguous input")
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
-fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => values(c, l),
-        _ => candle_core::bail!("rope: operand not on the CPU"),
-    }
 }
 
 impl CustomOp3 for Rope {

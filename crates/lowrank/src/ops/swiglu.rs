@@ -4,10 +4,11 @@
 //! `[N, I]` tensor and producing zero-filled `[N, I]` gradients; here the forward keeps nothing but
 //! its inputs and the backward writes both gradients in one pass.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::exp;
+use super::storage::{stored, values};
 use crate::{Error, Result};
 
 /// Elements per parallel task.
@@ -28,20 +29,6 @@ struct SwiGlu;
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
-}
-
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("swiglu: non-contiguous input")
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
-fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => values(c, l),
-        _ => candle_core::bail!("swiglu: operand not on the CPU"),
-    }
 }
 
 impl CustomOp2 for SwiGlu {

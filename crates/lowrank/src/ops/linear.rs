@@ -111,6 +111,25 @@ impl FrozenLinear {
     }
 }
 
+/// `dy: [N, M]`, a dense frozen `W: [M, K]` -> `dy W: [N, K]`, the input gradient of `x Wᵀ` (on
+/// the CPU in f32, `W` a cache-resident tile of rows at a time).
+pub fn input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !(dy.device().is_cpu() && dy.dtype() == DType::F32 && w.dtype() == DType::F32) {
+        return Ok(dy.matmul(w)?);
+    }
+    let (dy, w) = (dy.contiguous()?, w.contiguous()?);
+    let ((n, m), (m2, k)) = (dy.dims2()?, w.dims2()?);
+    if m != m2 {
+        return Err(crate::Error::InvalidArgument(format!("input gradient: dy {:?} against W {:?}", dy.dims(), w.dims())));
+    }
+    let dx = {
+        let ((sd, ld), (sw, lw)) = (dy.storage_and_layout(), w.storage_and_layout());
+        let (dv, wv) = (super::storage::stored(&sd, ld)?, super::storage::stored(&sw, lw)?);
+        super::qmatmul::dyw_tiled(dv, n, m, k, &super::qmatmul::DenseRows { w: wv, k })
+    };
+    Ok(Tensor::from_vec(dx, (n, k), dy.device())?)
+}
+
 /// `x: [N, K], W: [M, K] -> [N, M]`; backward returns only `dL/dx`.
 struct DenseMatmul;
 
@@ -142,7 +161,7 @@ impl CustomOp2 for DenseMatmul {
         // f32, both contiguous: W a tile of rows at a time (see `xwt_tiled`); else candle's matmul.
         if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((xa, xb)), Some((wa, wb))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
             let (x, w) = (&xs[xa..xb], &ws[wa..wb]);
-            let y = super::qmatmul::xwt_tiled(x, n, m, k, |r0, rows, buf| buf.copy_from_slice(&w[r0 * k..(r0 + rows) * k]));
+            let y = super::qmatmul::xwt_tiled(x, n, m, k, &super::qmatmul::DenseRows { w, k });
             return Ok((CpuStorage::F32(y), Shape::from((n, m))));
         }
         Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((n, m))))
@@ -167,7 +186,7 @@ impl CustomOp2 for DenseMatmul {
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // dL/dx: [N, M] x [M, K] -> [N, K]. No gradient for W, by construction.
-        Ok((Some(grad_y.matmul(w)?), None))
+        Ok((Some(input_grad(grad_y, w).map_err(|e| candle_core::Error::Msg(e.to_string()))?), None))
     }
 }
 

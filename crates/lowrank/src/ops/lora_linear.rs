@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::gemm::{gemm, Mat};
+use super::qmatmul::{dyw_tiled, xwt_tiled, DenseRows};
 use super::linear::FrozenWeight;
 use super::storage::{stored, values};
 use crate::{Error, Result};
@@ -63,7 +64,7 @@ impl LoraLinear {
                 let (m, k) = w.dims2()?;
                 let (s, l) = w.storage_and_layout();
                 let w = stored(&s, l)?;
-                Ok(super::qmatmul::xwt_tiled(x, n, m, k, |r0, rows, buf| buf.copy_from_slice(&w[r0 * k..(r0 + rows) * k])))
+                Ok(xwt_tiled(x, n, m, k, &DenseRows { w, k }))
             }
         }
     }
@@ -76,10 +77,7 @@ impl LoraLinear {
         };
         let (m, k) = dense.dims2()?;
         let (s, l) = dense.storage_and_layout();
-        let w = stored(&s, l)?;
-        let mut dx = vec![0f32; n * k];
-        gemm(n, k, m, &mut dx, k, false, Mat::rows(dy, m), Mat::rows(w, k), 1.0, true);
-        Ok(dx)
+        Ok(dyw_tiled(dy, n, m, k, &DenseRows { w: stored(&s, l)?, k }))
     }
 }
 

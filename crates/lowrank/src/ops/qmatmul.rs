@@ -78,48 +78,77 @@ fn blocks<T: GgmlType>(bytes: &[u8], m: usize, k: usize) -> candle_core::Result<
     Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, m * per_row) })
 }
 
-/// `dx[n, k] = dy[n, m] · W[m, k]`: the rows of `dy` split among threads, each dequantising `W`
-/// a tile of `T_ROWS` rows at a time and accumulating `dy[:, tile] · tile` into its rows of `dx`.
-fn run_t<T: GgmlType>(bytes: &[u8], dy: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
-    const T_ROWS: usize = 128;
-    let blocks = blocks::<T>(bytes, m, k)?;
-    let per_row = k / T::BLCK_SIZE;
+/// Rows of a frozen `W: [m, k]` as f32, a tile at a time.
+pub trait WeightRows: Sync {
+    /// Rows `r0..r0 + rows`, row-major; `buf` (`rows × k`) is there to hold them if needed.
+    fn rows<'a>(&'a self, r0: usize, rows: usize, buf: &'a mut [f32]) -> &'a [f32];
+}
+
+/// A dense f32 `W` (row-major, `k` columns): tiles are borrowed.
+pub struct DenseRows<'w> {
+    pub w: &'w [f32],
+    pub k: usize,
+}
+
+impl WeightRows for DenseRows<'_> {
+    fn rows<'a>(&'a self, r0: usize, rows: usize, _buf: &'a mut [f32]) -> &'a [f32] {
+        &self.w[r0 * self.k..(r0 + rows) * self.k]
+    }
+}
+
+/// A quantized `W`: tiles are dequantised into the buffer.
+struct QuantRows<'b, T> {
+    blocks: &'b [T],
+    per_row: usize,
+}
+
+impl<T: GgmlType + Sync> WeightRows for QuantRows<'_, T> {
+    fn rows<'a>(&'a self, r0: usize, rows: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        T::to_float(&self.blocks[r0 * self.per_row..(r0 + rows) * self.per_row], buf);
+        buf
+    }
+}
+
+/// `dx[n, k] = dy[n, m] · W[m, k]`: the rows of `dy` split among threads, each taking `W` a
+/// tile of `ROWS` rows at a time and accumulating `dy[:, tile] · tile` into its rows of `dx`.
+pub fn dyw_tiled(dy: &[f32], n: usize, m: usize, k: usize, w: &impl WeightRows) -> Vec<f32> {
     let mut dx = vec![0f32; n * k];
     let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    dx.par_chunks_mut(rows_per_task * k).enumerate().for_each(|(task, out)| {
-        let (r0, rows) = (task * rows_per_task, out.len() / k);
-        let mut w = vec![0f32; T_ROWS * k];
-        for t0 in (0..m).step_by(T_ROWS) {
-            let tr = T_ROWS.min(m - t0);
-            T::to_float(&blocks[t0 * per_row..(t0 + tr) * per_row], &mut w[..tr * k]);
-            let g = &dy[r0 * m + t0..];
-            gemm(rows, k, tr, out, k, t0 > 0, Mat::rows(g, m), Mat::rows(&w, k), 1.0, false);
+    dx.par_chunks_mut(rows_per_task * k.max(1)).enumerate().for_each(|(task, out)| {
+        let (r0, rows) = (task * rows_per_task, out.len() / k.max(1));
+        let mut buf = vec![0f32; ROWS * k];
+        for t0 in (0..m).step_by(ROWS) {
+            let tr = ROWS.min(m - t0);
+            let tile = w.rows(t0, tr, &mut buf[..tr * k]);
+            gemm(rows, k, tr, out, k, t0 > 0, Mat::rows(&dy[r0 * m + t0..], m), Mat::rows(tile, k), 1.0, false);
         }
     });
-    Ok(dx)
+    dx
 }
 
-fn run<T: GgmlType>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+fn run_t<T: GgmlType + Sync>(bytes: &[u8], dy: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
     let blocks = blocks::<T>(bytes, m, k)?;
-    let per_row = k / T::BLCK_SIZE;
-
-    Ok(xwt_tiled(x, n, m, k, |r0, rows, w| T::to_float(&blocks[r0 * per_row..(r0 + rows) * per_row], w)))
+    Ok(dyw_tiled(dy, n, m, k, &QuantRows { blocks, per_row: k / T::BLCK_SIZE }))
 }
 
-/// `y[n, m] = x[n, k] · Wᵀ` a tile of `ROWS` rows of `W` at a time, tiles in parallel;
-/// `fill(r0, rows, buf)` writes rows `r0..r0 + rows` of `W` (f32, row-major) into `buf`.
-/// Each tile's product is a small cache-resident gemm whose operands pack quickly.
-pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, fill: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+fn run<T: GgmlType + Sync>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+    let blocks = blocks::<T>(bytes, m, k)?;
+    Ok(xwt_tiled(x, n, m, k, &QuantRows { blocks, per_row: k / T::BLCK_SIZE }))
+}
+
+/// `y[n, m] = x[n, k] · Wᵀ` a tile of `ROWS` rows of `W` at a time, tiles in parallel. Each
+/// tile's product is a small cache-resident gemm whose operands pack quickly.
+pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, w: &impl WeightRows) -> Vec<f32> {
     let starts: Vec<usize> = (0..m).step_by(ROWS).collect();
     let tiles: Vec<Vec<f32>> = starts
         .into_par_iter()
         .map(|r0| {
             let rows = ROWS.min(m - r0);
-            let mut w = vec![0f32; rows * k];
-            fill(r0, rows, &mut w);
-            // out[n, rows] = x[n, k] · w_tileᵀ[k, rows]
+            let mut buf = vec![0f32; rows * k];
+            let tile = w.rows(r0, rows, &mut buf);
+            // out[n, rows] = x[n, k] · tileᵀ[k, rows]
             let mut out = vec![0f32; n * rows];
-            gemm(n, rows, k, &mut out, rows, false, Mat::rows(x, k), Mat::cols(&w, k), 1.0, false);
+            gemm(n, rows, k, &mut out, rows, false, Mat::rows(x, k), Mat::cols(tile, k), 1.0, false);
             out
         })
         .collect();

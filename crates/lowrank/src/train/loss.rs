@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::ops::{exp_shifted, FrozenLinear};
+use crate::ops::{exp_shifted, input_grad, FrozenLinear};
 use crate::{Error, Result};
 
 /// Loss value and the tensor to call `backward()` on.
@@ -58,7 +58,7 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
         let (ce, gz) = ce_rows(&z, labels_c, (scale / count as f64) as f32, with_grad)?;
         loss += ce;
         if let (Some(gz), Some(w)) = (gz, &w_dense) {
-            grads.push(gz.matmul(w)?); // [c, V] x [V, H] -> [c, H]
+            grads.push(input_grad(&gz, w)?); // [c, V] x [V, H] -> [c, H]
         }
     }
     if !with_grad {

@@ -100,3 +100,26 @@ fn kv_cache_decoding_equals_full_forward() {
         assert_eq!(cache[0].len(), ids.len());
     }
 }
+
+#[test]
+fn merged_model_equals_base_plus_adapters_and_unmerge_restores_it() {
+    for family in ["llama", "qwen2"] {
+        let mut model = tiny_model(family);
+        let (qv, all) = (adapter(&model, family, "qv"), adapter(&model, family, "all_linear"));
+        let set = [active(&qv, 0.7), active(&all, -0.4)];
+        let ids = &ids(family)[0];
+        let (base, adapted) = (logits(&model, ids, &[]), logits(&model, ids, &set));
+        let before: Vec<Tensor> = model.blocks().iter().flat_map(|b| b.projections().map(|p| p.base().weight().to_dense().unwrap())).collect();
+        model.merge(&set).unwrap();
+        let d = max_diff(&logits(&model, ids, &[]), &adapted);
+        assert!(d < 1e-4, "{family}: merged model differs from base + adapters by {d}");
+        model.unmerge(&set).unwrap();
+        let d = max_diff(&logits(&model, ids, &[]), &base);
+        assert!(d < 1e-4, "{family}: unmerged model differs from the base by {d}");
+        let after = model.blocks().iter().flat_map(|b| b.projections().map(|p| p.base().weight().to_dense().unwrap()));
+        for (w0, w1) in before.iter().zip(after) {
+            let d = max_diff(w0, &w1);
+            assert!(d < 1e-6, "{family}: merge then unmerge moved a weight by {d}");
+        }
+    }
+}

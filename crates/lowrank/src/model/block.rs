@@ -101,6 +101,11 @@ impl Block {
         [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
     }
 
+    /// Every projection of the block, to change its frozen weight.
+    pub(crate) fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    }
+
     /// `x: [N, H] -> [N, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &BlockCtx, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_norm, self.eps)?;

@@ -7,6 +7,7 @@ mod export;
 mod gguf;
 mod hf;
 mod load;
+mod merge;
 mod projection;
 mod transformer;
 mod weights;

@@ -88,6 +88,11 @@ impl Projection {
         &self.base
     }
 
+    /// Replaces the frozen base layer (merging adapters into it).
+    pub(crate) fn set_base(&mut self, base: FrozenLinear) {
+        self.base = base;
+    }
+
     /// `x: [N, K] -> [N, M]`: the base once for all rows, then each run's adapters on its rows.
     pub fn forward(&self, x: &Tensor, runs: &[AdapterRun]) -> Result<Tensor> {
         if let [run] = runs {

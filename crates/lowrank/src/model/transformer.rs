@@ -81,6 +81,11 @@ impl Model {
         &self.blocks
     }
 
+    /// The blocks, to change their frozen weights (merging).
+    pub(crate) fn blocks_mut(&mut self) -> &mut [Block] {
+        &mut self.blocks
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device

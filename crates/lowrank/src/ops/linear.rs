@@ -55,6 +55,32 @@ impl FrozenWeight {
         }
     }
 
+    /// `dy: [N, M]` -> `dy W: [N, K]`, the input gradient of `x Wᵀ`. On the CPU in f32, `W` is
+    /// taken a cache-resident tile of rows at a time (quantized tiles dequantised one by one);
+    /// elsewhere `W` is made dense and multiplied.
+    pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let (m, k) = self.dims()?;
+        let (n, m2) = dy.dims2()?;
+        if m != m2 {
+            return Err(crate::Error::InvalidArgument(format!("input gradient: dy {:?} against W [{m}, {k}]", dy.dims())));
+        }
+        if !(dy.device().is_cpu() && dy.dtype() == DType::F32) {
+            return Ok(dy.matmul(&self.to_dense()?.to_dtype(dy.dtype())?)?);
+        }
+        let dy = dy.contiguous()?;
+        let (sd, ld) = dy.storage_and_layout();
+        let dv = super::storage::stored(&sd, ld)?;
+        let dx = match self {
+            FrozenWeight::Quant(q) => super::qmatmul::qmatmul_t_f32(q, dv, n)?,
+            FrozenWeight::Dense(w) => {
+                let w = w.to_dtype(DType::F32)?.contiguous()?;
+                let (sw, lw) = w.storage_and_layout();
+                super::qmatmul::dyw_tiled(dv, n, m, k, &super::qmatmul::DenseRows { w: super::storage::stored(&sw, lw)?, k })
+            }
+        };
+        Ok(Tensor::from_vec(dx, (n, k), dy.device())?)
+    }
+
     /// GGUF block type when quantized.
     pub fn ggml_dtype(&self) -> Option<GgmlDType> {
         match self {
@@ -109,25 +135,6 @@ impl FrozenLinear {
             None => y,
         })
     }
-}
-
-/// `dy: [N, M]`, a dense frozen `W: [M, K]` -> `dy W: [N, K]`, the input gradient of `x Wᵀ` (on
-/// the CPU in f32, `W` a cache-resident tile of rows at a time).
-pub fn input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !(dy.device().is_cpu() && dy.dtype() == DType::F32 && w.dtype() == DType::F32) {
-        return Ok(dy.matmul(w)?);
-    }
-    let (dy, w) = (dy.contiguous()?, w.contiguous()?);
-    let ((n, m), (m2, k)) = (dy.dims2()?, w.dims2()?);
-    if m != m2 {
-        return Err(crate::Error::InvalidArgument(format!("input gradient: dy {:?} against W {:?}", dy.dims(), w.dims())));
-    }
-    let dx = {
-        let ((sd, ld), (sw, lw)) = (dy.storage_and_layout(), w.storage_and_layout());
-        let (dv, wv) = (super::storage::stored(&sd, ld)?, super::storage::stored(&sw, lw)?);
-        super::qmatmul::dyw_tiled(dv, n, m, k, &super::qmatmul::DenseRows { w: wv, k })
-    };
-    Ok(Tensor::from_vec(dx, (n, k), dy.device())?)
 }
 
 /// `x: [N, K], W: [M, K] -> [N, M]`; backward returns only `dL/dx`.
@@ -186,7 +193,7 @@ impl CustomOp2 for DenseMatmul {
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // dL/dx: [N, M] x [M, K] -> [N, K]. No gradient for W, by construction.
-        Ok((Some(input_grad(grad_y, w).map_err(|e| candle_core::Error::Msg(e.to_string()))?), None))
+        Ok((Some(FrozenWeight::Dense(w.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?), None))
     }
 }
 
@@ -212,14 +219,8 @@ impl CustomOp1 for QuantMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if !grad_y.device().is_cpu() {
-            let w = self.0.dequantize(grad_y.device())?.to_dtype(DType::F32)?;
-            return Ok(Some(grad_y.matmul(&w)?));
-        }
-        let (n, _) = grad_y.dims2()?;
-        let dy = grad_y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let dx = super::qmatmul::qmatmul_t_f32(&self.0, &dy, n)?;
-        Ok(Some(Tensor::from_vec(dx, (n, self.0.shape().dims2()?.1), grad_y.device())?))
+        let dx = FrozenWeight::Quant(self.0.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Some(dx))
     }
 }
 

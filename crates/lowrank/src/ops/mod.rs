@@ -20,7 +20,7 @@ mod swiglu;
 
 pub use exp::exp_shifted;
 pub use attention::{causal_attention, Segment};
-pub use linear::{input_grad, FrozenLinear, FrozenWeight};
+pub use linear::{FrozenLinear, FrozenWeight};
 pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};

@@ -25,19 +25,8 @@ pub fn qmatmul_f32(w: &QTensor, x: &[f32], n: usize) -> candle_core::Result<Vec<
         candle_core::bail!("qmatmul: input has {} values, expected {n}×{k}", x.len())
     }
     let data = w.data()?;
-    match w.dtype() {
-        GgmlDType::Q4_0 => run::<BlockQ4_0>(&data, x, n, m, k),
-        GgmlDType::Q4_1 => run::<BlockQ4_1>(&data, x, n, m, k),
-        GgmlDType::Q5_0 => run::<BlockQ5_0>(&data, x, n, m, k),
-        GgmlDType::Q5_1 => run::<BlockQ5_1>(&data, x, n, m, k),
-        GgmlDType::Q8_0 => run::<BlockQ8_0>(&data, x, n, m, k),
-        GgmlDType::Q2K => run::<BlockQ2K>(&data, x, n, m, k),
-        GgmlDType::Q3K => run::<BlockQ3K>(&data, x, n, m, k),
-        GgmlDType::Q4K => run::<BlockQ4K>(&data, x, n, m, k),
-        GgmlDType::Q5K => run::<BlockQ5K>(&data, x, n, m, k),
-        GgmlDType::Q6K => run::<BlockQ6K>(&data, x, n, m, k),
-        other => candle_core::bail!("qmatmul: no f32 kernel for {other:?}"),
-    }
+    let rows = quant_rows(w.dtype(), &data, m, k)?;
+    Ok(xwt_tiled(x, n, m, k, rows.as_ref()))
 }
 
 /// `dy: [n, m]` (row-major) times `W: [m, k]` quantized; returns `dy W: [n, k]` (the input
@@ -48,17 +37,26 @@ pub fn qmatmul_t_f32(w: &QTensor, dy: &[f32], n: usize) -> candle_core::Result<V
         candle_core::bail!("qmatmul: gradient has {} values, expected {n}×{m}", dy.len())
     }
     let data = w.data()?;
-    match w.dtype() {
-        GgmlDType::Q4_0 => run_t::<BlockQ4_0>(&data, dy, n, m, k),
-        GgmlDType::Q4_1 => run_t::<BlockQ4_1>(&data, dy, n, m, k),
-        GgmlDType::Q5_0 => run_t::<BlockQ5_0>(&data, dy, n, m, k),
-        GgmlDType::Q5_1 => run_t::<BlockQ5_1>(&data, dy, n, m, k),
-        GgmlDType::Q8_0 => run_t::<BlockQ8_0>(&data, dy, n, m, k),
-        GgmlDType::Q2K => run_t::<BlockQ2K>(&data, dy, n, m, k),
-        GgmlDType::Q3K => run_t::<BlockQ3K>(&data, dy, n, m, k),
-        GgmlDType::Q4K => run_t::<BlockQ4K>(&data, dy, n, m, k),
-        GgmlDType::Q5K => run_t::<BlockQ5K>(&data, dy, n, m, k),
-        GgmlDType::Q6K => run_t::<BlockQ6K>(&data, dy, n, m, k),
+    let rows = quant_rows(w.dtype(), &data, m, k)?;
+    Ok(dyw_tiled(dy, n, m, k, rows.as_ref()))
+}
+
+/// The rows of a quantized `[m, k]` weight stored in `bytes`, for its block type.
+fn quant_rows<'a>(dtype: GgmlDType, bytes: &'a [u8], m: usize, k: usize) -> candle_core::Result<Box<dyn WeightRows + 'a>> {
+    fn rows<'a, T: GgmlType + Sync + 'a>(bytes: &'a [u8], m: usize, k: usize) -> candle_core::Result<Box<dyn WeightRows + 'a>> {
+        Ok(Box::new(QuantRows { blocks: blocks::<T>(bytes, m, k)?, per_row: k / T::BLCK_SIZE }))
+    }
+    match dtype {
+        GgmlDType::Q4_0 => rows::<BlockQ4_0>(bytes, m, k),
+        GgmlDType::Q4_1 => rows::<BlockQ4_1>(bytes, m, k),
+        GgmlDType::Q5_0 => rows::<BlockQ5_0>(bytes, m, k),
+        GgmlDType::Q5_1 => rows::<BlockQ5_1>(bytes, m, k),
+        GgmlDType::Q8_0 => rows::<BlockQ8_0>(bytes, m, k),
+        GgmlDType::Q2K => rows::<BlockQ2K>(bytes, m, k),
+        GgmlDType::Q3K => rows::<BlockQ3K>(bytes, m, k),
+        GgmlDType::Q4K => rows::<BlockQ4K>(bytes, m, k),
+        GgmlDType::Q5K => rows::<BlockQ5K>(bytes, m, k),
+        GgmlDType::Q6K => rows::<BlockQ6K>(bytes, m, k),
         other => candle_core::bail!("qmatmul: no f32 kernel for {other:?}"),
     }
 }
@@ -111,7 +109,7 @@ impl<T: GgmlType + Sync> WeightRows for QuantRows<'_, T> {
 
 /// `dx[n, k] = dy[n, m] · W[m, k]`: the rows of `dy` split among threads, each taking `W` a
 /// tile of `ROWS` rows at a time and accumulating `dy[:, tile] · tile` into its rows of `dx`.
-pub fn dyw_tiled(dy: &[f32], n: usize, m: usize, k: usize, w: &impl WeightRows) -> Vec<f32> {
+pub fn dyw_tiled(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
     let mut dx = vec![0f32; n * k];
     let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
     dx.par_chunks_mut(rows_per_task * k.max(1)).enumerate().for_each(|(task, out)| {
@@ -126,19 +124,9 @@ pub fn dyw_tiled(dy: &[f32], n: usize, m: usize, k: usize, w: &impl WeightRows) 
     dx
 }
 
-fn run_t<T: GgmlType + Sync>(bytes: &[u8], dy: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
-    let blocks = blocks::<T>(bytes, m, k)?;
-    Ok(dyw_tiled(dy, n, m, k, &QuantRows { blocks, per_row: k / T::BLCK_SIZE }))
-}
-
-fn run<T: GgmlType + Sync>(bytes: &[u8], x: &[f32], n: usize, m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
-    let blocks = blocks::<T>(bytes, m, k)?;
-    Ok(xwt_tiled(x, n, m, k, &QuantRows { blocks, per_row: k / T::BLCK_SIZE }))
-}
-
 /// `y[n, m] = x[n, k] · Wᵀ` a tile of `ROWS` rows of `W` at a time, tiles in parallel. Each
 /// tile's product is a small cache-resident gemm whose operands pack quickly.
-pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, w: &impl WeightRows) -> Vec<f32> {
+pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
     let starts: Vec<usize> = (0..m).step_by(ROWS).collect();
     let tiles: Vec<Vec<f32>> = starts
         .into_par_iter()

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::ops::{exp_shifted, input_grad, FrozenLinear};
+use crate::ops::{exp_shifted, FrozenLinear};
 use crate::{Error, Result};
 
 /// Loss value and the tensor to call `backward()` on.
@@ -47,8 +47,6 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
     }
     let dev = hidden.device();
     let h = hidden.detach();
-    // dL/dh needs the head as a dense [V, H] matrix: dequantise a quantized head once, not per chunk.
-    let w_dense = if with_grad { Some(head.weight().to_dense()?) } else { None };
     let mut loss = 0f64;
     let mut grads = Vec::new();
     for (rows_c, labels_c) in rows.chunks(chunk.max(1)).zip(labels.chunks(chunk.max(1))) {
@@ -57,8 +55,8 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
         let z = head.forward(&hc)?; // [c, V]
         let (ce, gz) = ce_rows(&z, labels_c, (scale / count as f64) as f32, with_grad)?;
         loss += ce;
-        if let (Some(gz), Some(w)) = (gz, &w_dense) {
-            grads.push(input_grad(&gz, w)?); // [c, V] x [V, H] -> [c, H]
+        if let Some(gz) = gz {
+            grads.push(head.weight().input_grad(&gz)?); // [c, V] x [V, H] -> [c, H]
         }
     }
     if !with_grad {

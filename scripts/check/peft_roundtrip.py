@@ -1,12 +1,13 @@
-"""Greedy answers of transformers + PEFT with an adapter that lowrank trained.
+"""Greedy answers of transformers (+ PEFT with an adapter that lowrank trained).
 
-    ~/.cache/lowrank-reference/venv/bin/python scripts/check/peft_roundtrip.py ADAPTER_DIR MODEL_DIR EVAL_JSONL N
+    ~/.cache/lowrank-reference/venv/bin/python scripts/check/peft_roundtrip.py ADAPTER_DIR|- MODEL_DIR EVAL_JSONL N
 
-Loads MODEL_DIR (the HF form of the default model, f32) and ADAPTER_DIR with
-`PeftModel.from_pretrained` (any warning about missing or unexpected keys fails the run), then
+Loads MODEL_DIR (an HF form of the default model, f32) with its own tokenizer files and, unless
+ADAPTER_DIR is `-`, the adapter with `PeftModel.from_pretrained` (any warning about missing or
+unexpected keys fails the run), then
 prints one JSON line per row of the first N rows of EVAL_JSONL: the prompt's last user message
-and the greedy answer (max 16 new tokens). scripts/check/peft_roundtrip.sh compares these with
-`lowrank generate --adapter ADAPTER_DIR`.
+and the greedy answer (max 16 new tokens). scripts/check/peft_roundtrip.sh and
+scripts/check/merged_hf.sh compare these with `lowrank generate --adapter ADAPTER_DIR`.
 """
 import json, sys, warnings
 import torch
@@ -17,9 +18,11 @@ adapter, model_dir, eval_path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sy
 torch.set_num_threads(2)
 tok = AutoTokenizer.from_pretrained(model_dir)
 base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-with warnings.catch_warnings():
-    warnings.simplefilter("error", UserWarning)
-    model = PeftModel.from_pretrained(base, adapter).eval()
+model = base.eval()
+if adapter != "-":
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = PeftModel.from_pretrained(base, adapter).eval()
 rows = [json.loads(l) for l in open(eval_path) if l.strip()][:n]
 for r in rows:
     msgs = r["messages"][:-1]

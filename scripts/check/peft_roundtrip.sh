@@ -11,16 +11,8 @@ py=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
 hf=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
 [ -x "$py" ] && [ -d "$hf" ] || { echo "reference stack not found ($py, $hf): run ../shared/reference/setup.sh"; exit 2; }
 cargo build -q --release -p lowrank-cli
-ref=$(mktemp)
+ref=$(mktemp); trap 'rm -f "$ref"' EXIT
 "$py" scripts/check/peft_roundtrip.py "$adapter" "$hf" examples/data/eval.jsonl "$n" > "$ref"
-same=0; total=0
-while IFS= read -r line; do
-  q=$(printf '%s' "$line" | "$py" -c 'import json,sys; print(json.loads(sys.stdin.read())["question"])')
-  want=$(printf '%s' "$line" | "$py" -c 'import json,sys; print(json.loads(sys.stdin.read())["answer"])')
-  got=$(./target/release/lowrank generate --model "$hf" --adapter "$adapter" --chat "$q" --max-new-tokens 16 | sed 's/[[:space:]]*$//')
-  total=$((total + 1))
-  if [ "$got" = "$want" ]; then same=$((same + 1)); else echo "differs: $q | peft: $want | lowrank: $got"; fi
-done < "$ref"
-rm -f "$ref"
-echo "$same/$total answers identical (PEFT on $hf vs lowrank generate)"
-[ "$same" = "$total" ]
+source scripts/check/answers.sh
+echo "PEFT on $hf vs lowrank generate:"
+compare_answers "$ref" --model "$hf" --adapter "$adapter"

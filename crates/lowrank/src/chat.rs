@@ -53,6 +53,7 @@ impl Message {
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -88,9 +89,15 @@ impl ChatTemplate {
             .map_err(|e| Error::ChatTemplate(format!("compiling: {}", describe(&e))))?;
         Ok(ChatTemplate {
             env,
+            source,
             bos_token,
             eos_token,
         })
+    }
+
+    /// The Jinja source, as the model's files give it.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The template of an HF model directory: `chat_template.jinja` if present (transformers

@@ -92,6 +92,10 @@ pub enum Error {
     /// Invalid argument to a library call (sampling parameters, batch layout, ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// Writing a model or adapter in another form failed (non-finite values, an adapter the
+    /// target format cannot represent).
+    #[error("export: {0}")]
+    Export(String),
     /// Training cannot continue (non-finite loss, a checkpoint that does not fit the run).
     #[error("training: {0}")]
     Training(String),

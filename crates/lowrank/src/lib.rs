@@ -3,7 +3,7 @@
 //! The crate is laid out as its pipeline: [`model`] loads weights (HF safetensors directories or
 //! GGUF files) into one transformer implementation in HF layout; [`ops`] holds the tensor ops that
 //! training differentiates through; [`adapter`] reads PEFT adapters and applies them by module
-//! path; [`tokenizer`] and [`chat`] turn text into ids; [`generate`] samples from the model.
+//! path; [`tokenizer`] and [`chat`] turn text into ids; [`generate`] samples from the model; [`export`] writes models in other forms.
 #![warn(missing_docs)]
 
 pub mod adapter;
@@ -11,10 +11,12 @@ pub mod bundle;
 pub mod chat;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod home;
 pub mod model;
 pub mod ops;
+pub mod staging;
 pub mod threads;
 pub mod tokenizer;
 pub mod train;

@@ -12,7 +12,8 @@
 //! (32 MiB) and not trimming the heap keeps freed blocks for reuse.
 
 /// Sets `RAYON_NUM_THREADS` (to the available parallelism) and a short barrier spin for candle,
-/// unless the user set them. Call before any tensor work, while the program is single-threaded.
+/// unless the user set them; keeps freed memory; makes a write past the file-size limit an error.
+/// Call before any tensor work, while the program is single-threaded.
 pub fn configure() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -22,7 +23,21 @@ pub fn configure() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
     }
     keep_freed_memory();
+    file_size_limit_is_an_error();
 }
+
+/// A write past `ulimit -f` then fails with EFBIG, like a full disk, instead of SIGXFSZ killing
+/// the process before it can remove its half-written temporary output.
+#[cfg(unix)]
+fn file_size_limit_is_an_error() {
+    // SAFETY: installs the ignore disposition for one signal; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn file_size_limit_is_an_error() {}
 
 /// Runs `f` on a worker thread of a fresh rayon pool (as many threads as the global pool would
 /// have) and returns its result. The thread that drives the model is then one of the compute

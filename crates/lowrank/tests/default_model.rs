@@ -10,7 +10,9 @@ use common::*;
 use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
 use lowrank::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
-use lowrank::model::{write_hf_dir, LoadOptions, Model, SeqInput};
+use lowrank::export::{write_hf_model, HfOptions, TokenizerFiles};
+use lowrank::model::{LoadOptions, Model, SeqInput};
+use lowrank::staging::Existing;
 use serde_json::Value;
 
 const EOS: usize = 2;
@@ -102,15 +104,9 @@ fn hf_directory_matches_transformers_token_for_token() {
     let gguf = Model::from_path(&default_gguf(), &LoadOptions { dequantize: true, ..Default::default() }).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("smollm2-hf");
-    write_hf_dir(&gguf, &dir).unwrap();
-    drop(gguf);
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/smollm2-hf");
-    for f in std::fs::read_dir(&tok).unwrap() {
-        let f = f.unwrap();
-        if f.file_name() != "config.json" {
-            std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-        }
-    }
+    write_hf_model(&gguf, &TokenizerFiles::from_hf_dir(&tok).unwrap(), &dir, &HfOptions::default(), Existing::Refuse).unwrap();
+    drop(gguf);
     let bundle = ModelBundle::open(&dir, &LoadOptions::default()).unwrap();
     let prompt = chat_prompt(&bundle);
     assert_eq!(prompt, ids_of(&want["prompt_ids"]), "HF tokenizer + chat template");

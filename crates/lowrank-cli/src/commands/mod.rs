@@ -4,12 +4,13 @@ mod common;
 mod example;
 mod generate;
 mod inspect;
+mod merge;
 mod progress;
 mod train;
 
 use clap::{Parser, Subcommand};
 
-/// LoRA adapters for transformer language models: generate, train, inspect.
+/// LoRA adapters for transformer language models: generate, train, inspect, merge.
 #[derive(Parser, Debug)]
 #[command(name = "lowrank", version, about)]
 pub struct Cli {
@@ -25,6 +26,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Print what a model (HF dir or GGUF) or a PEFT adapter directory holds.
     Inspect(inspect::InspectArgs),
+    /// Fold adapters into the base weights and write a plain HF model directory.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the parsed command.
@@ -33,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Merge(args) => merge::run(args),
     }
 }
 

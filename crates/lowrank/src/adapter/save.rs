@@ -15,9 +15,7 @@
 //! an empty directory; lowrank never overwrites or merges into an existing adapter.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::DType;
 use serde_json::{Map, Value};
@@ -27,6 +25,7 @@ use super::io::PEFT_PREFIX;
 use super::target::plan;
 use super::Adapter;
 use crate::model::ModuleTable;
+use crate::staging::{write_synced, Existing, Staged};
 use crate::{Error, Result};
 
 /// The PEFT version whose `LoraConfig` key set and defaults [`peft_config_json`] writes. It goes
@@ -357,39 +356,11 @@ impl Adapter {
                 return Err(err("already exists and is not an empty directory; choose a new path (adapters are never overwritten)".into()));
             }
         }
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io("creating", &parent, e))?;
-        let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let tmp = parent.join(format!(".{base}.tmp-{}-{nanos}", std::process::id()));
-        let result = (|| -> Result<()> {
-            std::fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
-            write_synced(&tmp.join("adapter_config.json"), config_text.as_bytes())?;
-            write_synced(&tmp.join("adapter_model.safetensors"), &st_bytes)?;
-            if dir.is_dir() {
-                // Only an empty directory gets here (checked above).
-                std::fs::remove_dir(dir).map_err(|e| Error::io("replacing empty directory", dir, e))?;
-            }
-            std::fs::rename(&tmp, dir).map_err(|e| Error::io("renaming into place", dir, e))?;
-            if let Ok(d) = File::open(&parent) {
-                let _ = d.sync_all(); // persist the rename where the platform allows it
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        result
+        let staged = Staged::dir(dir, Existing::ReplaceEmptyDir)?;
+        write_synced(&staged.path().join("adapter_config.json"), config_text.as_bytes())?;
+        write_synced(&staged.path().join("adapter_model.safetensors"), &st_bytes)?;
+        staged.commit()
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| Error::io("creating", path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io("writing", path, e))?;
-    f.sync_all().map_err(|e| Error::io("syncing", path, e))
 }
 
 #[cfg(test)]

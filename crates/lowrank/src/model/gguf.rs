@@ -171,7 +171,8 @@ impl GgufFile {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: self.meta_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f64,
+            // Via the shortest decimal, so 1e-5 stays 1e-5 (not 9.99999974e-6) when written back out.
+            rms_norm_eps: self.meta_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.map_or(1e-5, |e| e.to_string().parse().unwrap_or(e as f64)),
             rope_theta: self.meta_f32(&format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: self.meta_usize(&format!("{arch}.context_length"))?.unwrap_or(4096),

@@ -1,0 +1,127 @@
+//! `lowrank merge`: fold adapters into the base weights and write a plain model.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use lowrank::bundle::ModelBundle;
+use lowrank::export::{write_hf_model, HfOptions, TokenizerFiles};
+use lowrank::model::{detect_format, LoadOptions, Model, ModelFormat};
+use lowrank::staging::Existing;
+
+use super::common::{load_adapters, mib, model_path, AdapterSpec};
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Base model: an HF directory or a .gguf file [default: SmolLM2-135M-Instruct, fetched once]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PEFT adapter directory, `DIR` or `DIR:WEIGHT`; repeat to merge several (none: a plain
+    /// conversion of the base)
+    #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
+    adapters: Vec<AdapterSpec>,
+    /// The HF model directory to write
+    #[arg(long)]
+    output: PathBuf,
+    /// Tensor type on disk
+    #[arg(long, value_enum, default_value_t = OutDType::F32)]
+    dtype: OutDType,
+    /// Largest safetensors shard, e.g. `5GB`, `500MB`, `2GiB` or bytes
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+    /// Check every merged tensor for NaN/inf (after conversion to --dtype) before writing
+    #[arg(long)]
+    safe: bool,
+    /// Replace OUTPUT if it exists (the old one goes only once the new one is complete)
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OutDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+pub fn run(args: MergeArgs) -> Result<()> {
+    let MergeArgs { model, adapters, output, dtype, max_shard_size, safe, force } = args;
+    let path = model_path(model.as_deref())?;
+    let existing = if force { Existing::Replace } else { Existing::Refuse };
+    if output.exists() && !force {
+        anyhow::bail!("{} already exists; choose a new path or pass --force to replace it", output.display());
+    }
+    let opts = LoadOptions { dequantize: true, ..Default::default() };
+    let (mut model, tokenizer) = match detect_format(&path)? {
+        ModelFormat::HfDir => {
+            let model = Model::from_path(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
+            (model, TokenizerFiles::from_hf_dir(&path)?)
+        }
+        ModelFormat::Gguf => {
+            let b = ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
+            let files = TokenizerFiles::from_tokenizer(&b.tokenizer, b.chat_template.as_ref(), b.model.config().max_position_embeddings)?;
+            (b.model, files)
+        }
+    };
+    let active = load_adapters(&adapters, model.modules(), &opts.device)?;
+    model.merge(&active).context("merging the adapters")?;
+    let dtype = match dtype {
+        OutDType::F32 => DType::F32,
+        OutDType::F16 => DType::F16,
+        OutDType::Bf16 => DType::BF16,
+    };
+    let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe };
+    let written = write_hf_model(&model, &tokenizer, &output, &hf, existing).with_context(|| format!("writing {}", output.display()))?;
+    if !written.files.iter().any(|f| f == "tokenizer.json" || f == "tokenizer.model") {
+        eprintln!("note: the base has no tokenizer files; {} holds weights and config only", output.display());
+    }
+    for a in &active {
+        eprintln!("merged {} (weight {}): {} modules", a.adapter.name, a.weight, a.adapter.num_layers());
+    }
+    eprintln!(
+        "wrote {}: {} tensors, {:.1} MiB of {dtype:?} weights; {}",
+        output.display(),
+        written.tensors,
+        mib(written.bytes),
+        written.files.join(", ")
+    );
+    Ok(())
+}
+
+/// `5GB` (10⁹), `500MB`, `2GiB` (2³⁰), `100KB`, or a number of bytes.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size like 5GB, 500MB or 2GiB"))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit `{other}` (use B, KB, MB, GB, KiB, MiB or GiB)")),
+    };
+    let bytes = n * mult;
+    if !(bytes >= 1.0 && bytes.is_finite()) {
+        return Err(format!("`{s}` is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("5XB").is_err() && parse_size("0").is_err() && parse_size("GB").is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! `lowrank merge` as a user runs it, on the tiny fixture models: a merged directory that loads
+//! back, refusals that leave existing files alone, and failures that leave no partial output.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lowrank(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lowrank")).args(args).output().expect("running lowrank")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lowrank/tests/fixtures/models").join(family)
+}
+
+fn merge_args<'a>(model: &'a Path, adapter: &'a str, out: &'a Path) -> Vec<&'a str> {
+    vec!["merge", "--model", model.to_str().unwrap(), "--adapter", adapter, "--output", out.to_str().unwrap()]
+}
+
+/// Entries of `dir`.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn merges_into_a_directory_and_refuses_to_overwrite_it_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama").join("model");
+    let adapter = format!("{}:0.5", fixture("llama").join("adapters/all_linear").display());
+    let out = tmp.path().join("merged");
+    let r = lowrank(&merge_args(&model, &adapter, &out));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert_eq!(listing(&out), ["config.json", "generation_config.json", "model.safetensors"]);
+    assert!(text(&r.stderr).contains("all_linear (weight 0.5)"), "{}", text(&r.stderr));
+    let first = std::fs::read(out.join("model.safetensors")).unwrap();
+
+    let again = lowrank(&merge_args(&model, &adapter, &out));
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already exists") && text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), first, "a refused merge touched the output");
+
+    let mut forced = merge_args(&model, &adapter, &out);
+    forced.extend(["--force", "--dtype", "bf16", "--max-shard-size", "100KB"]);
+    let r = lowrank(&forced);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert!(listing(&out).contains(&"model.safetensors.index.json".to_string()), "{:?}", listing(&out));
+    assert_eq!(listing(tmp.path()), ["merged"], "temporaries left beside the output");
+}
+
+#[test]
+fn an_adapter_for_another_model_is_a_clear_error_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Rank 4 on q_proj, for a model with 32-wide hidden states (the fixtures have 64).
+    let adapter = tmp.path().join("other");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"]}"#).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut t = std::collections::HashMap::new();
+    for l in 0..2 {
+        let p = format!("base_model.model.model.layers.{l}.self_attn.q_proj");
+        t.insert(format!("{p}.lora_A.weight"), candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &dev).unwrap());
+        t.insert(format!("{p}.lora_B.weight"), candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &dev).unwrap());
+    }
+    candle_core::safetensors::save(&t, adapter.join("adapter_model.safetensors")).unwrap();
+    let out = tmp.path().join("merged");
+    let r = lowrank(&merge_args(&fixture("llama").join("model"), adapter.to_str().unwrap(), &out));
+    assert!(!r.status.success());
+    let err = text(&r.stderr);
+    assert!(err.contains("q_proj") && err.contains("[4, 32]") && err.contains("HINT"), "{err}");
+    assert_eq!(listing(tmp.path()), ["other"]);
+}
+
+#[test]
+fn a_full_disk_leaves_no_partial_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let model = fixture("qwen2").join("model");
+    let adapter = fixture("qwen2").join("adapters/qv");
+    // Files may grow to 64 KiB: the ~300 kB safetensors write fails part way, as on a full disk.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lowrank"));
+    cmd.args(merge_args(&model, adapter.to_str().unwrap(), &out));
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let r = cmd.output().unwrap();
+    assert!(!r.status.success(), "the write should have failed");
+    let err = text(&r.stderr);
+    assert!(err.contains("model.safetensors") && err.contains("File too large"), "{err}");
+    assert!(listing(tmp.path()).is_empty(), "left behind: {:?}", listing(tmp.path()));
+}

@@ -1,0 +1,217 @@
+//! A complete HF model directory: `config.json`, safetensors (sharded past a size, with
+//! `model.safetensors.index.json`), and the tokenizer files, as transformers'
+//! `save_pretrained` lays them out. Written through [`Staged`], so a failure leaves nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde_json::json;
+
+use super::tokenizer_files::TokenizerFiles;
+use crate::model::{Family, Model, ModelConfig};
+use crate::ops::RopeScaling;
+use crate::staging::{write_synced, Existing, Staged};
+use crate::{Error, Result};
+
+/// How to write.
+#[derive(Clone, Debug)]
+pub struct HfOptions {
+    /// Tensor dtype on disk: F32, F16 or BF16.
+    pub dtype: DType,
+    /// A shard is closed before it would pass this many bytes (transformers' `max_shard_size`).
+    pub max_shard_bytes: u64,
+    /// Check every tensor, after conversion to `dtype`, for NaN/inf before writing anything.
+    pub check_finite: bool,
+}
+
+impl Default for HfOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, max_shard_bytes: 5_000_000_000, check_finite: false }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct HfWritten {
+    /// File names inside the directory.
+    pub files: Vec<String>,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+}
+
+/// Writes `model` (its weights as they are now: merge adapters first) and `tokenizer` as an HF
+/// directory at `out`.
+pub fn write_hf_model(model: &Model, tokenizer: &TokenizerFiles, out: &Path, opts: &HfOptions, existing: Existing) -> Result<HfWritten> {
+    let dtype_name = match opts.dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        other => return Err(Error::InvalidArgument(format!("HF export writes f32, f16 or bf16, not {other:?}"))),
+    };
+    let staged = Staged::dir(out, existing)?;
+    let dir = staged.path();
+
+    // Convert (and check) every tensor before the first byte is written.
+    let mut tensors = Vec::new();
+    for (name, t) in model.named_weights()? {
+        let t = t.to_dtype(opts.dtype)?;
+        if opts.check_finite {
+            check_finite(&name, &t)?;
+        }
+        tensors.push((name, t));
+    }
+    let shards = plan_shards(&tensors, opts.max_shard_bytes);
+    let mut files = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if shards.len() == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len()) };
+        let chunk: Vec<&(String, Tensor)> = shard.iter().map(|&j| &tensors[j]).collect();
+        total += write_safetensors(&dir.join(&file), &chunk)?;
+        for (name, _) in &chunk {
+            weight_map.insert(name.clone(), file.clone());
+        }
+        files.push(file);
+    }
+    if shards.len() > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+        files.push("model.safetensors.index.json".into());
+    }
+    let mut config = hf_config_json(model.config());
+    config["torch_dtype"] = json!(dtype_name);
+    for (key, value) in tokenizer.special_token_ids() {
+        config[key] = value;
+    }
+    write_json(&dir.join("config.json"), &config)?;
+    files.push("config.json".into());
+    files.extend(tokenizer.write_into(dir)?);
+    staged.commit()?;
+    Ok(HfWritten { files, tensors: tensors.len(), bytes: total })
+}
+
+/// Groups tensors (in order) into shards of at most `max` bytes; a tensor larger than `max` gets
+/// a shard of its own.
+fn plan_shards(tensors: &[(String, Tensor)], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        if size + bytes > max && !shards.last().is_some_and(|s| s.is_empty()) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(i);
+        size += bytes;
+    }
+    shards
+}
+
+/// An [`Error::Export`] naming the tensor if any value is NaN or infinite.
+pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let first = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::Export(format!(
+            "tensor `{name}` has {bad} non-finite values (first at flat index {first}) after conversion to {:?}; nothing was written",
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes one safetensors file with metadata `{"format": "pt"}`; returns its tensor bytes.
+fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)]) -> Result<u64> {
+    let data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), t.dims().to_vec(), st_dtype(t.dtype())?, le_bytes(t)?)))
+        .collect::<Result<_>>()?;
+    let views = data
+        .iter()
+        .map(|(name, shape, dt, bytes)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (name.as_str(), v))
+                .map_err(|e| Error::Export(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::Export(format!("serialising {}: {e}", path.display())))?;
+    write_synced(path, &bytes)?;
+    Ok(data.iter().map(|d| d.3.len() as u64).sum())
+}
+
+fn st_dtype(dt: DType) -> Result<safetensors::Dtype> {
+    Ok(match dt {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        other => return Err(Error::InvalidArgument(format!("no safetensors writer for {other:?}"))),
+    })
+}
+
+/// The tensor's values as little-endian bytes in its own dtype.
+fn le_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        other => return Err(Error::InvalidArgument(format!("no byte writer for {other:?}"))),
+    })
+}
+
+/// Pretty JSON into a new synced file.
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Json { path: PathBuf::from(path), source: e })?;
+    write_synced(path, format!("{text}\n").as_bytes())
+}
+
+/// The HF `config.json` for a configuration.
+pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
+    let arch = match cfg.family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Mistral => "MistralForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+    };
+    let rope_scaling = match &cfg.rope_scaling {
+        RopeScaling::None | RopeScaling::Factors(_) => serde_json::Value::Null,
+        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": *original_max_position_embeddings as usize,
+        }),
+    };
+    let mut v = json!({
+        "architectures": [arch],
+        "model_type": cfg.family.name(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float32",
+    });
+    let o = v.as_object_mut().expect("json! object");
+    if cfg.family != Family::Qwen2 {
+        o.insert("attention_bias".into(), json!(cfg.qkv_bias));
+        o.insert("mlp_bias".into(), json!(cfg.mlp_bias));
+    }
+    if cfg.family == Family::Mistral {
+        o.insert("sliding_window".into(), json!(cfg.sliding_window));
+    }
+    v
+}
+

@@ -1,0 +1,30 @@
+//! Every weight of a model under its HF name, in HF layout: what exporters write.
+
+use candle_core::Tensor;
+
+use super::transformer::Model;
+use crate::Result;
+
+impl Model {
+    /// Every weight under its HF name, dense f32 (quantized weights dequantised).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_weight().to_dense()?)];
+        for (l, b) in self.blocks().iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let (n1, n2) = b.norms();
+            out.push((format!("{p}.input_layernorm.weight"), n1.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), n2.clone()));
+            for (name, proj) in b.named_projections() {
+                out.push((format!("{p}.{name}.weight"), proj.base().weight().to_dense()?));
+                if let Some(bias) = proj.base().bias() {
+                    out.push((format!("{p}.{name}.bias"), bias.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), self.final_norm().clone()));
+        if !self.config().tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.head_weight().to_dense()?));
+        }
+        Ok(out)
+    }
+}

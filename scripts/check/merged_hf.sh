@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# `lowrank merge` of an adapter into the default model (Q4_1 GGUF), loaded by transformers as a
+# plain model with the tokenizer files lowrank wrote, answers the held-out questions exactly as
+# `lowrank generate --adapter` does on the GGUF (greedy, 16 new tokens), and as lowrank does on
+# the merged directory.
+#   scripts/check/merged_hf.sh ADAPTER_DIR [N]
+# Needs the reference stack (../shared/reference/setup.sh) for transformers:
+# $LOWRANK_REF_PYTHON defaults to ~/.cache/lowrank-reference/venv/bin/python.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+adapter=$1; n=${2:-10}
+py=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
+[ -x "$py" ] || { echo "reference stack not found ($py): run ../shared/reference/setup.sh"; exit 2; }
+cargo build -q --release -p lowrank-cli
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+./target/release/lowrank merge --adapter "$adapter" --output "$work/merged"
+"$py" scripts/check/peft_roundtrip.py - "$work/merged" examples/data/eval.jsonl "$n" > "$work/ref"
+source scripts/check/answers.sh
+echo "transformers on the merged directory vs lowrank generate --adapter on the GGUF:"
+compare_answers "$work/ref" --adapter "$adapter"
+echo "transformers vs lowrank on the merged directory:"
+compare_answers "$work/ref" --model "$work/merged"

@@ -101,3 +101,32 @@ fn a_full_disk_leaves_no_partial_output() {
     assert!(err.contains("model.safetensors") && err.contains("File too large"), "{err}");
     assert!(listing(tmp.path()).is_empty(), "left behind: {:?}", listing(tmp.path()));
 }
+
+#[test]
+fn combine_writes_a_peft_adapter_that_merge_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama").join("model");
+    let (qv, all) = (fixture("llama").join("adapters/qv"), fixture("llama").join("adapters/all_linear"));
+    let out = tmp.path().join("both");
+    let args = |method: &str| {
+        let mut v: Vec<String> = ["combine", "--model", model.to_str().unwrap(), "--method", method].map(String::from).to_vec();
+        v.extend(["--adapter".into(), format!("{}:0.7", qv.display()), "--adapter".into(), format!("{}:-0.4", all.display())]);
+        v.extend(["--output".into(), out.to_str().unwrap().into()]);
+        v
+    };
+    let run = |a: Vec<String>| lowrank(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = run(args("cat"));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(12), Some(12.0)));
+
+    let again = run(args("svd"));
+    assert!(!again.status.success() && text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+    let linear = run([args("linear"), vec!["--force".into()]].concat());
+    assert!(!linear.status.success() && text(&linear.stderr).contains("qv has r=4"), "{}", text(&linear.stderr));
+    assert_eq!(cfg["r"], serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap()["r"]);
+
+    let merged = tmp.path().join("merged");
+    let r = lowrank(&merge_args(&model, out.to_str().unwrap(), &merged));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+}

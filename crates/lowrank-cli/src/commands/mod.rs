@@ -1,5 +1,6 @@
 //! One file per subcommand; shared argument types in `common.rs`.
 
+mod combine;
 mod common;
 mod example;
 mod generate;
@@ -10,7 +11,7 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
-/// LoRA adapters for transformer language models: generate, train, inspect, merge.
+/// LoRA adapters for transformer language models: generate, train, inspect, merge, combine.
 #[derive(Parser, Debug)]
 #[command(name = "lowrank", version, about)]
 pub struct Cli {
@@ -26,6 +27,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Print what a model (HF dir or GGUF) or a PEFT adapter directory holds.
     Inspect(inspect::InspectArgs),
+    /// Combine weighted LoRA adapters into one (linear, cat or svd, as PEFT's add_weighted_adapter).
+    Combine(combine::CombineArgs),
     /// Fold adapters into the base weights and write a plain HF model directory.
     Merge(merge::MergeArgs),
 }
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(*args),
         Command::Merge(args) => merge::run(args),
+        Command::Combine(args) => combine::run(args),
     }
 }
 

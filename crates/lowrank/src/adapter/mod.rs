@@ -4,6 +4,7 @@
 //! model's [`ModuleTable`](crate::model::ModuleTable), so one base model can serve any number of
 //! adapters and a batch can mix them row by row ([`ActiveAdapter`]).
 
+mod combine;
 mod config;
 mod dropout;
 mod io;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 
+pub use combine::{combine, CombineMethod};
 pub use config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
 pub use dropout::{Dropout, DropoutControl};
 pub use io::PEFT_PREFIX;

@@ -297,6 +297,12 @@ impl Adapter {
     /// place. `dir` must not exist or must be an empty directory; an existing non-empty
     /// directory (a previous adapter included) is an error, never overwritten.
     pub fn save_peft(&self, dir: &Path, table: &ModuleTable) -> Result<()> {
+        self.save_peft_with(dir, table, Existing::ReplaceEmptyDir)
+    }
+
+    /// [`Adapter::save_peft`], with [`Existing::Replace`] allowed to replace an existing
+    /// directory (only once the new one is complete).
+    pub fn save_peft_with(&self, dir: &Path, table: &ModuleTable, existing: Existing) -> Result<()> {
         let err = |m: String| Error::Adapter { path: dir.into(), message: m };
         if self.layers.len() != table.len() {
             return Err(err(format!(
@@ -350,13 +356,13 @@ impl Adapter {
         let st_bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| err(format!("serialising tensors: {e}")))?;
 
         // Into a temporary sibling, then renamed into place.
-        if dir.exists() {
+        if dir.exists() && existing != Existing::Replace {
             let empty = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?.next().is_none();
             if !empty {
                 return Err(err("already exists and is not an empty directory; choose a new path (adapters are never overwritten)".into()));
             }
         }
-        let staged = Staged::dir(dir, Existing::ReplaceEmptyDir)?;
+        let staged = Staged::dir(dir, existing)?;
         write_synced(&staged.path().join("adapter_config.json"), config_text.as_bytes())?;
         write_synced(&staged.path().join("adapter_model.safetensors"), &st_bytes)?;
         staged.commit()

@@ -9,6 +9,7 @@
 mod attention;
 mod exp;
 mod gemm;
+mod linalg;
 mod linear;
 mod lora_linear;
 mod qmatmul;
@@ -20,6 +21,7 @@ mod swiglu;
 
 pub use exp::exp_shifted;
 pub use attention::{causal_attention, Segment};
+pub use linalg::truncated_svd_of_product;
 pub use linear::{FrozenLinear, FrozenWeight};
 pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;

@@ -89,3 +89,31 @@ fn an_existing_output_is_refused_unless_replacing() {
     write_hf_model(&model, &none, &out, &HfOptions::default(), Existing::Replace).unwrap();
     assert!(!out.join("keep").exists() && out.join("model.safetensors").exists());
 }
+
+#[test]
+fn merged_gguf_reloads_to_base_plus_adapter_logits() {
+    use candle_core::quantized::GgmlDType;
+    use lowrank::export::write_gguf_model;
+    use lowrank::model::GgufFile;
+    let src = models_dir().join("llama/gguf/tiny-F32.gguf");
+    let mut model = Model::from_path(&src, &LoadOptions::default()).unwrap();
+    let hf = tiny_model("llama"); // adapters are loaded against the same module table
+    let a = adapter(&hf, "llama", "all_linear");
+    let ids = &ids("llama")[1];
+    let adapted = logits(&model, ids, &[active(&a, 0.8)]);
+    model.merge(&[active(&a, 0.8)]).unwrap();
+    let source = GgufFile::open(&src, &candle_core::Device::Cpu, false).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for (ty, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q8_0, 0.1)] {
+        let out = tmp.path().join(format!("{ty:?}.gguf"));
+        write_gguf_model(&model, &source, &out, ty, true, Existing::Refuse).unwrap();
+        let back = GgufFile::open(&out, &candle_core::Device::Cpu, false).unwrap();
+        assert_eq!(back.architecture().unwrap(), "llama");
+        let types: std::collections::HashMap<String, GgmlDType> = back.tensor_infos().into_iter().map(|(n, t, _)| (n, t)).collect();
+        assert_eq!(types["blk.0.attn_q.weight"], ty);
+        assert_eq!(types["blk.0.attn_norm.weight"], GgmlDType::F32, "norms stay f32");
+        let reloaded = Model::from_path(&out, &LoadOptions::default()).unwrap();
+        let d = max_diff(&logits(&reloaded, ids, &[]), &adapted);
+        assert!(d < tol, "{ty:?}: merged GGUF differs from base + adapter by {d}");
+    }
+}

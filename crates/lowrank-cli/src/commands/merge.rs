@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 use lowrank::bundle::ModelBundle;
-use lowrank::export::{write_hf_model, HfOptions, TokenizerFiles};
-use lowrank::model::{detect_format, LoadOptions, Model, ModelFormat};
+use lowrank::export::{write_gguf_model, write_hf_model, HfOptions, TokenizerFiles};
+use lowrank::model::{detect_format, GgufFile, LoadOptions, Model, ModelFormat};
 use lowrank::staging::Existing;
 
 use super::common::{load_adapters, mib, model_path, AdapterSpec};
@@ -21,13 +22,16 @@ pub struct MergeArgs {
     /// conversion of the base)
     #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
     adapters: Vec<AdapterSpec>,
-    /// The HF model directory to write
+    /// The HF model directory (or, with --format gguf, the .gguf file) to write
     #[arg(long)]
     output: PathBuf,
-    /// Tensor type on disk
+    /// hf: a transformers model directory; gguf: a llama.cpp model file (from a GGUF base)
+    #[arg(long, value_enum, default_value_t = Format::Hf)]
+    format: Format,
+    /// Tensor type on disk (hf: f32, f16, bf16; gguf: also q8_0, q4_0 for the matrices)
     #[arg(long, value_enum, default_value_t = OutDType::F32)]
     dtype: OutDType,
-    /// Largest safetensors shard, e.g. `5GB`, `500MB`, `2GiB` or bytes
+    /// Largest safetensors shard (hf), e.g. `5GB`, `500MB`, `2GiB` or bytes
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     max_shard_size: u64,
     /// Check every merged tensor for NaN/inf (after conversion to --dtype) before writing
@@ -38,19 +42,29 @@ pub struct MergeArgs {
     force: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Format {
+    Hf,
+    Gguf,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum OutDType {
     F32,
     F16,
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
-    let MergeArgs { model, adapters, output, dtype, max_shard_size, safe, force } = args;
+    let MergeArgs { model, adapters, output, format, dtype, max_shard_size, safe, force } = args;
     let path = model_path(model.as_deref())?;
     let existing = if force { Existing::Replace } else { Existing::Refuse };
     if output.exists() && !force {
-        anyhow::bail!("{} already exists; choose a new path or pass --force to replace it", output.display());
+        bail!("{} already exists; choose a new path or pass --force to replace it", output.display());
     }
     let opts = LoadOptions { dequantize: true, ..Default::default() };
     let (mut model, tokenizer) = match detect_format(&path)? {
@@ -66,18 +80,36 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     let active = load_adapters(&adapters, model.modules(), &opts.device)?;
     model.merge(&active).context("merging the adapters")?;
+    for a in &active {
+        eprintln!("merged {} (weight {}): {} modules", a.adapter.name, a.weight, a.adapter.num_layers());
+    }
+    if format == Format::Gguf {
+        if detect_format(&path)? != ModelFormat::Gguf {
+            bail!("--format gguf needs a GGUF base (its metadata carries the tokenizer); for an HF base, write --format hf and convert that with llama.cpp's convert_hf_to_gguf.py");
+        }
+        let ty = match dtype {
+            OutDType::F32 => GgmlDType::F32,
+            OutDType::F16 => GgmlDType::F16,
+            OutDType::Bf16 => GgmlDType::BF16,
+            OutDType::Q8_0 => GgmlDType::Q8_0,
+            OutDType::Q4_0 => GgmlDType::Q4_0,
+        };
+        let source = GgufFile::open(&path, &opts.device, false)?;
+        write_gguf_model(&model, &source, &output, ty, safe, existing).with_context(|| format!("writing {}", output.display()))?;
+        let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+        eprintln!("wrote {}: {:.1} MiB, matrices {dtype:?}", output.display(), mib(size));
+        return Ok(());
+    }
     let dtype = match dtype {
         OutDType::F32 => DType::F32,
         OutDType::F16 => DType::F16,
         OutDType::Bf16 => DType::BF16,
+        other => bail!("--dtype {other:?} is for --format gguf; an HF directory holds f32, f16 or bf16"),
     };
     let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe };
     let written = write_hf_model(&model, &tokenizer, &output, &hf, existing).with_context(|| format!("writing {}", output.display()))?;
     if !written.files.iter().any(|f| f == "tokenizer.json" || f == "tokenizer.model") {
         eprintln!("note: the base has no tokenizer files; {} holds weights and config only", output.display());
-    }
-    for a in &active {
-        eprintln!("merged {} (weight {}): {} modules", a.adapter.name, a.weight, a.adapter.num_layers());
     }
     eprintln!(
         "wrote {}: {} tensors, {:.1} MiB of {dtype:?} weights; {}",

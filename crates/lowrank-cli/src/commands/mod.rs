@@ -3,6 +3,7 @@
 mod combine;
 mod common;
 mod example;
+mod export;
 mod generate;
 mod inspect;
 mod merge;
@@ -11,7 +12,7 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
-/// LoRA adapters for transformer language models: generate, train, inspect, merge, combine.
+/// LoRA adapters for transformer language models: generate, train, inspect, merge, combine, export.
 #[derive(Parser, Debug)]
 #[command(name = "lowrank", version, about)]
 pub struct Cli {
@@ -29,7 +30,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Combine weighted LoRA adapters into one (linear, cat or svd, as PEFT's add_weighted_adapter).
     Combine(combine::CombineArgs),
-    /// Fold adapters into the base weights and write a plain HF model directory.
+    /// A PEFT adapter as a llama.cpp LoRA GGUF (or, with --from-gguf, back).
+    Export(export::ExportArgs),
+    /// Fold adapters into the base weights and write a plain model (HF directory or GGUF file).
     Merge(merge::MergeArgs),
 }
 
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(*args),
         Command::Merge(args) => merge::run(args),
         Command::Combine(args) => combine::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 

@@ -7,6 +7,7 @@
 mod combine;
 mod config;
 mod dropout;
+mod gguf;
 mod io;
 mod lora;
 mod save;

@@ -15,6 +15,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Family, ModelConfig};
+use super::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk};
 use super::weights::WeightSource;
 use crate::ops::{FrozenWeight, RopeScaling};
 use crate::{Error, Result};
@@ -51,7 +52,7 @@ impl GgufFile {
             heads: (0, 0),
         };
         let arch = g.architecture()?;
-        g.permuted_qk = arch == "llama";
+        g.permuted_qk = permutes_qk(&arch);
         Ok(g)
     }
 
@@ -196,34 +197,13 @@ impl GgufFile {
 
     /// The GGUF name of an HF tensor name, and how many heads its rows are permuted over.
     fn gguf_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
-        let plain = |s: &str| Some((s.to_string(), None));
-        match hf {
-            "model.embed_tokens.weight" => return plain("token_embd.weight"),
-            "model.norm.weight" => return plain("output_norm.weight"),
-            "lm_head.weight" => return plain("output.weight"),
-            _ => {}
-        }
-        let rest = hf.strip_prefix("model.layers.")?;
-        let (layer, module) = rest.split_once('.')?;
-        let (module, suffix) = module.rsplit_once('.')?;
-        let name = match module {
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            _ => return None,
-        };
-        let heads = match (self.permuted_qk, name) {
-            (true, "attn_q") => Some(self.heads.0),
-            (true, "attn_k") => Some(self.heads.1),
+        let (name, qk) = to_gguf(hf)?;
+        let heads = match (self.permuted_qk, qk) {
+            (true, Some(Qk::Q)) => Some(self.heads.0),
+            (true, Some(Qk::K)) => Some(self.heads.1),
             _ => None,
         };
-        Some((format!("blk.{layer}.{name}.{suffix}"), heads))
+        Some((name, heads))
     }
 
     fn lookup(&self, hf: &str) -> Result<(String, Option<usize>)> {
@@ -231,16 +211,6 @@ impl GgufFile {
             .filter(|(g, _)| self.content.tensor_infos.contains_key(g))
             .ok_or_else(|| Error::MissingWeight { name: hf.into(), source_desc: self.describe() })
     }
-}
-
-/// Undoes llama.cpp's q/k permutation on the rows of a dense `[heads·D, cols]` (or `[heads·D]`) tensor.
-fn unpermute_dense(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let half = rows / heads / 2;
-    let cols: usize = dims[1..].iter().product();
-    // GGUF rows are [heads, D/2, 2, cols]; HF rows are [heads, 2, D/2, cols].
-    Ok(t.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 /// Row index in GGUF layout of HF row `r` (inverse of the converter's permutation).
@@ -282,7 +252,7 @@ impl WeightSource for GgufFile {
         let (g, heads) = self.lookup(name)?;
         let t = self.read_tensor(&g)?.dequantize(&self.device)?.to_dtype(DType::F32)?;
         match heads {
-            Some(h) => unpermute_dense(&t, h),
+            Some(h) => unpermute_rows(&t, h),
             None => Ok(t),
         }
     }
@@ -294,7 +264,7 @@ impl WeightSource for GgufFile {
         if dense {
             let t = q.dequantize(&self.device)?.to_dtype(DType::F32)?;
             return Ok(FrozenWeight::Dense(match heads {
-                Some(h) => unpermute_dense(&t, h)?,
+                Some(h) => unpermute_rows(&t, h)?,
                 None => t,
             }));
         }
@@ -316,7 +286,7 @@ mod tests {
         let (heads, d, cols) = (2usize, 8usize, 3usize);
         let hf = Tensor::arange(0f32, (heads * d * cols) as f32, &Device::Cpu)?.reshape((heads * d, cols))?;
         let gguf = hf.reshape((heads, 2, d / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((heads * d, cols))?;
-        let back = unpermute_dense(&gguf, heads)?;
+        let back = unpermute_rows(&gguf, heads)?;
         assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
         for r in 0..heads * d {
             assert_eq!(gguf.get(gguf_row(r, d))?.to_vec1::<f32>()?, hf.get(r)?.to_vec1::<f32>()?);

@@ -4,6 +4,7 @@ mod block;
 mod cache;
 mod config;
 mod gguf;
+pub mod gguf_names;
 mod hf;
 mod load;
 mod merge;

@@ -1,4 +1,4 @@
-//! `lowrank merge` as a user runs it, on the tiny fixture models: a merged directory that loads
+//! `lowrank merge`, `combine` and `export` as a user runs them, on the tiny fixture models: outputs that load
 //! back, refusals that leave existing files alone, and failures that leave no partial output.
 
 use std::os::unix::process::CommandExt;
@@ -129,4 +129,29 @@ fn combine_writes_a_peft_adapter_that_merge_accepts() {
     let merged = tmp.path().join("merged");
     let r = lowrank(&merge_args(&model, out.to_str().unwrap(), &merged));
     assert!(r.status.success(), "{}", text(&r.stderr));
+}
+
+#[test]
+fn export_to_gguf_and_back_and_gguf_merge_needs_a_gguf_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama").join("model");
+    let adapter = fixture("llama").join("adapters/patterns");
+    let file = tmp.path().join("a.gguf");
+    let (m, a, f) = (model.to_str().unwrap(), adapter.to_str().unwrap(), file.to_str().unwrap());
+    let r = lowrank(&["export", "--model", m, "--adapter", a, "--output", f]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let back = tmp.path().join("back");
+    let r = lowrank(&["export", "--model", m, "--from-gguf", f, "--output", back.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert_eq!(listing(&back), ["adapter_config.json", "adapter_model.safetensors"]);
+    let again = lowrank(&["export", "--model", m, "--adapter", a, "--output", f]);
+    assert!(!again.status.success() && text(&again.stderr).contains("already exists"));
+
+    let out = tmp.path().join("m.gguf");
+    let r = lowrank(&["merge", "--model", m, "--adapter", a, "--format", "gguf", "--output", out.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r.stderr).contains("needs a GGUF base"), "{}", text(&r.stderr));
+    let gguf = fixture("llama").join("gguf/tiny-F32.gguf");
+    let r = lowrank(&["merge", "--model", gguf.to_str().unwrap(), "--adapter", a, "--format", "gguf", "--dtype", "q8_0", "--output", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert!(out.is_file());
 }

@@ -1,0 +1,130 @@
+//! llama.cpp's tensor names and q/k row order, both ways.
+//!
+//! llama.cpp's converter renames HF tensors (`model.layers.3.self_attn.q_proj.weight` →
+//! `blk.3.attn_q.weight`) and, for the `llama` architecture, permutes the rows of `attn_q` and
+//! `attn_k` within each head for its interleaved RoPE (`[2, D/2]` → `[D/2, 2]`). The same rules
+//! apply to adapter tensors: a LoRA update's rows are `lora_b`'s rows.
+
+use candle_core::Tensor;
+
+use super::config::{Family, ModelConfig};
+use crate::Result;
+
+/// Which rows-permuted projection a tensor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qk {
+    /// `attn_q`, permuted over the query heads.
+    Q,
+    /// `attn_k`, permuted over the key/value heads.
+    K,
+}
+
+impl Qk {
+    /// The number of heads the rows are permuted over.
+    pub fn heads(self, cfg: &ModelConfig) -> usize {
+        match self {
+            Qk::Q => cfg.num_heads,
+            Qk::K => cfg.num_kv_heads,
+        }
+    }
+}
+
+const BLOCK: &[(&str, &str)] = &[
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+const TOP: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// The llama.cpp name of an HF tensor name, and whether it is q or k.
+pub fn to_gguf(hf: &str) -> Option<(String, Option<Qk>)> {
+    if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf) {
+        return Some((g.to_string(), None));
+    }
+    let (layer, module) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (module, suffix) = module.rsplit_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (_, g) = BLOCK.iter().find(|(h, _)| *h == module)?;
+    Some((format!("blk.{layer}.{g}.{suffix}"), qk(g)))
+}
+
+/// The HF name of a llama.cpp tensor name, and whether it is q or k.
+pub fn to_hf(gguf: &str) -> Option<(String, Option<Qk>)> {
+    if let Some((h, _)) = TOP.iter().find(|(_, g)| *g == gguf) {
+        return Some((h.to_string(), None));
+    }
+    let (layer, module) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let (module, suffix) = module.rsplit_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (h, g) = BLOCK.iter().find(|(_, g)| *g == module)?;
+    Some((format!("model.layers.{layer}.{h}.{suffix}"), qk(g)))
+}
+
+fn qk(gguf_module: &str) -> Option<Qk> {
+    match gguf_module {
+        "attn_q" => Some(Qk::Q),
+        "attn_k" => Some(Qk::K),
+        _ => None,
+    }
+}
+
+/// The `general.architecture` llama.cpp uses for a family (its converter writes Mistral as `llama`).
+pub fn architecture(family: Family) -> &'static str {
+    match family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+    }
+}
+
+/// Whether llama.cpp's converter permutes q/k rows for this architecture.
+pub fn permutes_qk(arch: &str) -> bool {
+    arch == "llama"
+}
+
+/// HF row order → GGUF row order on a `[heads·D, …]` tensor (what the converter does).
+pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let cols: usize = dims[1..].iter().product();
+    let half = dims[0] / heads / 2;
+    // HF rows are [heads, 2, D/2]; GGUF rows are [heads, D/2, 2].
+    Ok(t.reshape((heads, 2, half, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// GGUF row order → HF row order (inverse of [`permute_rows`]).
+pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let cols: usize = dims[1..].iter().product();
+    let half = dims[0] / heads / 2;
+    Ok(t.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn names_and_row_order_round_trip() -> Result<()> {
+        for hf in ["model.layers.12.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.layers.3.input_layernorm.weight"] {
+            let (g, _) = to_gguf(hf).expect("mapped");
+            assert_eq!(to_hf(&g).map(|(h, _)| h).as_deref(), Some(hf));
+        }
+        assert_eq!(to_gguf("model.layers.1.self_attn.q_proj.weight"), Some(("blk.1.attn_q.weight".into(), Some(Qk::Q))));
+        assert!(to_gguf("model.layers.x.self_attn.q_proj.weight").is_none() && to_hf("blk.0.attn_qkv.weight").is_none());
+        let t = Tensor::arange(0f32, 48.0, &Device::Cpu)?.reshape((16, 3))?;
+        let back = unpermute_rows(&permute_rows(&t, 2)?, 2)?;
+        assert_eq!(back.to_vec2::<f32>()?, t.to_vec2::<f32>()?);
+        Ok(())
+    }
+}

@@ -9,7 +9,7 @@ compare_answers() {
     want=$(printf '%s' "$line" | "$py" -c 'import json,sys; print(json.loads(sys.stdin.read())["answer"])')
     got=$(./target/release/lowrank generate "$@" --chat "$q" --max-new-tokens 16 | sed 's/[[:space:]]*$//')
     total=$((total + 1))
-    if [ "$got" = "$want" ]; then same=$((same + 1)); else echo "differs: $q | transformers: $want | lowrank: $got"; fi
+    if [ "$got" = "$want" ]; then same=$((same + 1)); else echo "differs: $q | reference: $want | lowrank: $got"; fi
   done < "$ref"
   echo "$same/$total answers identical"
   [ "$same" = "$total" ]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# llama.cpp (llama-cpp-python from PyPI) runs what lowrank exports, with the answers lowrank gives:
+#  1. `lowrank export` of ADAPTER_DIR as a LoRA GGUF, applied by llama.cpp (`lora_path`) on an f32
+#     GGUF of the default model, vs `lowrank generate --adapter` on the same f32 GGUF;
+#  2. `lowrank merge --format gguf` of the adapter into the default model (f32), run by llama.cpp,
+#     vs `lowrank generate --adapter` on the Q4_1 default model (whose dequantised weights it holds).
+# Greedy, 16 new tokens, the first N held-out questions. f32 weights keep llama.cpp's quantized
+# dot products out of the comparison.
+#   scripts/check/llama_cpp.sh ADAPTER_DIR [N]
+# Needs llama-cpp-python: $LOWRANK_LLAMA_PYTHON (default: the reference venv's python) must
+# import llama_cpp (`pip install llama-cpp-python` builds llama.cpp, ~15 min on two cores).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+adapter=$1; n=${2:-10}
+py=${LOWRANK_LLAMA_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
+"$py" -c 'import llama_cpp' 2>/dev/null || { echo "llama-cpp-python not found for $py: pip install llama-cpp-python"; exit 2; }
+cargo build -q --release -p lowrank-cli
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+lr=./target/release/lowrank
+$lr merge --format gguf --dtype f32 --output "$work/base-f32.gguf"
+$lr export --model "$work/base-f32.gguf" --adapter "$adapter" --output "$work/lora.gguf"
+$lr merge --adapter "$adapter" --format gguf --dtype f32 --output "$work/merged-f32.gguf"
+source scripts/check/answers.sh
+"$py" scripts/check/llama_cpp.py "$work/base-f32.gguf" "$work/lora.gguf" examples/data/eval.jsonl "$n" > "$work/lora.jsonl"
+echo "llama.cpp --lora (exported adapter) vs lowrank generate --adapter, f32 base:"
+compare_answers "$work/lora.jsonl" --model "$work/base-f32.gguf" --adapter "$adapter"
+"$py" scripts/check/llama_cpp.py "$work/merged-f32.gguf" - examples/data/eval.jsonl "$n" > "$work/merged.jsonl"
+echo "llama.cpp on the merged GGUF vs lowrank generate --adapter on the default model:"
+compare_answers "$work/merged.jsonl" --adapter "$adapter"

@@ -117,3 +117,17 @@ fn zero_dims_are_rejected_not_panicked() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("model.norm.weight"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn merged_adapter_answers_as_the_unmerged_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("noise");
+    write_adapter(&dir);
+    let arg = format!("{}:0.5", dir.display());
+    let plain = lowrank(&[FRANCE, &["--adapter", &arg]].concat());
+    let merged = lowrank(&[FRANCE, &["--adapter", &arg, "--merge"]].concat());
+    assert!(plain.status.success() && merged.status.success(), "{}", text(&merged.stderr));
+    assert_eq!(text(&merged.stdout), text(&plain.stdout));
+    let none = lowrank(&[FRANCE, &["--merge"]].concat());
+    assert!(!none.status.success(), "--merge without --adapter should be refused");
+}

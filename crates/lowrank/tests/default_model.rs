@@ -112,3 +112,35 @@ fn hf_directory_matches_transformers_token_for_token() {
     assert_eq!(prompt, ids_of(&want["prompt_ids"]), "HF tokenizer + chat template");
     check_forced(&bundle.model, &prompt, &want["hf"]);
 }
+
+/// Merging into the real model: all seven projections of every layer, a random rank-8 adapter,
+/// merged logits equal base + adapter logits within 1e-4; unmerging gives the base logits back.
+#[test]
+fn merged_default_model_equals_base_plus_adapter() {
+    use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, AdapterLayer, LoraLayer};
+    let mut model = Model::from_path(&default_gguf(), &LoadOptions { dequantize: true, ..Default::default() }).unwrap();
+    let cfg = AdapterConfig::from_json(r#"{"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}"#, Path::new("test")).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let layers: Vec<Option<Box<dyn AdapterLayer>>> = model
+        .modules()
+        .modules()
+        .iter()
+        .map(|m| {
+            let a = candle_core::Tensor::randn(0f32, 0.05, (8, m.in_features), &dev).unwrap();
+            let b = candle_core::Tensor::randn(0f32, 0.05, (m.out_features, 8), &dev).unwrap();
+            (m.path != "lm_head").then(|| Box::new(LoraLayer { a, b, scale: 2.0, dropout: None }) as Box<dyn AdapterLayer>)
+        })
+        .collect();
+    let set = [ActiveAdapter { adapter: std::sync::Arc::new(Adapter::new("random".into(), cfg, layers)), weight: 1.0 }];
+    let prompt = ids_of(&fixture()["prompt_ids"]);
+    let run = |m: &Model, a: &[ActiveAdapter]| m.forward_last(&[SeqInput { tokens: &prompt, adapters: a }], None).unwrap();
+    let (base, adapted) = (run(&model, &[]), run(&model, &set));
+    let moved = (&adapted - &base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 0.1, "the adapter should change the logits (moved {moved})");
+    model.merge(&set).unwrap();
+    let d = (run(&model, &[]) - &adapted).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-4, "merged differs from base + adapter by {d}");
+    model.unmerge(&set).unwrap();
+    let d = (run(&model, &[]) - &base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-4, "unmerged differs from the base by {d}");
+}

@@ -116,6 +116,12 @@ fn merged_model_equals_base_plus_adapters_and_unmerge_restores_it() {
         model.unmerge(&set).unwrap();
         let d = max_diff(&logits(&model, ids, &[]), &base);
         assert!(d < 1e-4, "{family}: unmerged model differs from the base by {d}");
+        // Switching a merged model from one adapter set to another.
+        model.merge(&set).unwrap();
+        model.switch_merged(&set, &[active(&qv, 1.0)]).unwrap();
+        let d = max_diff(&logits(&model, ids, &[]), &logits(&tiny_model(family), ids, &[active(&qv, 1.0)]));
+        assert!(d < 1e-4, "{family}: switched merged model differs from base + qv by {d}");
+        model.unmerge(&[active(&qv, 1.0)]).unwrap();
         let after = model.blocks().iter().flat_map(|b| b.projections().map(|p| p.base().weight().to_dense().unwrap()));
         for (w0, w1) in before.iter().zip(after) {
             let d = max_diff(w0, &w1);

@@ -52,6 +52,10 @@ pub struct GenerateArgs {
     /// Dequantise a GGUF model to f32 at load (exact numerics, more memory)
     #[arg(long)]
     dequantize: bool,
+    /// Fold the adapters into the weights first: no per-token adapter cost (the adapted weights
+    /// of a quantized base become f32)
+    #[arg(long, requires = "adapters")]
+    merge: bool,
     /// Print load time, memory and speed to stderr
     #[arg(long, short)]
     verbose: bool,
@@ -65,6 +69,7 @@ struct Settings {
     options: GenerateOptions,
     device: DeviceArg,
     dequantize: bool,
+    merge: bool,
     verbose: bool,
 }
 
@@ -75,7 +80,7 @@ enum Input {
 
 impl Settings {
     fn resolve(args: GenerateArgs) -> Result<Self> {
-        let GenerateArgs { model, adapters, prompt, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, device, dequantize, verbose } = args;
+        let GenerateArgs { model, adapters, prompt, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, device, dequantize, merge, verbose } = args;
         let input = match (prompt, chat) {
             (Some(p), None) => Input::Raw(p),
             (None, Some(user)) => Input::Chat { system, user },
@@ -88,22 +93,27 @@ impl Settings {
             options: GenerateOptions { max_new_tokens, sampling: SamplingParams { temperature, top_k, top_p, seed }, stop },
             device,
             dequantize,
+            merge,
             verbose,
         })
     }
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let Settings { model, adapters, input, options, device, dequantize, verbose } = Settings::resolve(args)?;
+    let Settings { model, adapters, input, options, device, dequantize, merge, verbose } = Settings::resolve(args)?;
     let opts = load_options(device, dequantize)?;
-    let bundle = ModelBundle::open(&model, &opts).with_context(|| format!("loading model {}", model.display()))?;
-    let active = load_adapters(&adapters, bundle.model.modules(), &opts.device)?;
+    let mut bundle = ModelBundle::open(&model, &opts).with_context(|| format!("loading model {}", model.display()))?;
+    let mut active = load_adapters(&adapters, bundle.model.modules(), &opts.device)?;
     if verbose {
         let rss = memory().map(|(r, _)| format!(", resident {:.0} MiB", mib(r))).unwrap_or_default();
         eprintln!("loaded {} in {:.2}s (weights {:.0} MiB{rss})", model.display(), bundle.load_secs, mib(bundle.model.weight_bytes() as u64));
         for a in &active {
             eprintln!("adapter {} (weight {}): {} modules, {} parameters", a.adapter.name, a.weight, a.adapter.num_layers(), a.adapter.num_parameters());
         }
+    }
+    if merge {
+        bundle.model.merge(&active).context("merging the adapters")?;
+        active.clear();
     }
     let prompt_ids = match &input {
         Input::Raw(text) => bundle.tokenizer.encode(text, true)?,

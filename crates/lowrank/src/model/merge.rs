@@ -22,6 +22,13 @@ impl Model {
         self.fold(adapters, -1.0)
     }
 
+    /// Replaces the merged adapters `from` by `to` (unmerge, then merge): how a merged model
+    /// switches adapters without reloading the base.
+    pub fn switch_merged(&mut self, from: &[ActiveAdapter], to: &[ActiveAdapter]) -> Result<()> {
+        self.unmerge(from)?;
+        self.merge(to)
+    }
+
     /// `W ← W + sign · Σ wᵢ·ΔWᵢ` for every projection some adapter touches.
     fn fold(&mut self, adapters: &[ActiveAdapter], sign: f64) -> Result<()> {
         for block in self.blocks_mut() {

@@ -1,6 +1,6 @@
 """Greedy answers of llama.cpp (llama-cpp-python) on a GGUF model, optionally with a LoRA GGUF.
 
-    PY scripts/check/llama_cpp.py MODEL.gguf LORA.gguf|- EVAL_JSONL N
+    PY scripts/check/llamacpp_answers.py MODEL.gguf LORA.gguf|- EVAL_JSONL N
 
 Prints one JSON line per row of the first N rows of EVAL_JSONL: the last user message and
 llama.cpp's greedy answer (chat template from the GGUF, at most 16 new tokens), in the format

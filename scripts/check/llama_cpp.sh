@@ -3,7 +3,9 @@
 #  1. `lowrank export` of ADAPTER_DIR as a LoRA GGUF, applied by llama.cpp (`lora_path`) on an f32
 #     GGUF of the default model, vs `lowrank generate --adapter` on the same f32 GGUF;
 #  2. `lowrank merge --format gguf` of the adapter into the default model (f32), run by llama.cpp,
-#     vs `lowrank generate --adapter` on the Q4_1 default model (whose dequantised weights it holds).
+#     vs `lowrank generate --adapter` on the Q4_1 default model (whose dequantised weights it holds);
+#  3. the same merge from an HF directory (`lowrank merge` without adapters writes one, tokenizer
+#     files included), the GGUF tokenizer metadata rebuilt from tokenizer.json.
 # Greedy, 16 new tokens, the first N held-out questions. f32 weights keep llama.cpp's quantized
 # dot products out of the comparison.
 #   scripts/check/llama_cpp.sh ADAPTER_DIR [N]
@@ -20,6 +22,8 @@ lr=./target/release/lowrank
 $lr merge --format gguf --dtype f32 --output "$work/base-f32.gguf"
 $lr export --model "$work/base-f32.gguf" --adapter "$adapter" --output "$work/lora.gguf"
 $lr merge --adapter "$adapter" --format gguf --dtype f32 --output "$work/merged-f32.gguf"
+$lr merge --output "$work/base-hf"
+$lr merge --model "$work/base-hf" --adapter "$adapter" --format gguf --dtype f32 --output "$work/from-hf.gguf"
 source scripts/check/answers.sh
 "$py" scripts/check/llamacpp_answers.py "$work/base-f32.gguf" "$work/lora.gguf" examples/data/eval.jsonl "$n" > "$work/lora.jsonl"
 echo "llama.cpp --lora (exported adapter) vs lowrank generate --adapter, f32 base:"
@@ -32,3 +36,6 @@ echo "the adapter changed $changed/$n of llama.cpp's answers"
 "$py" scripts/check/llamacpp_answers.py "$work/merged-f32.gguf" - examples/data/eval.jsonl "$n" > "$work/merged.jsonl"
 echo "llama.cpp on the merged GGUF vs lowrank generate --adapter on the default model:"
 compare_answers "$work/merged.jsonl" --adapter "$adapter"
+"$py" scripts/check/llamacpp_answers.py "$work/from-hf.gguf" - examples/data/eval.jsonl "$n" > "$work/from-hf.jsonl"
+echo "llama.cpp on a GGUF merged from an HF directory vs lowrank generate --adapter on the default model:"
+compare_answers "$work/from-hf.jsonl" --adapter "$adapter"

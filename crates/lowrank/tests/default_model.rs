@@ -10,7 +10,8 @@ use common::*;
 use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
 use lowrank::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
-use lowrank::export::{write_hf_model, HfOptions, TokenizerFiles};
+use candle_core::quantized::GgmlDType;
+use lowrank::export::{gguf_metadata_for_hf, write_gguf_model, write_hf_model, HfOptions, TokenizerFiles};
 use lowrank::model::{LoadOptions, Model, SeqInput};
 use lowrank::staging::Existing;
 use serde_json::Value;
@@ -110,6 +111,15 @@ fn hf_directory_matches_transformers_token_for_token() {
     let bundle = ModelBundle::open(&dir, &LoadOptions::default()).unwrap();
     let prompt = chat_prompt(&bundle);
     assert_eq!(prompt, ids_of(&want["prompt_ids"]), "HF tokenizer + chat template");
+    check_forced(&bundle.model, &prompt, &want["hf"]);
+
+    // And from that HF directory to a GGUF file, its tokenizer and template rebuilt as metadata.
+    let gguf = tmp.path().join("smollm2.gguf");
+    let metadata = gguf_metadata_for_hf(bundle.model.config(), &dir).unwrap();
+    write_gguf_model(&bundle.model, &metadata, &gguf, GgmlDType::F32, false, Existing::Refuse).unwrap();
+    drop(bundle);
+    let bundle = ModelBundle::open(&gguf, &LoadOptions::default()).unwrap();
+    assert_eq!(chat_prompt(&bundle), prompt, "GGUF tokenizer + chat template built from the HF files");
     check_forced(&bundle.model, &prompt, &want["hf"]);
 }
 

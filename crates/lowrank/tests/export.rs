@@ -106,7 +106,7 @@ fn merged_gguf_reloads_to_base_plus_adapter_logits() {
     let tmp = tempfile::tempdir().unwrap();
     for (ty, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q8_0, 0.1)] {
         let out = tmp.path().join(format!("{ty:?}.gguf"));
-        write_gguf_model(&model, &source, &out, ty, true, Existing::Refuse).unwrap();
+        write_gguf_model(&model, source.metadata(), &out, ty, true, Existing::Refuse).unwrap();
         let back = GgufFile::open(&out, &candle_core::Device::Cpu, false).unwrap();
         assert_eq!(back.architecture().unwrap(), "llama");
         let types: std::collections::HashMap<String, GgmlDType> = back.tensor_infos().into_iter().map(|(n, t, _)| (n, t)).collect();

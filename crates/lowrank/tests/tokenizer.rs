@@ -475,3 +475,26 @@ fn bad_inputs_are_errors_not_panics() {
         }
     }
 }
+
+/// HF tokenizer files written from a byte-level GGUF, turned back into GGUF metadata (as
+/// `lowrank merge --format gguf` does for an HF base), give a tokenizer with transformers' ids.
+#[test]
+fn hf_tokenizer_converts_back_to_gguf_metadata_with_the_same_ids() {
+    use lowrank::export::TokenizerFiles;
+    use lowrank::tokenizer::gguf_tokenizer_metadata;
+    let references: HashMap<String, Reference> = read_json("tiny-bpe.json");
+    let path = fixtures().join("tiny-bpe.gguf");
+    let mut metadata = read_gguf(&path).metadata;
+    for pre in ["llama-bpe", "qwen2", "default"] {
+        metadata.insert("tokenizer.ggml.pre".into(), gguf_file::Value::String(pre.into()));
+        let original = Tokenizer::from_gguf(&metadata, &path).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        TokenizerFiles::from_tokenizer(&original, None, 256).unwrap().write_into(dir.path()).unwrap();
+        let vocab = original.vocab_size();
+        let back: HashMap<String, gguf_file::Value> = gguf_tokenizer_metadata(dir.path(), vocab, Some("{{ x }}")).unwrap().into_iter().collect();
+        assert_eq!(back["tokenizer.ggml.model"].to_string().unwrap(), "gpt2");
+        assert_eq!(back["tokenizer.chat_template"].to_string().unwrap(), "{{ x }}");
+        let rebuilt = Tokenizer::from_gguf(&back, &path).unwrap();
+        assert_matches(&rebuilt, &references[pre], &format!("GGUF → HF → GGUF, pre={pre}"));
+    }
+}

@@ -7,7 +7,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 use lowrank::bundle::ModelBundle;
-use lowrank::export::{write_gguf_model, write_hf_model, HfOptions, TokenizerFiles};
+use lowrank::export::{gguf_metadata_for_hf, write_gguf_model, write_hf_model, HfOptions, TokenizerFiles};
 use lowrank::model::{detect_format, GgufFile, LoadOptions, Model, ModelFormat};
 use lowrank::staging::Existing;
 
@@ -25,7 +25,7 @@ pub struct MergeArgs {
     /// The HF model directory (or, with --format gguf, the .gguf file) to write
     #[arg(long)]
     output: PathBuf,
-    /// hf: a transformers model directory; gguf: a llama.cpp model file (from a GGUF base)
+    /// hf: a transformers model directory; gguf: a llama.cpp model file
     #[arg(long, value_enum, default_value_t = Format::Hf)]
     format: Format,
     /// Tensor type on disk (hf: f32, f16, bf16; gguf: also q8_0, q4_0 for the matrices)
@@ -84,9 +84,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         eprintln!("merged {} (weight {}): {} modules", a.adapter.name, a.weight, a.adapter.num_layers());
     }
     if format == Format::Gguf {
-        if detect_format(&path)? != ModelFormat::Gguf {
-            bail!("--format gguf needs a GGUF base (its metadata carries the tokenizer); for an HF base, write --format hf and convert that with llama.cpp's convert_hf_to_gguf.py");
-        }
         let ty = match dtype {
             OutDType::F32 => GgmlDType::F32,
             OutDType::F16 => GgmlDType::F16,
@@ -94,8 +91,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
             OutDType::Q8_0 => GgmlDType::Q8_0,
             OutDType::Q4_0 => GgmlDType::Q4_0,
         };
-        let source = GgufFile::open(&path, &opts.device, false)?;
-        write_gguf_model(&model, &source, &output, ty, safe, existing).with_context(|| format!("writing {}", output.display()))?;
+        let metadata = match detect_format(&path)? {
+            ModelFormat::Gguf => GgufFile::open(&path, &opts.device, false)?.metadata().clone(),
+            ModelFormat::HfDir => gguf_metadata_for_hf(model.config(), &path).context("building GGUF metadata from the HF directory")?,
+        };
+        write_gguf_model(&model, &metadata, &output, ty, safe, existing).with_context(|| format!("writing {}", output.display()))?;
         let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
         eprintln!("wrote {}: {:.1} MiB, matrices {dtype:?}", output.display(), mib(size));
         return Ok(());

@@ -1,6 +1,7 @@
-//! A merged model as a llama.cpp GGUF model file: the source GGUF's metadata (architecture
-//! hyperparameters, tokenizer, chat template) with llama.cpp's tensor names, q/k rows in its
-//! order, norms in f32 and matrices in the chosen type.
+//! A merged model as a llama.cpp GGUF model file: metadata (architecture hyperparameters,
+//! tokenizer, chat template) from the source GGUF, or built from an HF directory's config and
+//! tokenizer; llama.cpp's tensor names, q/k rows in its order, norms in f32 and matrices in the
+//! chosen type.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,13 +11,17 @@ use candle_core::quantized::{GgmlDType, QTensor};
 
 use super::hf::check_finite;
 use crate::model::gguf_names::{permute_rows, permutes_qk, to_gguf};
-use crate::model::{GgufFile, Model};
+use crate::chat::ChatTemplate;
+use crate::model::gguf_names::architecture;
+use crate::model::{Model, ModelConfig};
+use crate::ops::RopeScaling;
+use crate::tokenizer::gguf_tokenizer_metadata;
 use crate::staging::{Existing, Staged};
 use crate::{Error, Result};
 
 /// Writes `model` (merge adapters first) as a GGUF file at `out`, matrices in `dtype` (F32, F16,
-/// BF16, Q8_0 or Q4_0), with the metadata of the GGUF it was loaded from.
-pub fn write_gguf_model(model: &Model, source: &GgufFile, out: &Path, dtype: GgmlDType, check: bool, existing: Existing) -> Result<()> {
+/// BF16, Q8_0 or Q4_0), with `metadata` (the source GGUF's, or [`gguf_metadata_for_hf`]).
+pub fn write_gguf_model(model: &Model, metadata: &HashMap<String, Value>, out: &Path, dtype: GgmlDType, check: bool, existing: Existing) -> Result<()> {
     let file_type = match dtype {
         GgmlDType::F32 => 0u32,
         GgmlDType::F16 => 1,
@@ -25,7 +30,10 @@ pub fn write_gguf_model(model: &Model, source: &GgufFile, out: &Path, dtype: Ggm
         GgmlDType::BF16 => 32,
         other => return Err(Error::InvalidArgument(format!("GGUF export writes f32, f16, bf16, q8_0 or q4_0, not {other:?}"))),
     };
-    let arch = source.architecture()?;
+    let arch = match metadata.get("general.architecture") {
+        Some(Value::String(a)) => a.clone(),
+        _ => return Err(Error::Export("the metadata has no general.architecture".into())),
+    };
     let staged = Staged::file(out, existing)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (hf, t) in model.named_weights()? {
@@ -43,7 +51,7 @@ pub fn write_gguf_model(model: &Model, source: &GgufFile, out: &Path, dtype: Ggm
         }
         tensors.push((name, q));
     }
-    let mut metadata: HashMap<String, Value> = source.metadata().clone();
+    let mut metadata = metadata.clone();
     metadata.insert("general.file_type".into(), Value::U32(file_type));
     let mut keys: Vec<&String> = metadata.keys().collect();
     keys.sort();
@@ -51,6 +59,48 @@ pub fn write_gguf_model(model: &Model, source: &GgufFile, out: &Path, dtype: Ggm
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     write_gguf_file(staged.path(), &meta, &refs)?;
     staged.commit()
+}
+
+/// llama.cpp metadata for a model loaded from the HF directory `dir` with configuration `cfg`:
+/// the converter's `<arch>.*` hyperparameters, the tokenizer (byte-level BPE) and chat template.
+pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<String, Value>> {
+    let arch = architecture(cfg.family);
+    let mut m: HashMap<String, Value> = HashMap::new();
+    let mut put = |k: &str, v: Value| {
+        m.insert(if k.starts_with("general.") || k.starts_with("tokenizer.") { k.to_string() } else { format!("{arch}.{k}") }, v);
+    };
+    let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into());
+    put("general.architecture", Value::String(arch.into()));
+    put("general.name", Value::String(name));
+    let u = |x: usize| Value::U32(x as u32);
+    put("context_length", u(cfg.max_position_embeddings));
+    put("embedding_length", u(cfg.hidden_size));
+    put("block_count", u(cfg.num_layers));
+    put("feed_forward_length", u(cfg.intermediate_size));
+    put("attention.head_count", u(cfg.num_heads));
+    put("attention.head_count_kv", u(cfg.num_kv_heads));
+    put("attention.key_length", u(cfg.head_dim));
+    put("attention.value_length", u(cfg.head_dim));
+    put("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32));
+    put("rope.freq_base", Value::F32(cfg.rope_theta));
+    put("rope.dimension_count", u(cfg.head_dim));
+    put("vocab_size", u(cfg.vocab_size));
+    match &cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            put("rope.scaling.type", Value::String("linear".into()));
+            put("rope.scaling.factor", Value::F32(*factor));
+        }
+        other => return Err(Error::Export(format!("RoPE scaling {other:?} is not written to GGUF yet; write --format hf and convert that with llama.cpp"))),
+    }
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(Error::Export(format!("{} has no tokenizer.json, and llama.cpp needs the tokenizer in the GGUF", dir.display())));
+    }
+    let chat = ChatTemplate::from_hf_dir(dir)?;
+    for (k, v) in gguf_tokenizer_metadata(dir, cfg.vocab_size, chat.as_ref().map(|c| c.source()))? {
+        put(&k, v);
+    }
+    Ok(m)
 }
 
 /// Writes a GGUF file (candle's writer) at `path` and syncs it.

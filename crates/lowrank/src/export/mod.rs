@@ -5,7 +5,7 @@ mod gguf;
 mod hf;
 mod tokenizer_files;
 
-pub use gguf::write_gguf_model;
+pub use gguf::{gguf_metadata_for_hf, write_gguf_model};
 pub(crate) use gguf::write_gguf_file;
 pub use hf::{check_finite, hf_config_json, write_hf_model, HfOptions, HfWritten};
 pub use tokenizer_files::TokenizerFiles;

@@ -8,7 +8,7 @@
 //!
 //! Layout: `base.rs` the type and its calls; `hf.rs` the HF directory loader; `gguf.rs` the GGUF
 //! metadata loader, which hands off to `byte_level.rs` (`tokenizer.ggml.model = gpt2`) or
-//! `sentencepiece.rs` (`llama`); `stream.rs` the streaming detokenizer.
+//! `sentencepiece.rs` (`llama`); `stream.rs` the streaming detokenizer; `to_gguf.rs` GGUF metadata for an HF tokenizer.
 
 mod base;
 mod byte_level;
@@ -16,7 +16,9 @@ mod gguf;
 mod hf;
 mod sentencepiece;
 mod stream;
+mod to_gguf;
 
 pub use base::Tokenizer;
 pub(crate) use hf::read_json_object;
 pub use stream::TextStream;
+pub use to_gguf::gguf_tokenizer_metadata;

@@ -58,7 +58,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     // 2^k from the exponent bits; k is in [-126, 128].
     e * f32::from_bits(((k as i32 + 127) as u32) << 23)

@@ -63,12 +63,12 @@ fn quant_rows<'a>(dtype: GgmlDType, bytes: &'a [u8], m: usize, k: usize) -> cand
 
 /// The weight's bytes as `m` rows of `k / BLCK_SIZE` blocks, checked.
 fn blocks<T: GgmlType>(bytes: &[u8], m: usize, k: usize) -> candle_core::Result<&[T]> {
-    if k % T::BLCK_SIZE != 0 {
+    if !k.is_multiple_of(T::BLCK_SIZE) {
         candle_core::bail!("qmatmul: row length {k} is not a multiple of the block size {}", T::BLCK_SIZE)
     }
     let per_row = k / T::BLCK_SIZE;
     let size = std::mem::size_of::<T>();
-    if bytes.len() != m * per_row * size || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if bytes.len() != m * per_row * size || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         candle_core::bail!("qmatmul: weight storage does not hold {m}×{k} {:?} blocks", T::DTYPE)
     }
     // SAFETY: length and alignment checked above; the blocks are plain-old-data `repr(C)` structs

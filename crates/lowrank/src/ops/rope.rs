@@ -41,7 +41,7 @@ pub struct RopeTable {
 impl RopeTable {
     /// Frequencies for `head_dim` (the rotated part) with base `theta`.
     pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!("rotary dimension {head_dim} must be even and > 0")));
         }
         // As transformers computes it: base ** (arange(0, dim, 2) / dim) in f32.

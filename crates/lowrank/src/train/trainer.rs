@@ -165,7 +165,7 @@ impl<'a> Trainer<'a> {
 
             // Training throughput: the step itself, not the evaluation that may follow it.
             let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
-            let due = |every: Option<usize>| every.is_some_and(|n| n > 0 && self.step % n == 0);
+            let due = |every: Option<usize>| every.is_some_and(|n| n > 0 && self.step.is_multiple_of(n));
             let eval_loss = if !eval.is_empty() && (due(cfg.eval_every) || self.step == cfg.steps) {
                 Some(self.eval_loss(eval)?)
             } else {

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod home;
 pub mod model;
 pub mod ops;
+pub mod serve;
 pub mod staging;
 pub mod threads;
 pub mod tokenizer;

@@ -1,0 +1,140 @@
+//! The serving engine on the default model: requests for different adapters, batched together,
+//! each answer token for token what generation with that adapter alone gives; a full queue is
+//! refused; a client that goes away is dropped.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, AdapterLayer, LoraLayer};
+use lowrank::bundle::ModelBundle;
+use lowrank::chat::Message;
+use lowrank::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
+use lowrank::model::{LoadOptions, ModuleTable};
+use lowrank::serve::{Engine, EngineConfig, Event, Job, Metrics, SubmitError};
+
+fn bundle() -> ModelBundle {
+    let path = match std::env::var_os("LOWRANK_DEFAULT_GGUF") {
+        Some(p) => p.into(),
+        None => lowrank::home::default_model_gguf().expect("default model"),
+    };
+    ModelBundle::open(&path, &LoadOptions::default()).unwrap()
+}
+
+/// A random q/v adapter, strong enough to change greedy answers.
+fn random_adapter(table: &ModuleTable, seed: u64) -> Arc<Adapter> {
+    let cfg = AdapterConfig::from_json(r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#, Path::new("t")).unwrap();
+    let dev = Device::Cpu;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut noise = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
+            })
+            .collect()
+    };
+    let layers = table
+        .modules()
+        .iter()
+        .map(|m| {
+            (m.name() == "q_proj" || m.name() == "v_proj").then(|| {
+                let a = Tensor::from_vec(noise(4 * m.in_features), (4, m.in_features), &dev).unwrap();
+                let b = Tensor::from_vec(noise(4 * m.out_features), (m.out_features, 4), &dev).unwrap();
+                Box::new(LoraLayer { a, b, scale: 2.0, dropout: None }) as Box<dyn AdapterLayer>
+            })
+        })
+        .collect();
+    Arc::new(Adapter::new(format!("random{seed}"), cfg, layers))
+}
+
+fn prompt(b: &ModelBundle, q: &str) -> Vec<u32> {
+    let text = b.chat_template.as_ref().unwrap().render(&[Message::new("user", q)], true).unwrap();
+    b.tokenizer.encode(&text, false).unwrap()
+}
+
+fn job(prompt: Vec<u32>, adapters: Vec<ActiveAdapter>, max: usize, tx: mpsc::Sender<Event>) -> Job {
+    let options = GenerateOptions { max_new_tokens: max, sampling: SamplingParams::greedy(), stop: vec![] };
+    Job { prompt, adapters, options, label: "test".into(), sink: Box::new(move |e| tx.send(e).is_ok()) }
+}
+
+fn collect(rx: mpsc::Receiver<Event>) -> (String, FinishReason, usize) {
+    let mut text = String::new();
+    for e in rx {
+        match e {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { finish, completion_tokens, .. } => return (text, finish, completion_tokens),
+            Event::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("no Done event");
+}
+
+#[test]
+fn mixed_adapter_batch_equals_each_adapter_alone() {
+    let b = bundle();
+    let adapters = [None, Some(random_adapter(b.model.modules(), 1)), Some(random_adapter(b.model.modules(), 2)), Some(random_adapter(b.model.modules(), 3))];
+    let questions = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello."];
+    let opts = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::greedy(), stop: vec![] };
+    let mut alone = Vec::new();
+    let mut prompts = Vec::new();
+    for (a, q) in adapters.iter().zip(questions) {
+        let p = prompt(&b, q);
+        let set: Vec<ActiveAdapter> = a.iter().map(|a| ActiveAdapter { adapter: a.clone(), weight: 1.0 }).collect();
+        alone.push(generate(&b.model, &b.tokenizer, &set, &p, &opts, |_| Ok(())).unwrap().text);
+        prompts.push((p, set));
+    }
+    assert!(alone[1..].iter().any(|t| t != &alone[0]), "the adapters should change some answers: {alone:?}");
+
+    let (engine, thread) = Engine::start(b, EngineConfig::default(), Arc::new(Metrics::default())).unwrap();
+    let receivers: Vec<_> = prompts
+        .into_iter()
+        .map(|(p, set)| {
+            let (tx, rx) = mpsc::channel();
+            engine.submit(job(p, set, 12, tx)).unwrap();
+            rx
+        })
+        .collect();
+    for (rx, want) in receivers.into_iter().zip(&alone) {
+        let (text, _, _) = collect(rx);
+        assert_eq!(&text, want);
+    }
+    // A client that goes away is dropped; the engine keeps serving.
+    let (tx, rx) = mpsc::channel();
+    drop(rx);
+    engine.submit(job(vec![1, 2, 3], vec![], 50, tx)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    engine.submit(job(vec![1, 2, 3], vec![], 3, tx)).unwrap();
+    let (_, finish, n) = collect(rx);
+    assert_eq!((finish, n), (FinishReason::Length, 3));
+    engine.drain();
+    assert!(matches!(engine.submit(job(vec![1], vec![], 1, mpsc::channel().0)), Err(SubmitError::Closed)));
+    drop(engine);
+    thread.join().unwrap();
+}
+
+#[test]
+fn a_full_queue_refuses_and_a_bad_prompt_is_an_error_event() {
+    let b = bundle();
+    let ctx = b.model.config().max_position_embeddings;
+    let (engine, _thread) = Engine::start(b, EngineConfig { max_batch: 1, max_queue: 1, kv_budget_tokens: 1 << 20 }, Arc::new(Metrics::default())).unwrap();
+    let (tx, rx) = mpsc::channel();
+    engine.submit(job(vec![1; ctx + 5], vec![], 4, tx)).unwrap();
+    match rx.recv().unwrap() {
+        Event::Error(e) => assert!(e.contains("context"), "{e}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Flood: with one running and one waiting at most, some submissions must be refused.
+    let mut refused = 0;
+    let mut keep = Vec::new();
+    for _ in 0..20 {
+        let (tx, rx) = mpsc::channel();
+        match engine.submit(job(vec![1, 2, 3], vec![], 64, tx)) {
+            Ok(()) => keep.push(rx),
+            Err(SubmitError::QueueFull(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0, "a queue of one should refuse some of 20 quick submissions");
+}

@@ -8,11 +8,12 @@ mod generate;
 mod inspect;
 mod merge;
 mod progress;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
 
-/// LoRA adapters for transformer language models: generate, train, inspect, merge, combine, export.
+/// LoRA adapters for transformer language models: generate, train, inspect, merge, combine, export, serve.
 #[derive(Parser, Debug)]
 #[command(name = "lowrank", version, about)]
 pub struct Cli {
@@ -30,6 +31,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Combine weighted LoRA adapters into one (linear, cat or svd, as PEFT's add_weighted_adapter).
     Combine(combine::CombineArgs),
+    /// Serve the model and its adapters behind an OpenAI-compatible API, batching requests.
+    Serve(Box<serve::ServeArgs>),
     /// A PEFT adapter as a llama.cpp LoRA GGUF (or, with --from-gguf, back).
     Export(export::ExportArgs),
     /// Fold adapters into the base weights and write a plain model (HF directory or GGUF file).
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => merge::run(args),
         Command::Combine(args) => combine::run(args),
         Command::Export(args) => export::run(args),
+        Command::Serve(args) => serve::run(*args),
     }
 }
 

@@ -12,6 +12,7 @@ mod gemm;
 mod linalg;
 mod linear;
 mod lora_linear;
+mod qgemv;
 mod qmatmul;
 mod rms_norm;
 mod rope;

@@ -18,6 +18,10 @@ use super::gemm::{gemm, Mat};
 /// under-fed: 128 measured ~15% faster training).
 const ROWS: usize = 128;
 
+/// Up to this many rows of `x` (decoding, small batches), blocks are decoded in registers
+/// instead of into tiles (`qgemv`).
+const GEMV_ROWS: usize = 16;
+
 /// `x: [n, k]` (row-major) times `Wᵀ` where `W: [m, k]` is quantized; returns `[n, m]`.
 pub fn qmatmul_f32(w: &QTensor, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
     let (m, k) = w.shape().dims2()?;
@@ -25,6 +29,11 @@ pub fn qmatmul_f32(w: &QTensor, x: &[f32], n: usize) -> candle_core::Result<Vec<
         candle_core::bail!("qmatmul: input has {} values, expected {n}×{k}", x.len())
     }
     let data = w.data()?;
+    if n <= GEMV_ROWS {
+        if let Some(y) = super::qgemv::qgemv(w.dtype(), &data, m, k, x, n) {
+            return Ok(y);
+        }
+    }
     let rows = quant_rows(w.dtype(), &data, m, k)?;
     Ok(xwt_tiled(x, n, m, k, rows.as_ref()))
 }

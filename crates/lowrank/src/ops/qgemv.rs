@@ -1,0 +1,220 @@
+//! `y = x Wᵀ` for a few rows of `x` (decoding) straight from GGUF blocks: each block of 32
+//! weights is dequantised into registers and used at once for every row of `x`, in f32 — no
+//! tile buffer, the activations never quantised. Decoding one token otherwise dequantises all
+//! of `W` into memory and reads it back.
+//!
+//! Block layouts (ggml): Q4_0 `d: f16, qs: [u8; 16]`, value `(q − 8)·d`; Q4_1 `d, m: f16,
+//! qs: [u8; 16]`, value `q·d + m`; Q8_0 `d: f16, qs: [i8; 32]`, value `q·d`. In the 4-bit types,
+//! byte `i` holds element `i` in its low nibble and element `i + 16` in its high nibble.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights per block.
+const QK: usize = 32;
+/// Output rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// `x: [n, k]` times `Wᵀ` for `W: [m, k]` stored as `bytes` of `dtype` blocks; `None` for block
+/// types this kernel does not decode (the caller falls back to dequantised tiles).
+pub fn qgemv(dtype: GgmlDType, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize) -> Option<Vec<f32>> {
+    let block_bytes = match dtype {
+        GgmlDType::Q4_0 => 18,
+        GgmlDType::Q4_1 => 20,
+        GgmlDType::Q8_0 => 34,
+        _ => return None,
+    };
+    let row_bytes = k / QK * block_bytes;
+    if k % QK != 0 || bytes.len() != m * row_bytes || x.len() != n * k {
+        return None;
+    }
+    // yt[j, i] = row j of W · row i of x
+    let mut yt = vec![0f32; m * n];
+    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, out)| {
+        let j0 = t * ROWS_PER_TASK;
+        let rows = &bytes[j0 * row_bytes..(j0 + out.len() / n.max(1)) * row_bytes];
+        rows_dispatch(dtype, rows, row_bytes, x, n, k, out);
+    });
+    let mut y = vec![0f32; n * m];
+    for j in 0..m {
+        for i in 0..n {
+            y[i * m + j] = yt[j * n + i];
+        }
+    }
+    Some(y)
+}
+
+fn rows_dispatch(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+            return unsafe { simd::rows(dtype, rows, row_bytes, x, n, k, out) };
+        }
+    }
+    rows_generic(dtype, rows, row_bytes, x, n, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::{GgmlDType, QK};
+
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+
+    /// `rows` for the block type, the type fixed at compile time in the inner loop.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
+        match dtype {
+            GgmlDType::Q4_0 => rows_of::<Q4_0>(rows, row_bytes, x, n, k, out),
+            GgmlDType::Q4_1 => rows_of::<Q4_1>(rows, row_bytes, x, n, k, out),
+            _ => rows_of::<Q8_0>(rows, row_bytes, x, n, k, out),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn f16_at(b: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*b, *b.add(1)]) as i32)))
+    }
+
+    /// The 32 weights of a block as four vectors of 8.
+    #[inline(always)]
+    unsafe fn decode<const KIND: u8>(b: *const u8) -> [__m256; 4] {
+        let d = _mm256_set1_ps(f16_at(b));
+        if KIND == Q8_0 {
+            let w = |i: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * i) as *const __m128i))), d);
+            return [w(0), w(1), w(2), w(3)];
+        }
+        let qs = _mm_loadu_si128(b.add(if KIND == Q4_1 { 4 } else { 2 }) as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let (lo, hi) = (_mm_and_si128(qs, mask), _mm_and_si128(_mm_srli_epi16::<4>(qs), mask));
+        let f = |bytes: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        // Q4_1: q·d + m; Q4_0: (q − 8)·d = q·d − 8d.
+        let m = if KIND == Q4_1 { _mm256_set1_ps(f16_at(b.add(2))) } else { _mm256_mul_ps(d, _mm256_set1_ps(-8.0)) };
+        [
+            _mm256_fmadd_ps(f(lo), d, m),
+            _mm256_fmadd_ps(f(_mm_srli_si128::<8>(lo)), d, m),
+            _mm256_fmadd_ps(f(hi), d, m),
+            _mm256_fmadd_ps(f(_mm_srli_si128::<8>(hi)), d, m),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(a: &[__m256; 4]) -> f32 {
+        let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    #[inline(always)]
+    unsafe fn rows_of<const KIND: u8>(rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
+        let blocks = k / QK;
+        let block_bytes = row_bytes / blocks;
+        let mut acc = vec![[_mm256_setzero_ps(); 4]; n];
+        for (row, o) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            if n == 1 {
+                // Decoding one token: the accumulators stay in registers.
+                let mut a = [_mm256_setzero_ps(); 4];
+                for b in 0..blocks {
+                    let w = decode::<KIND>(row.as_ptr().add(b * block_bytes));
+                    let xs = x.as_ptr().add(b * QK);
+                    for v in 0..4 {
+                        a[v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xs.add(8 * v)), a[v]);
+                    }
+                }
+                o[0] = hsum(&a);
+                continue;
+            }
+            acc.iter_mut().for_each(|a| *a = [_mm256_setzero_ps(); 4]);
+            for b in 0..blocks {
+                let w = decode::<KIND>(row.as_ptr().add(b * block_bytes));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xs = x.as_ptr().add(i * k + b * QK);
+                    for v in 0..4 {
+                        a[v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xs.add(8 * v)), a[v]);
+                    }
+                }
+            }
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = hsum(a);
+            }
+        }
+    }
+}
+
+/// The portable kernel (no AVX2/FMA/F16C).
+fn rows_generic(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    let block_bytes = row_bytes / (k / QK);
+    let mut w = [0f32; QK];
+    for (row, o) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        o.fill(0.0);
+        for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+            decode(dtype, block, &mut w);
+            for (o, xr) in o.iter_mut().zip(x.chunks_exact(k)) {
+                *o += w.iter().zip(&xr[b * QK..(b + 1) * QK]).map(|(w, x)| w * x).sum::<f32>();
+            }
+        }
+    }
+}
+
+/// The 32 weights of one block.
+#[inline(always)]
+fn decode(dtype: GgmlDType, block: &[u8], w: &mut [f32; QK]) {
+    let half = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]).to_f32();
+    match dtype {
+        GgmlDType::Q4_0 => {
+            let d = half(0);
+            for i in 0..16 {
+                let q = block[2 + i];
+                w[i] = ((q & 0x0F) as i32 - 8) as f32 * d;
+                w[i + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+            }
+        }
+        GgmlDType::Q4_1 => {
+            let (d, m) = (half(0), half(2));
+            for i in 0..16 {
+                let q = block[4 + i];
+                w[i] = (q & 0x0F) as f32 * d + m;
+                w[i + 16] = (q >> 4) as f32 * d + m;
+            }
+        }
+        _ => {
+            let d = half(0);
+            for i in 0..QK {
+                w[i] = (block[2 + i] as i8) as f32 * d;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn equals_the_dequantised_matmul() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, k) = (70, 256);
+            let w = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            let wd = q.dequantize(&dev)?;
+            for n in [1, 3, 6, 17] {
+                let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+                let want = x.matmul(&wd.t()?)?;
+                let got = qgemv(dtype, &q.data()?, m, k, &x.flatten_all()?.to_vec1()?, n).expect("supported");
+                let d = (Tensor::from_vec(got, (n, m), &dev)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-4, "{dtype:?} n={n}: {d}");
+            }
+        }
+        assert!(qgemv(GgmlDType::Q4K, &[], 0, 256, &[], 0).is_none());
+        Ok(())
+    }
+}

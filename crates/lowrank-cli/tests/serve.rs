@@ -307,3 +307,17 @@ fn the_official_openai_python_client_works() {
     assert_eq!(adapter_answer, generate_alone(Some(&dir.join("a1")), "What is the capital of France?", 16));
     assert!(stdout.contains("not found: 404"), "{stdout}");
 }
+
+#[test]
+fn the_least_recently_used_idle_adapter_is_evicted() {
+    let (_tmp, dir) = adapters_dir(3);
+    let server = start(&["--adapters-dir", dir.to_str().unwrap(), "--max-adapters", "2"]);
+    for name in ["a1", "a2", "a1", "a3"] {
+        let (s, b) = post(&server.addr, "/v1/chat/completions", &chat(name, "Hi", 2));
+        assert_eq!(s, 200, "{name}: {b}");
+    }
+    let (_, models) = http(&server.addr, "GET", "/v1/models", "");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [BASE, "a1", "a3"], "a2 was the least recently used");
+}

@@ -158,7 +158,7 @@ async fn run(s: Arc<AppState>, model: String, ids: Vec<u32>, sampling: Sampling,
             SubmitError::Closed => ApiError::unavailable(e.to_string()),
         }
     })?;
-    let reply = Reply { id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }), model, created: now(), kind, prompt_tokens };
+    let reply = Reply { id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }), model, created: now(), kind, prompt_tokens, started: std::time::Instant::now() };
     if sampling.stream {
         let usage = sampling.stream_options.is_some_and(|o| o.include_usage);
         Ok(reply.stream(rx, usage))
@@ -174,9 +174,20 @@ struct Reply {
     created: u64,
     kind: Kind,
     prompt_tokens: usize,
+    started: std::time::Instant,
 }
 
 impl Reply {
+    /// One structured log line per finished request, on stderr.
+    fn log(&self, outcome: &str, completion: usize) {
+        let line = json!({
+            "ts": now(), "event": "request", "id": self.id, "model": self.model,
+            "outcome": outcome, "prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+            "secs": (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        });
+        eprintln!("{line}");
+    }
+
     fn usage(&self, completion: usize) -> Value {
         json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
     }
@@ -187,9 +198,13 @@ impl Reply {
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Text(t) => text.push_str(&t),
-                Event::Error(m) => return Err(ApiError::internal(m)),
+                Event::Error(m) => {
+                    self.log("error", 0);
+                    return Err(ApiError::internal(m));
+                }
                 Event::Done { finish, completion_tokens, .. } => {
                     let reason = finish_reason(finish);
+                    self.log(reason, completion_tokens);
                     let (object, choice) = match self.kind {
                         Kind::Text => ("text_completion", json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})),
                         Kind::Chat => ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": reason})),
@@ -242,10 +257,12 @@ impl Reply {
                         send(c)
                     }
                     Event::Error(m) => {
+                        self.log("error", 0);
                         let _ = send(ApiError::internal(m).body());
                         break;
                     }
                     Event::Done { finish, completion_tokens, .. } => {
+                        self.log(finish_reason(finish), completion_tokens);
                         let mut last = self.chunk(None, Some(finish_reason(finish)), first);
                         if self.kind == Kind::Text {
                             last["choices"][0]["text"] = json!("");

@@ -181,8 +181,9 @@ impl Scheduler {
         let mut running: Vec<Running> = Vec::new();
         let mut open = true;
         loop {
-            // Admit at the token boundary: block only when there is nothing to run.
-            loop {
+            // Admit at the token boundary: block only when there is nothing to run. Jobs stay in
+            // the bounded channel (the queue) until there is room for them in the batch.
+            while waiting.len() < config.max_batch.saturating_sub(running.len()).max(1) {
                 let next = if running.is_empty() && waiting.is_empty() {
                     if !open {
                         return;

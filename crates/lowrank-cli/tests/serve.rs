@@ -47,7 +47,20 @@ fn start(extra: &[&str]) -> Server {
     };
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in err.lines() {});
-    Server { child, addr }
+    // Listening comes first; the model may still be loading (503 until then).
+    let mut saw_loading = false;
+    for _ in 0..600 {
+        match http(&addr, "GET", "/health", "") {
+            (200, _) => return Server { child, addr },
+            (503, body) => {
+                assert!(body.contains("loading"), "{body}");
+                saw_loading = true;
+            }
+            other => panic!("unexpected /health answer {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("not ready after 30 s (saw loading: {saw_loading})");
 }
 
 /// One HTTP/1.1 request; returns the status and the (de-chunked) body.
@@ -188,6 +201,14 @@ fn streaming_gives_the_same_text_in_chunks_then_done() {
     let (_, whole) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}));
     assert_eq!(streamed, whole["choices"][0]["text"].as_str().unwrap());
     assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    // n = 3 sampled choices: three completions, seeds seed, seed + 1, seed + 2; usage sums them.
+    let (s3, three) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 3}));
+    assert_eq!(s3, 200, "{three}");
+    let texts: Vec<&str> = three["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!((texts.len(), three["choices"][2]["index"].as_u64()), (3, Some(2)));
+    assert_eq!(three["usage"]["completion_tokens"], 18);
+    let (_, seed6) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 6}));
+    assert_eq!(seed6["choices"][0]["text"].as_str(), Some(texts[1]), "choice 1 is seed + 1");
     // Chat: a role delta first, then content deltas, then the finish reason.
     let mut req = chat(BASE, "What is the capital of France?", 24);
     req["stream"] = json!(true);
@@ -239,6 +260,15 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let mut first = [0u8; 64];
     let _ = gone.read(&mut first).unwrap();
     drop(gone);
+
+    // A slow client (reads nothing for a while) still gets its whole stream.
+    let mut slow = TcpStream::connect(a).unwrap();
+    let body = json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": true}).to_string();
+    write!(slow, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut raw = String::new();
+    slow.read_to_string(&mut raw).unwrap();
+    assert!(raw.contains("\"finish_reason\":\"length\"") && raw.contains("data: [DONE]"), "{raw}");
 
     // Run-time loading from inside the adapters dir, then unloading.
     let inside = dir.join("a1");
@@ -309,8 +339,13 @@ fn the_official_openai_python_client_works() {
 }
 
 #[test]
-fn the_least_recently_used_idle_adapter_is_evicted() {
+fn max_rank_refuses_and_the_least_recently_used_idle_adapter_is_evicted() {
     let (_tmp, dir) = adapters_dir(3);
+    let strict = start(&["--adapters-dir", dir.to_str().unwrap(), "--max-rank", "2"]);
+    let (s, b) = post(&strict.addr, "/v1/chat/completions", &chat("a1", "Hi", 2));
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("rank 4"), "{b}");
+    drop(strict);
     let server = start(&["--adapters-dir", dir.to_str().unwrap(), "--max-adapters", "2"]);
     for name in ["a1", "a2", "a1", "a3"] {
         let (s, b) = post(&server.addr, "/v1/chat/completions", &chat(name, "Hi", 2));
@@ -320,4 +355,12 @@ fn the_least_recently_used_idle_adapter_is_evicted() {
     let models: Value = serde_json::from_str(&models).unwrap();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [BASE, "a1", "a3"], "a2 was the least recently used");
+}
+
+#[test]
+fn a_model_that_does_not_load_stops_the_server_with_its_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lowrank")).args(["serve", "--port", "0", "--model", "/no/such/model.gguf"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/no/such/model.gguf") && err.contains("error"), "{err}");
 }

@@ -8,7 +8,7 @@ mod api;
 mod routes;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -17,7 +17,7 @@ use lowrank::serve::{Engine, EngineConfig, Metrics};
 
 use super::common::{load_options, model_path, DeviceArg};
 use adapters::Registry;
-use routes::{router, AppState};
+use routes::{router, AppState, Ready};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -67,35 +67,61 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model, served_model_name, adapters, adapters_dir, allow_runtime_adapters, max_adapters, max_rank, host, port, max_batch, max_queue, kv_budget, device,
     } = args;
     let path = model_path(model.as_deref())?;
-    let opts = load_options(device, false)?;
-    let bundle = ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
     let base = served_model_name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
-    let registry = Registry::new(base.clone(), bundle.model.modules().clone(), opts.device.clone(), adapters_dir.as_deref(), max_adapters, max_rank)?;
-    for spec in &adapters {
-        let Some((name, dir)) = spec.split_once('=') else { bail!("--adapter {spec}: expected NAME=DIR") };
-        registry.load(name, dir.as_ref(), true).map_err(|e| anyhow::anyhow!("--adapter {spec}: {}", e.message))?;
-    }
-    let (tokenizer, chat) = (bundle.tokenizer.clone(), bundle.chat_template.clone());
     let metrics = Arc::new(Metrics::default());
-    let config = EngineConfig { max_batch, max_queue, kv_budget_tokens: kv_budget };
-    let (engine, worker) = Engine::start(bundle, config, metrics.clone())?;
-    let state = Arc::new(AppState { engine: engine.clone(), registry, tokenizer, chat, metrics, allow_runtime_adapters });
-
+    let state = Arc::new(AppState { ready: OnceLock::new(), metrics: metrics.clone(), allow_runtime_adapters });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
-    rt.block_on(async {
+    let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let served = rt.block_on(async {
+        // Listen first: while the model loads, requests get 503 and /health says "loading".
         let listener = tokio::net::TcpListener::bind((host.as_str(), port)).await.with_context(|| format!("listening on {host}:{port}"))?;
         let addr = listener.local_addr()?;
-        eprintln!("lowrank serve: {base} with {} adapters on http://{addr}/v1", state.registry.names().len());
+        eprintln!("lowrank serve: loading {base}; listening on http://{addr}/v1");
+        let loader = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let load = || -> Result<(Engine, std::thread::JoinHandle<()>)> {
+                    let opts = load_options(device, false)?;
+                    let bundle = ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
+                    let registry = Registry::new(base.clone(), bundle.model.modules().clone(), opts.device.clone(), adapters_dir.as_deref(), max_adapters, max_rank)?;
+                    for spec in &adapters {
+                        let Some((name, dir)) = spec.split_once('=') else { bail!("--adapter {spec}: expected NAME=DIR") };
+                        registry.load(name, dir.as_ref(), true).map_err(|e| anyhow::anyhow!("--adapter {spec}: {}", e.message))?;
+                    }
+                    let (tokenizer, chat) = (bundle.tokenizer.clone(), bundle.chat_template.clone());
+                    let config = EngineConfig { max_batch, max_queue, kv_budget_tokens: kv_budget };
+                    let (engine, worker) = Engine::start(bundle, config, metrics)?;
+                    let n = registry.names().len();
+                    let _ = state.ready.set(Ready { engine: engine.clone(), registry, tokenizer, chat });
+                    eprintln!("lowrank serve: ready: {base} with {n} adapters on http://{addr}/v1");
+                    Ok((engine, worker))
+                };
+                let out = load();
+                if out.is_err() {
+                    let _ = failed_tx.send(()); // stop serving; the error is returned below
+                }
+                out
+            })
+        };
         let shutdown = {
-            let engine = engine.clone();
+            let state = state.clone();
             async move {
-                shutdown_signal().await;
-                eprintln!("lowrank serve: shutting down; finishing {} requests", engine.in_flight());
-                engine.drain();
+                tokio::select! {
+                    _ = shutdown_signal() => {},
+                    Some(()) = failed.recv() => {},
+                }
+                if let Some(r) = state.ready.get() {
+                    eprintln!("lowrank serve: shutting down; finishing {} requests", r.engine.in_flight());
+                    r.engine.drain();
+                }
             }
         };
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serving")
+        axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await.context("serving")?;
+        Ok::<_, anyhow::Error>(loader)
     })?;
+    // The server has stopped: the engine finishes what it holds, then its thread ends.
+    let (engine, worker) = served.join().map_err(|_| anyhow::anyhow!("the loading thread panicked"))??;
+    drop(state);
     drop(engine);
     let _ = worker.join();
     Ok(())

@@ -2,7 +2,7 @@
 //! events or not), models, vLLM's adapter loading, health and metrics.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -25,12 +25,24 @@ use super::api::{finish_reason, new_id, now, ApiError, ChatRequest, CompletionRe
 
 /// What every handler sees.
 pub struct AppState {
+    /// Set once the model is loaded; until then requests get 503.
+    pub ready: OnceLock<Ready>,
+    pub metrics: Arc<Metrics>,
+    pub allow_runtime_adapters: bool,
+}
+
+/// The loaded model's side of the server.
+pub struct Ready {
     pub engine: Engine,
     pub registry: Registry,
     pub tokenizer: Tokenizer,
     pub chat: Option<ChatTemplate>,
-    pub metrics: Arc<Metrics>,
-    pub allow_runtime_adapters: bool,
+}
+
+impl AppState {
+    fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -46,22 +58,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    match s.ready.get() {
+        Some(_) => Json(json!({"status": "ok"})).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response(),
+    }
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
-async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let s = s.ready()?;
     let created = now();
     let base = s.registry.base().to_string();
     let mut data = vec![json!({"id": base, "object": "model", "created": created, "owned_by": "lowrank", "root": base, "parent": null})];
     for name in s.registry.names() {
         data.push(json!({"id": name, "object": "model", "created": created, "owned_by": "lowrank", "root": base, "parent": base}));
     }
-    Json(json!({"object": "list", "data": data}))
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -75,21 +91,22 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(v) => return Err(ApiError::bad_request(format!("one prompt per request, not {}", v.len()))),
     };
-    let ids = s.tokenizer.encode(&text, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = s.ready()?.tokenizer.encode(&text, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
     run(s, req.model, ids, req.sampling, Kind::Text, 16).await
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
-    let template = s.chat.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
+    let r = s.ready()?;
+    let template = r.chat.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages is empty"));
     }
     let messages = req.messages.iter().map(|m| m.to_message()).collect::<Result<Vec<_>, _>>()?;
     let text = template.render(&messages, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // The template writes the special tokens itself.
-    let ids = s.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let room = s.engine.context().saturating_sub(ids.len()) as u64;
+    let ids = r.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let room = r.engine.context().saturating_sub(ids.len()) as u64;
     run(s, req.model, ids, req.sampling, Kind::Chat, room).await
 }
 
@@ -98,6 +115,9 @@ enum Kind {
     Text,
     Chat,
 }
+
+/// Most choices per request (`n`).
+const MAX_N: u64 = 8;
 
 /// The generation options of a request, checked.
 fn options(s: &Sampling, prompt: usize, ctx: usize, default_max: u64) -> Result<GenerateOptions, ApiError> {
@@ -122,8 +142,10 @@ fn options(s: &Sampling, prompt: usize, ctx: usize, default_max: u64) -> Result<
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad_request(format!("top_p {top_p} is outside (0, 1]")));
     }
-    if s.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("n must be 1 (one completion per request)"));
+    match s.n {
+        Some(n) if n > 1 && s.stream => return Err(ApiError::bad_request("n > 1 is not supported with stream")),
+        Some(n) if !(1..=MAX_N).contains(&n) => return Err(ApiError::bad_request(format!("n must be between 1 and {MAX_N}"))),
+        _ => {}
     }
     let stop = match &s.stop {
         None => vec![],
@@ -141,29 +163,38 @@ fn options(s: &Sampling, prompt: usize, ctx: usize, default_max: u64) -> Result<
 }
 
 async fn run(s: Arc<AppState>, model: String, ids: Vec<u32>, sampling: Sampling, kind: Kind, default_max: u64) -> Result<Response, ApiError> {
-    let opts = options(&sampling, ids.len(), s.engine.context(), default_max).inspect_err(|_| s.metrics.refused(&model, "bad_request"))?;
+    let opts = options(&sampling, ids.len(), s.ready()?.engine.context(), default_max).inspect_err(|_| s.metrics.refused(&model, "bad_request"))?;
     let registry_state = s.clone();
     let name = model.clone();
-    let adapters = tokio::task::spawn_blocking(move || registry_state.registry.resolve(&name))
+    let adapters = tokio::task::spawn_blocking(move || registry_state.ready()?.registry.resolve(&name))
         .await
         .map_err(|e| ApiError::internal(format!("loading the adapter: {e}")))?
         .inspect_err(|e| s.metrics.refused(&model, if e.status == StatusCode::NOT_FOUND { "not_found" } else { "bad_request" }))?;
-    let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let prompt_tokens = ids.len();
-    let job = Job { prompt: ids, adapters, options: opts, label: model.clone(), sink: Box::new(move |e| tx.send(e).is_ok()) };
-    s.engine.submit(job).map_err(|e| {
-        s.metrics.refused(&model, "refused");
-        match e {
-            SubmitError::QueueFull(_) => ApiError::busy(e.to_string()),
-            SubmitError::Closed => ApiError::unavailable(e.to_string()),
-        }
-    })?;
+    // `n` choices are `n` jobs with consecutive seeds, batched like any others.
+    let mut receivers = Vec::new();
+    for i in 0..sampling.n.unwrap_or(1) {
+        let (tx, rx) = mpsc::unbounded_channel::<Event>();
+        let mut options = opts.clone();
+        options.sampling.seed = options.sampling.seed.wrapping_add(i);
+        let job = Job { prompt: ids.clone(), adapters: adapters.clone(), options, label: model.clone(), sink: Box::new(move |e| tx.send(e).is_ok()) };
+        s.ready()?.engine.submit(job).map_err(|e| {
+            s.metrics.refused(&model, "refused");
+            match e {
+                SubmitError::QueueFull(_) => ApiError::busy(e.to_string()),
+                SubmitError::Closed => ApiError::unavailable(e.to_string()),
+            }
+        })?;
+        receivers.push(rx);
+    }
     let reply = Reply { id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }), model, created: now(), kind, prompt_tokens, started: std::time::Instant::now() };
-    if sampling.stream {
-        let usage = sampling.stream_options.is_some_and(|o| o.include_usage);
-        Ok(reply.stream(rx, usage))
-    } else {
-        reply.whole(rx).await
+    match (sampling.stream, receivers.pop()) {
+        (true, Some(rx)) => Ok(reply.stream(rx, sampling.stream_options.is_some_and(|o| o.include_usage))),
+        (false, Some(last)) => {
+            receivers.push(last);
+            reply.whole(receivers).await
+        }
+        (_, None) => Err(ApiError::internal("no job was submitted")),
     }
 }
 
@@ -192,29 +223,35 @@ impl Reply {
         json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
     }
 
-    /// The non-streamed response, once the request is done.
-    async fn whole(self, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
-        let mut text = String::new();
-        while let Some(e) = rx.recv().await {
-            match e {
-                Event::Text(t) => text.push_str(&t),
-                Event::Error(m) => {
-                    self.log("error", 0);
-                    return Err(ApiError::internal(m));
+    /// The non-streamed response, once every choice is done.
+    async fn whole(self, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Result<Response, ApiError> {
+        let mut choices = Vec::new();
+        let mut completion = 0;
+        for (index, mut rx) in receivers.into_iter().enumerate() {
+            let mut text = String::new();
+            let done = loop {
+                match rx.recv().await {
+                    Some(Event::Text(t)) => text.push_str(&t),
+                    Some(Event::Done { finish, completion_tokens, .. }) => break Some((finish_reason(finish), completion_tokens)),
+                    Some(Event::Error(m)) => {
+                        self.log("error", completion);
+                        return Err(ApiError::internal(m));
+                    }
+                    None => break None,
                 }
-                Event::Done { finish, completion_tokens, .. } => {
-                    let reason = finish_reason(finish);
-                    self.log(reason, completion_tokens);
-                    let (object, choice) = match self.kind {
-                        Kind::Text => ("text_completion", json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})),
-                        Kind::Chat => ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": reason})),
-                    };
-                    let body = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(completion_tokens)});
-                    return Ok(Json(body).into_response());
-                }
-            }
+            };
+            let Some((reason, tokens)) = done else { return Err(ApiError::internal("the request ended without a result")) };
+            completion += tokens;
+            choices.push(match self.kind {
+                Kind::Text => json!({"index": index, "text": text, "logprobs": null, "finish_reason": reason}),
+                Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": reason}),
+            });
         }
-        Err(ApiError::internal("the request ended without a result"))
+        let last_reason = choices.last().map(|c| c["finish_reason"].as_str().unwrap_or("stop").to_string()).unwrap_or_default();
+        self.log(&last_reason, completion);
+        let object = if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+        let body = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(completion)});
+        Ok(Json(body).into_response())
     }
 
     /// One chunk of a streamed response.
@@ -294,7 +331,7 @@ async fn load_adapter(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Res
     let req: LoadAdapter = parse(&body)?;
     let st = s.clone();
     let name = req.lora_name.clone();
-    tokio::task::spawn_blocking(move || st.registry.load_runtime(&req.lora_name, &req.lora_path))
+    tokio::task::spawn_blocking(move || st.ready()?.registry.load_runtime(&req.lora_name, &req.lora_path))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok((StatusCode::OK, format!("Success: LoRA adapter '{name}' added successfully.")).into_response())
@@ -305,6 +342,40 @@ async fn unload_adapter(State(s): State<Arc<AppState>>, body: Bytes) -> Result<R
         return Err(ApiError::forbidden("run-time adapter unloading is off; start the server with --allow-runtime-adapters"));
     }
     let req: UnloadAdapter = parse(&body)?;
-    s.registry.unload(&req.lora_name)?;
+    s.ready()?.registry.unload(&req.lora_name)?;
     Ok((StatusCode::OK, format!("Success: LoRA adapter '{}' removed successfully.", req.lora_name)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Before the model is loaded every endpoint answers 503 (OpenAI's error shape; /health
+    /// says "loading"), not a refused connection.
+    #[test]
+    fn everything_is_503_while_the_model_loads() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let state = Arc::new(AppState { ready: OnceLock::new(), metrics: Arc::new(Metrics::default()), allow_runtime_adapters: true });
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || rt.block_on(async { axum::serve(listener, router(state)).await }));
+        let ask = |method: &str, path: &str, body: &str| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        assert!(ask("GET", "/health", "").starts_with("HTTP/1.1 503") && ask("GET", "/health", "").contains("\"loading\""));
+        for (method, path, body) in [
+            ("GET", "/v1/models", ""),
+            ("POST", "/v1/completions", r#"{"model": "m", "prompt": "hi"}"#),
+            ("POST", "/v1/chat/completions", r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#),
+            ("POST", "/v1/unload_lora_adapter", r#"{"lora_name": "x"}"#),
+        ] {
+            let r = ask(method, path, body);
+            assert!(r.starts_with("HTTP/1.1 503") && r.contains("still loading") && r.contains("\"server_error\""), "{path}: {r}");
+        }
+    }
 }

@@ -129,6 +129,20 @@ fn combine_writes_a_peft_adapter_that_merge_accepts() {
     let merged = tmp.path().join("merged");
     let r = lowrank(&merge_args(&model, out.to_str().unwrap(), &merged));
     assert!(r.status.success(), "{}", text(&r.stderr));
+
+    // TIES needs a density; with one, it writes an adapter of the common rank.
+    let rs = fixture("llama").join("adapters/rslora");
+    let ties = |extra: &[&str]| {
+        let o = tmp.path().join("ties");
+        let mut v = vec!["combine", "--model", model.to_str().unwrap(), "--method", "ties", "--output", o.to_str().unwrap(), "--force"];
+        v.extend(extra);
+        let a = [format!("{}:0.7", qv.display()), format!("{}:-0.4", rs.display())];
+        lowrank(&[v, vec!["--adapter", &a[0], "--adapter", &a[1]]].concat())
+    };
+    let r = ties(&[]);
+    assert!(!r.status.success() && text(&r.stderr).contains("--density"), "{}", text(&r.stderr));
+    let r = ties(&["--density", "0.5"]);
+    assert!(r.status.success() && text(&r.stderr).contains("(ties)"), "{}", text(&r.stderr));
 }
 
 #[test]

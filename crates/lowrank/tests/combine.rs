@@ -1,4 +1,5 @@
-//! `combine` against PEFT's `add_weighted_adapter` (scripts/fixtures/combine.py), and its
+//! `combine` against PEFT's `add_weighted_adapter` (scripts/fixtures/combine.py: linear, cat,
+//! svd, ties with both sign elections, magnitude pruning), and its
 //! invariants: linear of one adapter at weight 1 is that adapter, cat of two is both at once.
 
 mod common;
@@ -7,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{Device, Tensor};
 use common::*;
-use lowrank::adapter::{combine, Adapter, AdapterLayer, CombineMethod};
+use lowrank::adapter::{combine, Adapter, AdapterLayer, CombineMethod, MajoritySign};
 
 fn delta(layer: &dyn AdapterLayer) -> Tensor {
     layer.delta_weight().unwrap()
@@ -32,9 +33,15 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
             })
             .collect();
         let refs: Vec<(&Adapter, f64)> = inputs.iter().map(|(a, w)| (a.as_ref(), *w)).collect();
+        let density = case["density"].as_f64().unwrap_or(1.0);
         let method = match case["method"].as_str().unwrap() {
             "linear" => CombineMethod::Linear,
             "cat" => CombineMethod::Cat,
+            "ties" => {
+                let sign = if case["majority_sign_method"] == "frequency" { MajoritySign::Frequency } else { MajoritySign::Total };
+                CombineMethod::Ties { density, sign }
+            }
+            "magnitude_prune" => CombineMethod::MagnitudePrune { density },
             _ => CombineMethod::Svd(case["svd_rank"].as_u64().map(|r| r as usize)),
         };
         let got = combine(&refs, method, model.modules(), name).unwrap();
@@ -50,7 +57,7 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
             let d = max_diff(&delta(layer), &want[&key("delta")]);
             assert!(d < 1e-5, "{name} {}: ΔW differs from PEFT's by {d}", m.path);
             if !matches!(method, CombineMethod::Svd(_)) {
-                // linear and cat are deterministic factor by factor (SVD only up to signs).
+                // linear, cat, ties and pruning are deterministic factor by factor (SVD only up to signs).
                 let lr = layer.low_rank().unwrap();
                 assert!(max_diff(lr.a, &want[&key("lora_A")]) < 1e-6, "{name} {}: A", m.path);
                 assert!(max_diff(lr.b, &want[&key("lora_B")]) < 1e-6, "{name} {}: B", m.path);
@@ -87,6 +94,8 @@ fn linear_refuses_different_ranks_and_names_them() {
     let (qv, all) = (adapter(&model, "llama", "qv"), adapter(&model, "llama", "all_linear"));
     let e = combine(&[(&qv, 1.0), (&all, 1.0)], CombineMethod::Linear, model.modules(), "x").unwrap_err().to_string();
     assert!(e.contains("qv has r=4") && e.contains("all_linear has r=8") && e.contains("cat or svd"), "{e}");
+    let e = combine(&[(&qv, 1.0), (&qv, 1.0)], CombineMethod::MagnitudePrune { density: 1.5 }, model.modules(), "x").unwrap_err().to_string();
+    assert!(e.contains("density"), "{e}");
     let e = combine(&[], CombineMethod::Cat, model.modules(), "x").unwrap_err().to_string();
     assert!(e.contains("no adapters"), "{e}");
 }

@@ -6,6 +6,10 @@
 //! * `cat`: `A = [w₁s₁A₁; w₂s₂A₂; …]`, `B = [B₁ B₂ …]`, rank `Σ rᵢ` (zero-padded where a module
 //!   lacks an adapter): exactly `Σ wᵢΔWᵢ`.
 //! * `svd`: the best rank-`R` factors of `Σ wᵢΔWᵢ` (`R` given, or the largest input rank).
+//! * `ties` and `magnitude_prune` (same ranks), on the A and B factors with the `linear`
+//!   weights: each factor keeps its largest `density` fraction of entries by magnitude; TIES
+//!   then elects a sign per entry (from the sum, or the count, of the pruned factors) and averages
+//!   the weighted entries that agree with it; magnitude pruning sums them.
 //!
 //! The result has `lora_alpha = r` (scaling 1) and PEFT's other config fields from the first
 //! adapter, with `rank_pattern` and `alpha_pattern` cleared — and `use_rslora` off: PEFT copies
@@ -22,7 +26,7 @@ use crate::ops::truncated_svd_of_product;
 use crate::{Error, Result};
 
 /// How to combine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CombineMethod {
     /// Weighted sums of the A and B factors (same rank).
     Linear,
@@ -30,6 +34,48 @@ pub enum CombineMethod {
     Cat,
     /// Truncated SVD of the weighted sum of updates, to this rank (default: the largest input rank).
     Svd(Option<usize>),
+    /// TIES on the factors (same ranks): prune to `density`, elect signs, average agreeing entries.
+    Ties {
+        /// Fraction of each factor's entries kept, in `[0, 1]`.
+        density: f64,
+        /// How the sign of each entry is elected.
+        sign: MajoritySign,
+    },
+    /// Factors pruned to `density` by magnitude, then summed with weights (same ranks).
+    MagnitudePrune {
+        /// Fraction of each factor's entries kept, in `[0, 1]`.
+        density: f64,
+    },
+}
+
+impl CombineMethod {
+    /// PEFT's `combination_type`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CombineMethod::Linear => "linear",
+            CombineMethod::Cat => "cat",
+            CombineMethod::Svd(_) => "svd",
+            CombineMethod::Ties { .. } => "ties",
+            CombineMethod::MagnitudePrune { .. } => "magnitude_prune",
+        }
+    }
+}
+
+/// How TIES elects each entry's sign.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MajoritySign {
+    /// The sign of the sum of the pruned values.
+    Total,
+    /// The sign most values have.
+    Frequency,
+}
+
+/// How the per-adapter factors of one module are merged.
+#[derive(Clone, Copy)]
+enum FactorMerge {
+    Sum,
+    Prune(f64),
+    Ties(f64, MajoritySign),
 }
 
 /// The adapters `inputs` (with their weights) combined into a new adapter named `name`.
@@ -42,11 +88,22 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
     // PEFT: with a single adapter, `cat` is the same update as `linear`.
     let method = if inputs.len() == 1 && method == CombineMethod::Cat { CombineMethod::Linear } else { method };
     let ranks: Vec<usize> = inputs.iter().map(|(a, _)| a.config.rank_pattern.values().copied().fold(a.config.r, usize::max)).collect();
+    let factor_merge = match method {
+        CombineMethod::Ties { density, sign } => Some(FactorMerge::Ties(density, sign)),
+        CombineMethod::MagnitudePrune { density } => Some(FactorMerge::Prune(density)),
+        CombineMethod::Linear => Some(FactorMerge::Sum),
+        _ => None,
+    };
+    if let CombineMethod::Ties { density, .. } | CombineMethod::MagnitudePrune { density } = method {
+        if !(0.0..=1.0).contains(&density) {
+            return Err(err(format!("density {density} is outside [0, 1]")));
+        }
+    }
     let new_rank = match method {
-        CombineMethod::Linear => {
+        CombineMethod::Linear | CombineMethod::Ties { .. } | CombineMethod::MagnitudePrune { .. } => {
             if ranks.iter().any(|&r| r != ranks[0]) {
                 let list: Vec<String> = inputs.iter().zip(&ranks).map(|((a, _), r)| format!("{} has r={r}", a.name)).collect();
-                return Err(err(format!("linear needs adapters of one rank ({}); use --method cat or svd", list.join(", "))));
+                return Err(err(format!("{} needs adapters of one rank ({}); use --method cat or svd", method.name(), list.join(", "))));
             }
             ranks[0]
         }
@@ -69,10 +126,10 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
             layers.push(None);
             continue;
         }
-        let (a, b) = match method {
-            CombineMethod::Linear => linear(&parts).map_err(|e| err(format!("`{}`: {e}", module.path)))?,
-            CombineMethod::Cat => cat(&parts, new_rank)?,
-            CombineMethod::Svd(_) => svd(&parts, new_rank)?,
+        let (a, b) = match (method, factor_merge) {
+            (_, Some(how)) => factors(&parts, how).map_err(|e| err(format!("`{}`: {e}", module.path)))?,
+            (CombineMethod::Svd(_), _) => svd(&parts, new_rank)?,
+            _ => cat(&parts, new_rank)?,
         };
         layers.push(Some(Box::new(LoraLayer { a, b, scale: 1.0, dropout: None })));
     }
@@ -90,19 +147,74 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
     Ok(Adapter::new(name.to_string(), config, layers))
 }
 
-/// `A = Σ sign·√|c|·Aᵢ`, `B = Σ √|c|·Bᵢ` (`c = wᵢsᵢ`).
-fn linear(parts: &[(Tensor, Tensor, f64)]) -> Result<(Tensor, Tensor)> {
-    let mut a = (parts[0].0.zeros_like())?;
-    let mut b = (parts[0].1.zeros_like())?;
-    for (ai, bi, c) in parts {
-        if ai.dims() != a.dims() || bi.dims() != b.dims() {
-            return Err(Error::InvalidArgument(format!("ranks differ in this module ({:?} and {:?})", a.dims(), ai.dims())));
-        }
-        let root = c.abs().sqrt();
-        a = (a + (ai * (root * c.signum()))?)?;
-        b = (b + (bi * root)?)?;
+/// PEFT's weights for the factors (`c = wᵢsᵢ`): `sign(c)·√|c|` on A, `√|c|` on B; each list of
+/// factors merged by `how` (`Sum`: `A = Σ sign·√|c|·Aᵢ`, `B = Σ √|c|·Bᵢ`).
+fn factors(parts: &[(Tensor, Tensor, f64)], how: FactorMerge) -> Result<(Tensor, Tensor)> {
+    let (a0, b0) = (&parts[0].0, &parts[0].1);
+    if parts.iter().any(|(a, b, _)| a.dims() != a0.dims() || b.dims() != b0.dims()) {
+        return Err(Error::InvalidArgument(format!("ranks differ in this module ({:?} and others)", a0.dims())));
     }
-    Ok((a, b))
+    let wa: Vec<f64> = parts.iter().map(|(_, _, c)| c.abs().sqrt() * c.signum()).collect();
+    let wb: Vec<f64> = parts.iter().map(|(_, _, c)| c.abs().sqrt()).collect();
+    let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?) };
+    let a: Vec<Vec<f32>> = parts.iter().map(|(a, _, _)| values(a)).collect::<Result<_>>()?;
+    let b: Vec<Vec<f32>> = parts.iter().map(|(_, b, _)| values(b)).collect::<Result<_>>()?;
+    let dev = a0.device();
+    Ok((
+        Tensor::from_vec(merge_tasks(&a, &wa, how), a0.shape(), dev)?,
+        Tensor::from_vec(merge_tasks(&b, &wb, how), b0.shape(), dev)?,
+    ))
+}
+
+/// PEFT's task merging (`merge_utils`) of equally shaped `tasks` with `weights`.
+fn merge_tasks(tasks: &[Vec<f32>], weights: &[f64], how: FactorMerge) -> Vec<f32> {
+    let n = tasks[0].len();
+    let pruned: Vec<Vec<f32>> = match how {
+        FactorMerge::Sum => tasks.to_vec(),
+        FactorMerge::Prune(d) | FactorMerge::Ties(d, _) => tasks.iter().map(|t| prune(t, d)).collect(),
+    };
+    (0..n)
+        .map(|e| match how {
+            FactorMerge::Sum | FactorMerge::Prune(_) => pruned.iter().zip(weights).map(|(t, &w)| t[e] * w as f32).sum(),
+            FactorMerge::Ties(_, sign) => {
+                // The elected sign: of the sum (total) or of the count of signs (frequency).
+                let score: f32 = match sign {
+                    MajoritySign::Total => pruned.iter().map(|t| t[e]).sum(),
+                    MajoritySign::Frequency => pruned.iter().map(|t| signum(t[e])).sum(),
+                };
+                let elected = if score >= 0.0 { 1.0 } else { -1.0 };
+                let agree: Vec<usize> = (0..pruned.len()).filter(|&i| signum(pruned[i][e]) == elected).collect();
+                let sum: f32 = agree.iter().map(|&i| pruned[i][e] * weights[i] as f32).sum();
+                sum / (agree.len().max(1) as f32)
+            }
+        })
+        .collect()
+}
+
+/// `torch.sign`: 0 for 0.
+fn signum(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// The entries of largest magnitude, `int(density · len)` of them, the rest zeroed.
+fn prune(t: &[f32], density: f64) -> Vec<f32> {
+    if density >= 1.0 {
+        return t.to_vec();
+    }
+    let k = (density * t.len() as f64) as usize;
+    let mut order: Vec<usize> = (0..t.len()).collect();
+    order.sort_by(|&i, &j| t[j].abs().total_cmp(&t[i].abs()));
+    let mut out = vec![0f32; t.len()];
+    for &i in &order[..k] {
+        out[i] = t[i];
+    }
+    out
 }
 
 /// `A = [c₁A₁; c₂A₂; …; 0]`, `B = [B₁ B₂ … 0]`, padded to `rank`.

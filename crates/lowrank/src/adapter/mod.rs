@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 
-pub use combine::{combine, CombineMethod};
+pub use combine::{combine, CombineMethod, MajoritySign};
 pub use config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
 pub use dropout::{Dropout, DropoutControl};
 pub use io::PEFT_PREFIX;

@@ -6,10 +6,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
-use lowrank::bundle::ModelBundle;
+use lowrank::chat::ChatTemplate;
 use lowrank::export::{gguf_metadata_for_hf, write_gguf_model, write_hf_model, HfOptions, TokenizerFiles};
 use lowrank::model::{detect_format, GgufFile, LoadOptions, Model, ModelFormat};
 use lowrank::staging::Existing;
+use lowrank::tokenizer::Tokenizer;
 
 use super::common::{load_adapters, mib, model_path, AdapterSpec};
 
@@ -66,16 +67,29 @@ pub fn run(args: MergeArgs) -> Result<()> {
     if output.exists() && !force {
         bail!("{} already exists; choose a new path or pass --force to replace it", output.display());
     }
+    // Settle the output type before any loading.
+    let out = match (format, dtype) {
+        (Format::Gguf, d) => Out::Gguf(match d {
+            OutDType::F32 => GgmlDType::F32,
+            OutDType::F16 => GgmlDType::F16,
+            OutDType::Bf16 => GgmlDType::BF16,
+            OutDType::Q8_0 => GgmlDType::Q8_0,
+            OutDType::Q4_0 => GgmlDType::Q4_0,
+        }),
+        (Format::Hf, OutDType::F32) => Out::Hf(DType::F32),
+        (Format::Hf, OutDType::F16) => Out::Hf(DType::F16),
+        (Format::Hf, OutDType::Bf16) => Out::Hf(DType::BF16),
+        (Format::Hf, other) => bail!("--dtype {other:?} is for --format gguf; an HF directory holds f32, f16 or bf16"),
+    };
     let opts = LoadOptions { dequantize: true, ..Default::default() };
-    let (mut model, tokenizer) = match detect_format(&path)? {
-        ModelFormat::HfDir => {
-            let model = Model::from_path(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
-            (model, TokenizerFiles::from_hf_dir(&path)?)
-        }
+    let loading = || format!("loading model {}", path.display());
+    // A GGUF base is opened once: its weights, and its metadata for the tokenizer or the output.
+    let (mut model, gguf) = match detect_format(&path)? {
+        ModelFormat::HfDir => (Model::from_path(&path, &opts).with_context(loading)?, None),
         ModelFormat::Gguf => {
-            let b = ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
-            let files = TokenizerFiles::from_tokenizer(&b.tokenizer, b.chat_template.as_ref(), b.model.config().max_position_embeddings)?;
-            (b.model, files)
+            let mut g = GgufFile::open(&path, &opts.device, true).with_context(loading)?;
+            let cfg = g.config().with_context(loading)?;
+            (Model::load(cfg, &g, &opts.device).with_context(loading)?, Some(g))
         }
     };
     let active = load_adapters(&adapters, model.modules(), &opts.device)?;
@@ -83,42 +97,46 @@ pub fn run(args: MergeArgs) -> Result<()> {
     for a in &active {
         eprintln!("merged {} (weight {}): {} modules", a.adapter.name, a.weight, a.adapter.num_layers());
     }
-    if format == Format::Gguf {
-        let ty = match dtype {
-            OutDType::F32 => GgmlDType::F32,
-            OutDType::F16 => GgmlDType::F16,
-            OutDType::Bf16 => GgmlDType::BF16,
-            OutDType::Q8_0 => GgmlDType::Q8_0,
-            OutDType::Q4_0 => GgmlDType::Q4_0,
-        };
-        let metadata = match detect_format(&path)? {
-            ModelFormat::Gguf => GgufFile::open(&path, &opts.device, false)?.metadata().clone(),
-            ModelFormat::HfDir => gguf_metadata_for_hf(model.config(), &path).context("building GGUF metadata from the HF directory")?,
-        };
-        write_gguf_model(&model, &metadata, &output, ty, safe, existing).with_context(|| format!("writing {}", output.display()))?;
-        let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
-        eprintln!("wrote {}: {:.1} MiB, matrices {dtype:?}", output.display(), mib(size));
-        return Ok(());
+    match out {
+        Out::Gguf(ty) => {
+            let metadata = match &gguf {
+                Some(g) => g.metadata().clone(),
+                None => gguf_metadata_for_hf(model.config(), &path).context("building GGUF metadata from the HF directory")?,
+            };
+            write_gguf_model(&model, &metadata, &output, ty, safe, existing).with_context(|| format!("writing {}", output.display()))?;
+            let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+            eprintln!("wrote {}: {:.1} MiB, matrices {ty:?}", output.display(), mib(size));
+        }
+        Out::Hf(dtype) => {
+            let tokenizer = match &gguf {
+                None => TokenizerFiles::from_hf_dir(&path)?,
+                Some(g) => {
+                    let tok = Tokenizer::from_gguf(g.metadata(), &path)?;
+                    let chat = ChatTemplate::from_gguf(g.metadata(), &tok)?;
+                    TokenizerFiles::from_tokenizer(&tok, chat.as_ref(), model.config().max_position_embeddings)?
+                }
+            };
+            let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe };
+            let written = write_hf_model(&model, &tokenizer, &output, &hf, existing).with_context(|| format!("writing {}", output.display()))?;
+            if !written.files.iter().any(|f| f == "tokenizer.json" || f == "tokenizer.model") {
+                eprintln!("note: the base has no tokenizer files; {} holds weights and config only", output.display());
+            }
+            eprintln!(
+                "wrote {}: {} tensors, {:.1} MiB of {dtype:?} weights; {}",
+                output.display(),
+                written.tensors,
+                mib(written.bytes),
+                written.files.join(", ")
+            );
+        }
     }
-    let dtype = match dtype {
-        OutDType::F32 => DType::F32,
-        OutDType::F16 => DType::F16,
-        OutDType::Bf16 => DType::BF16,
-        other => bail!("--dtype {other:?} is for --format gguf; an HF directory holds f32, f16 or bf16"),
-    };
-    let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe };
-    let written = write_hf_model(&model, &tokenizer, &output, &hf, existing).with_context(|| format!("writing {}", output.display()))?;
-    if !written.files.iter().any(|f| f == "tokenizer.json" || f == "tokenizer.model") {
-        eprintln!("note: the base has no tokenizer files; {} holds weights and config only", output.display());
-    }
-    eprintln!(
-        "wrote {}: {} tensors, {:.1} MiB of {dtype:?} weights; {}",
-        output.display(),
-        written.tensors,
-        mib(written.bytes),
-        written.files.join(", ")
-    );
     Ok(())
+}
+
+/// The output, its form and tensor type settled.
+enum Out {
+    Hf(DType),
+    Gguf(GgmlDType),
 }
 
 /// `5GB` (10⁹), `500MB`, `2GiB` (2³⁰), `100KB`, or a number of bytes.

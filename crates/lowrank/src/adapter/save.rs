@@ -14,7 +14,6 @@
 //! `dir`, are synced, and the temporary directory is renamed to `dir`. `dir` must not exist, or be
 //! an empty directory; lowrank never overwrites or merges into an existing adapter.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::DType;
@@ -25,6 +24,7 @@ use super::io::PEFT_PREFIX;
 use super::target::plan;
 use super::Adapter;
 use crate::model::ModuleTable;
+use crate::export::write_safetensors;
 use crate::staging::{write_synced, Existing, Staged};
 use crate::{Error, Result};
 
@@ -334,26 +334,14 @@ impl Adapter {
         }
         let config_text = json_dumps_sorted(&peft_config_json(&cfg));
 
-        // Tensors, f32 little-endian.
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        // Tensors, f32.
+        let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::new();
         for (m, l) in table.modules().iter().zip(&self.layers) {
             let Some(l) = l else { continue };
             for (name, t) in l.tensors() {
-                let data: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                tensors.push((format!("{PEFT_PREFIX}{}.{name}", m.path), t.dims().to_vec(), bytes));
+                tensors.push((format!("{PEFT_PREFIX}{}.{name}", m.path), t.to_dtype(DType::F32)?));
             }
         }
-        let views = tensors
-            .iter()
-            .map(|(k, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (k.as_str(), v))
-                    .map_err(|e| err(format!("tensor `{k}`: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let st_bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| err(format!("serialising tensors: {e}")))?;
 
         // Into a temporary sibling, then renamed into place.
         if dir.exists() && existing != Existing::Replace {
@@ -364,7 +352,7 @@ impl Adapter {
         }
         let staged = Staged::dir(dir, existing)?;
         write_synced(&staged.path().join("adapter_config.json"), config_text.as_bytes())?;
-        write_synced(&staged.path().join("adapter_model.safetensors"), &st_bytes)?;
+        write_safetensors(&staged.path().join("adapter_model.safetensors"), &tensors.iter().collect::<Vec<_>>())?;
         staged.commit()
     }
 }

@@ -96,17 +96,19 @@ pub fn write_hf_model(model: &Model, tokenizer: &TokenizerFiles, out: &Path, opt
 /// Groups tensors (in order) into shards of at most `max` bytes; a tensor larger than `max` gets
 /// a shard of its own.
 fn plan_shards(tensors: &[(String, Tensor)], max: u64) -> Vec<Vec<usize>> {
-    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
     let mut size = 0u64;
     for (i, (_, t)) in tensors.iter().enumerate() {
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        if size + bytes > max && !shards.last().is_some_and(|s| s.is_empty()) {
-            shards.push(Vec::new());
+        if size + bytes > max && !current.is_empty() {
+            shards.push(std::mem::take(&mut current));
             size = 0;
         }
-        shards.last_mut().expect("one shard at least").push(i);
+        current.push(i);
         size += bytes;
     }
+    shards.push(current);
     shards
 }
 
@@ -124,8 +126,9 @@ pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Writes one safetensors file with metadata `{"format": "pt"}`; returns its tensor bytes.
-fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)]) -> Result<u64> {
+/// Writes one safetensors file with metadata `{"format": "pt"}`, streamed to disk and synced;
+/// returns its tensor bytes.
+pub(crate) fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)]) -> Result<u64> {
     let data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| Ok((name.clone(), t.dims().to_vec(), st_dtype(t.dtype())?, le_bytes(t)?)))
@@ -139,8 +142,11 @@ fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)]) -> Result<u64> 
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::Export(format!("serialising {}: {e}", path.display())))?;
-    write_synced(path, &bytes)?;
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => Error::io("writing", path, io),
+        other => Error::Export(format!("serialising {}: {other}", path.display())),
+    })?;
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io("syncing", path, e))?;
     Ok(data.iter().map(|d| d.3.len() as u64).sum())
 }
 
@@ -204,13 +210,12 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "torch_dtype": "float32",
     });
-    let o = v.as_object_mut().expect("json! object");
     if cfg.family != Family::Qwen2 {
-        o.insert("attention_bias".into(), json!(cfg.qkv_bias));
-        o.insert("mlp_bias".into(), json!(cfg.mlp_bias));
+        v["attention_bias"] = json!(cfg.qkv_bias);
+        v["mlp_bias"] = json!(cfg.mlp_bias);
     }
     if cfg.family == Family::Mistral {
-        o.insert("sliding_window".into(), json!(cfg.sliding_window));
+        v["sliding_window"] = json!(cfg.sliding_window);
     }
     v
 }

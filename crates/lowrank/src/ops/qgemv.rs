@@ -26,7 +26,7 @@ pub fn qgemv(dtype: GgmlDType, bytes: &[u8], m: usize, k: usize, x: &[f32], n: u
         _ => return None,
     };
     let row_bytes = k / QK * block_bytes;
-    if k % QK != 0 || bytes.len() != m * row_bytes || x.len() != n * k {
+    if !k.is_multiple_of(QK) || bytes.len() != m * row_bytes || x.len() != n * k {
         return None;
     }
     // yt[j, i] = row j of W · row i of x

@@ -211,14 +211,13 @@ impl Scheduler {
                     None => break,
                 }
             }
-            let mut budget: usize = running.iter().map(|r| r.job.prompt.len() + r.job.options.max_new_tokens).sum();
+            let mut budget: usize = running.iter().map(|r| reserve(&r.job, ctx)).sum();
             while running.len() < config.max_batch {
-                let Some(job) = waiting.front() else { break };
-                let need = (job.prompt.len() + job.options.max_new_tokens).min(ctx);
+                let Some(need) = waiting.front().map(|j| reserve(j, ctx)) else { break };
                 if !running.is_empty() && budget + need > config.kv_budget_tokens {
                     break; // wait for room; a lone request always runs
                 }
-                let mut job = waiting.pop_front().expect("front exists");
+                let Some(mut job) = waiting.pop_front() else { break };
                 metrics.queued(-1);
                 if let Some(e) = check(&job, ctx) {
                     (job.sink)(Event::Error(e));
@@ -243,7 +242,7 @@ impl Scheduler {
                 continue;
             }
             // Rows of one adapter set next to each other: one low-rank run per adapter.
-            running.sort_by(|a, b| adapter_key(&a.job.adapters).cmp(&adapter_key(&b.job.adapters)));
+            running.sort_by_cached_key(|r| adapter_key(&r.job.adapters));
             metrics.batch(running.len());
             let step = {
                 let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::take(&mut r.cache)).collect();
@@ -333,6 +332,11 @@ fn advance(r: &mut Running, logits: &[f32], eos: &[u32], ctx: usize) -> std::res
         }
     }
     Ok(finish)
+}
+
+/// The KV-cache positions a job may take: prompt and new tokens, at most the context.
+fn reserve(job: &Job, ctx: usize) -> usize {
+    (job.prompt.len() + job.options.max_new_tokens).min(ctx)
 }
 
 /// A job that cannot run, and why.

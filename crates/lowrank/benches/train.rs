@@ -146,9 +146,8 @@ fn run(s: &Settings) -> Result<()> {
     let gguf = lowrank::home::default_model_gguf().context("fetching the default model")?;
     let opts = LoadOptions { dequantize: s.mode == Mode::F32, ..Default::default() };
     let model = Model::from_path(&gguf, &opts).with_context(|| format!("loading {}", gguf.display()))?;
-    let device = model.device().clone();
     let config = AdapterConfig::from_json(LORA_CONFIG, Path::new("bench-lora"))?;
-    let initial = Adapter::init("bench-lora", config, model.modules(), s.seed, &device)?;
+    let initial = Adapter::init("bench-lora", config, &model, s.seed)?;
     ensure!(initial.num_layers() == 7 * model.config().num_layers, "expected 7 adapted projections per block, got {}", initial.num_layers());
     let (adapter, named) = initial.to_trainable(model.modules(), None)?;
     let vars: Vec<_> = named.into_iter().map(|(_, v)| v).collect();

@@ -149,7 +149,7 @@ fn a_fresh_adapter_is_saved_with_every_peft_key() {
     .unwrap();
     let mut cfg = AdapterConfig { raw: Default::default(), ..cfg };
     cfg.base_model_name_or_path = Some("HuggingFaceTB/SmolLM2-135M-Instruct".into());
-    let a = Adapter::init("new", cfg, table, 7, &Device::Cpu).unwrap();
+    let a = Adapter::init("new", cfg, &model, 7).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("new");
     a.save_peft(&out, table).unwrap();
@@ -176,7 +176,7 @@ fn all_linear_is_resolved_like_peft() {
     let model = tiny_model("llama");
     let table = model.modules();
     let cfg = AdapterConfig::from_json(r#"{"r":2,"lora_alpha":4,"target_modules":"all-linear"}"#, Path::new("x")).unwrap();
-    let a = Adapter::init("x", cfg, table, 1, &Device::Cpu).unwrap();
+    let a = Adapter::init("x", cfg, &model, 1).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     a.save_peft(&tmp.path().join("a"), table).unwrap();
     let saved = read_json(&tmp.path().join("a/adapter_config.json"));

@@ -17,7 +17,7 @@ fn fresh_config() -> AdapterConfig {
 #[test]
 fn fresh_adapter_leaves_logits_unchanged() {
     let model = tiny_model("llama");
-    let fresh = Arc::new(Adapter::init("fresh", fresh_config(), model.modules(), 7, &Device::Cpu).unwrap());
+    let fresh = Arc::new(Adapter::init("fresh", fresh_config(), &model, 7).unwrap());
     assert_eq!(fresh.num_layers(), model.modules().len());
     let ids = &ids("llama")[1];
     let d = max_diff(&logits(&model, ids, &[active(&fresh, 1.0)]), &logits(&model, ids, &[]));

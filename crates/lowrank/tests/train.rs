@@ -68,7 +68,7 @@ fn tensors(t: &Trainer) -> Vec<Vec<f32>> {
 }
 
 fn run(model: &Model, out: &Path, dropout: f64, stop_at: usize) -> (RunEnd, Vec<Vec<f32>>) {
-    let init = Adapter::init("a", config(dropout), model.modules(), 7, &Device::Cpu).unwrap();
+    let init = Adapter::init("a", config(dropout), &model, 7).unwrap();
     let mut t = Trainer::new(model, &init, train_config(6), out).unwrap();
     let data = examples();
     let end = t.run(&data[..8], &data[8..], &mut StopAt(stop_at, 0)).unwrap();
@@ -116,7 +116,7 @@ fn same_seed_same_adapter_and_dropout_matters() {
 fn training_lowers_the_loss() {
     let model = tiny_model("llama");
     let tmp = tempfile::tempdir().unwrap();
-    let init = Adapter::init("a", config(0.0), model.modules(), 1, &Device::Cpu).unwrap();
+    let init = Adapter::init("a", config(0.0), &model, 1).unwrap();
     let mut cfg = train_config(30);
     cfg.lr = 2e-2;
     let mut t = Trainer::new(&model, &init, cfg, tmp.path()).unwrap();
@@ -131,7 +131,7 @@ fn training_lowers_the_loss() {
 fn non_finite_update_stops_and_keeps_the_last_checkpoint() {
     let model = tiny_model("llama");
     let tmp = tempfile::tempdir().unwrap();
-    let init = Adapter::init("a", config(0.0), model.modules(), 1, &Device::Cpu).unwrap();
+    let init = Adapter::init("a", config(0.0), &model, 1).unwrap();
     let mut cfg = train_config(6);
     cfg.lr = 1e38;
     cfg.warmup = 0;

@@ -71,6 +71,9 @@ pub struct TrainArgs {
     /// Scale by alpha/sqrt(rank) (rsLoRA)
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     rslora: Option<bool>,
+    /// DoRA: a trained magnitude per output row on top of the low-rank direction update
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    dora: Option<bool>,
     /// Longest sequence in tokens; longer rows are truncated [default: 512]
     #[arg(long)]
     max_seq_len: Option<usize>,
@@ -172,7 +175,7 @@ impl Settings {
         }
         let TrainArgs {
             config: _, model, data, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
-            target_modules, rslora, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
+            target_modules, rslora, dora, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
             save_every, eval_every, resume: _, dequantize, device,
         } = args;
         let example = model.is_none() && file.model.is_none() && data.is_none() && file.data.is_none();
@@ -200,6 +203,7 @@ impl Settings {
             "lora_dropout": dropout.or(file.dropout).unwrap_or(0.0),
             "target_modules": target_json,
             "use_rslora": rslora.or(file.rslora).unwrap_or(false),
+            "use_dora": dora.or(file.dora).unwrap_or(false),
             "bias": "none",
             "base_model_name_or_path": model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
         });
@@ -265,7 +269,7 @@ impl Settings {
                 bail!("--resume continues in {}; --output cannot change it", self.output.display());
             }
         }
-        let changed = args.model.is_some() || args.data.is_some() || args.steps.is_some() || args.lr.is_some() || args.rank.is_some() || args.batch_size.is_some() || args.seed.is_some();
+        let changed = args.model.is_some() || args.data.is_some() || args.steps.is_some() || args.lr.is_some() || args.rank.is_some() || args.dora.is_some() || args.batch_size.is_some() || args.seed.is_some();
         if changed {
             bail!("--resume reuses the run's own settings ({}); drop the other training flags", self.output.join(SETTINGS_FILE).display());
         }
@@ -322,7 +326,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut trainer = match &resume {
         Some(dir) => Trainer::resume(model, s.train.clone(), &s.output, dir)?,
         None => {
-            let init = Adapter::init("adapter", adapter_cfg, model.modules(), s.train.seed, model.device())?;
+            let init = Adapter::init("adapter", adapter_cfg, &model, s.train.seed)?;
             Trainer::new(model, &init, s.train.clone(), &s.output)?
         }
     };

@@ -85,6 +85,9 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
     if let Some((a, w)) = inputs.iter().find(|(_, w)| !w.is_finite()) {
         return Err(err(format!("weight {w} of {} is not finite", a.name)));
     }
+    if let Some((a, _)) = inputs.iter().find(|(a, _)| a.config.use_dora) {
+        return Err(err(format!("{} is a DoRA adapter: its update rescales the base weight, so it has no low-rank factors to combine (merge it instead)", a.name)));
+    }
     // PEFT: with a single adapter, `cat` is the same update as `linear`.
     let method = if inputs.len() == 1 && method == CombineMethod::Cat { CombineMethod::Linear } else { method };
     let ranks: Vec<usize> = inputs.iter().map(|(a, _)| a.config.rank_pattern.values().copied().fold(a.config.r, usize::max)).collect();

@@ -161,9 +161,6 @@ impl AdapterConfig {
         if let Some(k) = self.rank_pattern.iter().find(|(_, &r)| r == 0).map(|(k, _)| k) {
             return bad(format!("rank_pattern `{k}` is 0"));
         }
-        if self.use_dora {
-            return bad("use_dora: DoRA adapters are not supported yet".into());
-        }
         if self.bias != "none" {
             return bad(format!("bias = `{}`: trained base biases are not supported yet (only \"none\")", self.bias));
         }

@@ -48,6 +48,11 @@ impl Dropout {
         Self { ctl, module: module as u64 }
     }
 
+    /// Whether [`Dropout::apply`] changes its input now (enabled, `p > 0`).
+    pub fn active(&self) -> bool {
+        self.ctl.enabled.load(Ordering::SeqCst) && self.ctl.p > 0.0
+    }
+
     /// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)`;
     /// `x` itself when disabled.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {

@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::config::AdapterConfig;
+use super::dora::DoraLayer;
 use super::lora::LoraLayer;
 use super::target::plan;
 use super::{Adapter, AdapterLayer};
@@ -17,7 +18,7 @@ use crate::{Error, Result};
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
 impl Adapter {
-    /// Loads a PEFT LoRA adapter directory for a model with modules `table`.
+    /// Loads a PEFT LoRA (or DoRA, `use_dora`) adapter directory for a model with modules `table`.
     pub fn load_peft(dir: &Path, table: &ModuleTable, device: &Device) -> Result<Self> {
         let err = |m: String| Error::Adapter { path: dir.into(), message: m };
         if !dir.is_dir() {
@@ -36,30 +37,25 @@ impl Adapter {
         }
         let st = SafetensorsDir::open_files(&[weights_path], device)?;
 
-        // module id -> (A, B) as found in the file
-        let mut found: BTreeMap<usize, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        // module id -> (A, B, DoRA magnitude) as found in the file
+        let mut found: BTreeMap<usize, [Option<Tensor>; 3]> = BTreeMap::new();
         for key in st.names() {
             let path = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| err(format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")))?;
-            let (module, is_a) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
-                (m, true)
+            let (module, slot) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
+                (m, 0)
             } else if let Some(m) = path.strip_suffix(".lora_B.weight") {
-                (m, false)
+                (m, 1)
+            } else if let Some(m) = path.strip_suffix(".lora_magnitude_vector").filter(|_| config.use_dora) {
+                (m, 2)
             } else {
-                return Err(err(format!(
-                    "tensor `{key}` is not a LoRA A/B weight (embedding LoRA, DoRA magnitudes, biases and modules_to_save are not supported yet)"
-                )));
+                let what = if path.ends_with(".lora_magnitude_vector") { " (a DoRA magnitude, but adapter_config.json has use_dora false)" } else { " (embedding LoRA, biases and modules_to_save are not supported yet)" };
+                return Err(err(format!("tensor `{key}` is not a LoRA A/B weight{what}")));
             };
             let id = table.id(module).ok_or_else(|| err(format!("tensor `{key}`: the model has no module `{module}` (is this adapter for another model?)")))?;
             if plans[id].is_none() {
                 return Err(err(format!("tensor `{key}` adapts `{module}`, which adapter_config.json does not target")));
             }
-            let t = st.load(&key)?;
-            let slot = found.entry(id).or_default();
-            if is_a {
-                slot.0 = Some(t);
-            } else {
-                slot.1 = Some(t);
-            }
+            found.entry(id).or_default()[slot] = Some(st.load(&key)?);
         }
 
         let mut layers: Vec<Option<Box<dyn AdapterLayer>>> = Vec::with_capacity(table.len());
@@ -68,14 +64,21 @@ impl Adapter {
                 layers.push(None);
                 continue;
             };
-            let (a, b) = found.remove(&id).unwrap_or((None, None));
-            let key = |s: &str| format!("{PEFT_PREFIX}{}.{s}.weight", m.path);
+            let [a, b, magnitude] = found.remove(&id).unwrap_or_default();
+            let key = |s: &str| format!("{PEFT_PREFIX}{}.{s}", m.path);
             let missing = |s: &str| err(format!("adapter_config.json targets `{}` but adapter_model.safetensors has no `{}`", m.path, key(s)));
-            let a = a.ok_or_else(|| missing("lora_A"))?;
-            let b = b.ok_or_else(|| missing("lora_B"))?;
-            crate::model::check_shape(&key("lora_A"), &[p.r, m.in_features], a.dims())?;
-            crate::model::check_shape(&key("lora_B"), &[m.out_features, p.r], b.dims())?;
-            layers.push(Some(Box::new(LoraLayer { a, b, scale: p.scale, dropout: None })));
+            let a = a.ok_or_else(|| missing("lora_A.weight"))?;
+            let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+            crate::model::check_shape(&key("lora_A.weight"), &[p.r, m.in_features], a.dims())?;
+            crate::model::check_shape(&key("lora_B.weight"), &[m.out_features, p.r], b.dims())?;
+            let lora = LoraLayer { a, b, scale: p.scale, dropout: None };
+            if !config.use_dora {
+                layers.push(Some(Box::new(lora)));
+                continue;
+            }
+            let magnitude = magnitude.ok_or_else(|| missing("lora_magnitude_vector"))?;
+            crate::model::check_shape(&key("lora_magnitude_vector"), &[m.out_features], magnitude.dims())?;
+            layers.push(Some(Box::new(DoraLayer::new(lora, magnitude, false))));
         }
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
         let mut adapter = Adapter::new(name, config, layers);

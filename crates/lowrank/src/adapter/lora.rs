@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use super::dropout::Dropout;
 use super::AdapterLayer;
-use crate::ops::LowRank;
+use crate::ops::{FrozenLinear, LowRank};
 use crate::Result;
 
 /// One LoRA pair for a `[M, K]` projection.
@@ -41,7 +41,7 @@ impl LoraLayer {
 }
 
 impl AdapterLayer for LoraLayer {
-    fn forward(&self, x: &Tensor, _base: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, _base_out: &Tensor, _base: &FrozenLinear) -> Result<Tensor> {
         let x = match &self.dropout {
             Some(d) => d.apply(x)?,
             None => x.clone(),

@@ -6,6 +6,7 @@
 
 mod combine;
 mod config;
+mod dora;
 mod dropout;
 mod gguf;
 mod io;
@@ -17,26 +18,35 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 pub use combine::{combine, CombineMethod, MajoritySign};
 pub use config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
+pub use dora::DoraLayer;
 pub use dropout::{Dropout, DropoutControl};
 pub use io::PEFT_PREFIX;
 pub use lora::LoraLayer;
 pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
-use crate::model::ModuleTable;
-use crate::ops::LowRank;
+use crate::model::{Model, ModuleTable};
+use crate::ops::{FrozenLinear, LowRank};
 use crate::Result;
 
 /// What an adapter does to one projection.
 pub trait AdapterLayer: Send + Sync + Debug {
-    /// The change to the projection output: `x: [N, K]`, frozen output `base: [N, M]` → `[N, M]`.
-    fn forward(&self, x: &Tensor, base: &Tensor) -> Result<Tensor>;
-    /// The change to the weight, `ΔW: [M, K]` (for merging).
+    /// The change to the projection output: `x: [N, K]`, the frozen layer `base` and its
+    /// output `base_out: [N, M]` → `[N, M]`.
+    fn forward(&self, x: &Tensor, base_out: &Tensor, base: &FrozenLinear) -> Result<Tensor>;
+    /// The change to the weight that does not depend on it, `ΔW: [M, K]` (LoRA's `s·B A`; an
+    /// error for DoRA, whose update scales the weight).
     fn delta_weight(&self) -> Result<Tensor>;
+    /// How merging changes a weight: `W' = (1 + row_factor) ⊙ W + add`. `w` is the unmerged
+    /// weight `[M, K]` when merging; `None` when unmerging (a layer that needs `W` then uses
+    /// what it kept from the merge).
+    fn merge_parts(&self, _w: Option<&Tensor>) -> Result<MergeParts> {
+        Ok(MergeParts { row_factor: None, add: self.delta_weight()? })
+    }
     /// Rank of the update.
     fn rank(&self) -> usize;
     /// Named tensors as PEFT stores them (`lora_A.weight`, ...).
@@ -49,6 +59,15 @@ pub trait AdapterLayer: Send + Sync + Debug {
     fn low_rank(&self) -> Option<LowRank<'_>> {
         None
     }
+}
+
+/// What merging a layer does to a weight `W: [M, K]`: `W' = (1 + row_factor) ⊙ W + add`.
+#[derive(Debug)]
+pub struct MergeParts {
+    /// `[M]`, per output row; `None` for zero.
+    pub row_factor: Option<Tensor>,
+    /// `[M, K]`.
+    pub add: Tensor,
 }
 
 /// A loaded adapter: its config and a layer for each module it adapts.
@@ -69,20 +88,26 @@ impl Adapter {
         Self { name, path: None, config, layers }
     }
 
-    /// A freshly initialised LoRA adapter for `table` (PEFT's init: `B = 0`, so the model is
-    /// unchanged until trained).
-    pub fn init(name: &str, config: AdapterConfig, table: &ModuleTable, seed: u64, device: &Device) -> Result<Self> {
+    /// A freshly initialised adapter for `model` (PEFT's init: `B = 0`, and for DoRA
+    /// `m = ‖W‖`, so the model is unchanged until trained).
+    pub fn init(name: &str, config: AdapterConfig, model: &Model, seed: u64) -> Result<Self> {
+        let table = model.modules();
         let plans = plan(&config, table, std::path::Path::new(name))?;
         let mut rng = LoraLayer::rng(seed);
-        let layers = table
-            .modules()
-            .iter()
-            .zip(plans)
-            .map(|(m, p)| {
-                p.map(|p| LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, &mut rng, device).map(|l| Box::new(l) as Box<dyn AdapterLayer>))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let device = model.device();
+        let mut layers: Vec<Option<Box<dyn AdapterLayer>>> = Vec::with_capacity(table.len());
+        for (id, (m, p)) in table.modules().iter().zip(plans).enumerate() {
+            let Some(p) = p else {
+                layers.push(None);
+                continue;
+            };
+            layers.push(Some(if config.use_dora {
+                let base = model.projection(id).ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)))?.base();
+                Box::new(DoraLayer::init(p.r, base, p.scale, &mut rng, device)?)
+            } else {
+                Box::new(LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, &mut rng, device)?)
+            }));
+        }
         Ok(Self::new(name.to_string(), config, layers))
     }
 

@@ -1,10 +1,11 @@
-//! Folding adapters into the frozen weights and taking them out again: `W' = W + Σ wᵢ·ΔWᵢ`.
+//! Folding adapters into the frozen weights and taking them out again: `W' = W + Σ wᵢ·ΔWᵢ`
+//! (DoRA also rescales the rows of `W`, see [`MergeParts`](crate::adapter::MergeParts)).
 //!
 //! A merged model runs at the base model's cost (no bypass). A quantized weight is dequantised
 //! to f32 first (adding ΔW to packed blocks would re-quantise it and lose the update). `unmerge`
 //! subtracts the same sum, so `merge` then `unmerge` returns `W` within f32 rounding.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::transformer::Model;
 use crate::adapter::ActiveAdapter;
@@ -29,27 +30,52 @@ impl Model {
         self.merge(to)
     }
 
-    /// `W ← W + sign · Σ wᵢ·ΔWᵢ` for every projection some adapter touches.
+    /// For every projection some adapter touches, with `c = 1 + Σ wᵢ·rowᵢ` and `R = Σ wᵢ·addᵢ`
+    /// (each adapter's [`MergeParts`]): merging sets `W ← c ⊙ W + R`, unmerging
+    /// `W ← (W − R) / c`. For LoRA `c = 1` and this is `W ± Σ wᵢ·sᵢ·BᵢAᵢ`.
     fn fold(&mut self, adapters: &[ActiveAdapter], sign: f64) -> Result<()> {
         for block in self.blocks_mut() {
             for p in block.projections_mut() {
-                let mut delta: Option<Tensor> = None; // [M, K]
+                let base = p.base();
+                let mut w: Option<Tensor> = None; // [M, K], dense f32
+                let mut factor: Option<Tensor> = None; // [M], c - 1
+                let mut add: Option<Tensor> = None; // [M, K]
                 for a in adapters {
                     let Some(layer) = a.adapter.layer(p.id()) else { continue };
-                    let d = (layer.delta_weight()? * (sign * a.weight))?;
-                    delta = Some(match delta {
-                        Some(s) => (s + d)?,
-                        None => d,
-                    });
+                    let w = match &w {
+                        Some(w) => w,
+                        None => w.insert(base.weight().to_dense()?.to_dtype(DType::F32)?),
+                    };
+                    let parts = layer.merge_parts((sign > 0.0).then_some(&*w))?;
+                    add = Some(sum(add, (parts.add.to_dtype(DType::F32)? * a.weight)?)?);
+                    if let Some(r) = parts.row_factor {
+                        factor = Some(sum(factor, (r.to_dtype(DType::F32)? * a.weight)?)?);
+                    }
                 }
-                let Some(delta) = delta else { continue };
-                let base = p.base();
-                let w = base.weight().to_dense()?; // [M, K]
-                let merged = (&w + delta.to_dtype(w.dtype())?)?;
+                let (Some(w), Some(add)) = (w, add) else { continue };
+                let c = factor.map(|f| (f + 1.0)?.unsqueeze(1)).transpose()?; // [M, 1]
+                let merged = match (sign > 0.0, c) {
+                    (true, Some(c)) => (w.broadcast_mul(&c)? + add)?,
+                    (true, None) => (w + add)?,
+                    (false, Some(c)) => (w - add)?.broadcast_div(&c)?,
+                    (false, None) => (w - add)?,
+                };
+                let dtype = match base.weight() {
+                    FrozenWeight::Dense(t) => t.dtype(),
+                    FrozenWeight::Quant(_) => DType::F32,
+                };
                 let bias = base.bias().cloned();
-                p.set_base(FrozenLinear::new(FrozenWeight::Dense(merged), bias));
+                p.set_base(FrozenLinear::new(FrozenWeight::Dense(merged.to_dtype(dtype)?), bias));
             }
         }
         Ok(())
     }
+}
+
+/// `a + b`, or `b` when there is no `a` yet.
+fn sum(a: Option<Tensor>, b: Tensor) -> Result<Tensor> {
+    Ok(match a {
+        Some(a) => (a + b)?,
+        None => b,
+    })
 }

@@ -139,7 +139,7 @@ impl Projection {
         let mut sum: Option<Tensor> = None;
         for a in adapters {
             let Some(layer) = a.adapter.layer(self.id) else { continue };
-            let mut d = layer.forward(x, base)?;
+            let mut d = layer.forward(x, base, &self.base)?;
             if a.weight != 1.0 {
                 d = (d * a.weight)?;
             }

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use super::block::{Block, BlockCtx, SeqSpan};
 use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::projection::{AdapterRun, LinearFactory, ModuleTable};
+use super::projection::{AdapterRun, LinearFactory, ModuleTable, Projection};
 use super::weights::{dense_checked, matrix_checked, WeightSource};
 use crate::adapter::ActiveAdapter;
 use crate::ops::{rms_norm, FrozenLinear, FrozenWeight, RopeTable};
@@ -79,6 +79,11 @@ impl Model {
     /// The blocks.
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
+    }
+
+    /// The projection with module id `id` (see [`Model::modules`]).
+    pub fn projection(&self, id: usize) -> Option<&Projection> {
+        self.blocks.iter().flat_map(|b| b.projections()).find(|p| p.id() == id)
     }
 
     /// The blocks, to change their frozen weights (merging).

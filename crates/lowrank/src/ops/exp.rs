@@ -6,6 +6,8 @@
 //! inputs give `e^-87.3 ≈ 1e-38`, a denormal's neighbour, instead of 0 — below anything f32
 //! softmax arithmetic can see after the max is subtracted).
 
+use std::mem::MaybeUninit;
+
 /// `row[i] = e^(row[i] - shift)`; returns the sum of the new values.
 pub fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -20,6 +22,46 @@ pub fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_shifted_avx512(row: &mut [f32], shift: f32) -> f32 {
     exp_shifted_portable(row, shift)
+}
+
+/// `dst[i] = e^(src[i] - shift)`, every element of `dst` written; returns their sum. `dst` may
+/// be uninitialised (a fresh buffer need not be zero-filled first); it must be as long as `src`.
+pub fn exp_shifted_into(src: &[f32], dst: &mut [MaybeUninit<f32>], shift: f32) -> f32 {
+    assert_eq!(src.len(), dst.len(), "exp_shifted_into: source and destination lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { exp_shifted_into_avx512(src, dst, shift) };
+    }
+    exp_shifted_into_portable(src, dst, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_into_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>], shift: f32) -> f32 {
+    exp_shifted_into_portable(src, dst, shift)
+}
+
+#[inline(always)]
+fn exp_shifted_into_portable(src: &[f32], dst: &mut [MaybeUninit<f32>], shift: f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let mut d = dst.chunks_exact_mut(LANES);
+    let mut s = src.chunks_exact(LANES);
+    for (dc, sc) in (&mut d).zip(&mut s) {
+        for ((a, o), x) in acc.iter_mut().zip(dc.iter_mut()).zip(sc) {
+            let e = exp(*x - shift);
+            o.write(e);
+            *a += e;
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (o, x) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        let e = exp(*x - shift);
+        o.write(e);
+        sum += e;
+    }
+    sum
 }
 
 /// Sixteen partial sums, so the compiler can keep them in one vector register.
@@ -67,6 +109,19 @@ pub fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn into_an_uninitialised_buffer_equals_in_place() {
+        let src: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let mut in_place = src.clone();
+        let sum = exp_shifted(&mut in_place, 1.5);
+        let mut dst: Vec<f32> = Vec::with_capacity(src.len());
+        let sum_into = exp_shifted_into(&src, &mut dst.spare_capacity_mut()[..src.len()], 1.5);
+        // SAFETY: exp_shifted_into wrote all src.len() elements.
+        unsafe { dst.set_len(src.len()) };
+        assert_eq!(sum, sum_into);
+        assert_eq!(in_place, dst);
+    }
 
     #[test]
     fn within_two_ulp_of_libm() {

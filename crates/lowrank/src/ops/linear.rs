@@ -22,6 +22,28 @@ pub enum FrozenWeight {
     Quant(Arc<QTensor>),
 }
 
+/// The identity of a [`FrozenWeight`]: equal only for handles to the same stored weight (a
+/// tensor id is never reused; a quantized weight is held weakly, so its address cannot be
+/// reused while a key to it exists).
+#[derive(Clone, Debug)]
+pub enum WeightKey {
+    /// A dense tensor, by id.
+    Dense(candle_core::TensorId),
+    /// A quantized tensor, by allocation.
+    Quant(std::sync::Weak<QTensor>),
+}
+
+impl WeightKey {
+    /// Whether `self` and `other` name the same stored weight.
+    pub fn same(&self, other: &WeightKey) -> bool {
+        match (self, other) {
+            (WeightKey::Dense(a), WeightKey::Dense(b)) => a == b,
+            (WeightKey::Quant(a), WeightKey::Quant(b)) => a.ptr_eq(b),
+            _ => false,
+        }
+    }
+}
+
 impl FrozenWeight {
     /// `(out, in)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
@@ -37,6 +59,14 @@ impl FrozenWeight {
             FrozenWeight::Dense(w) => w.clone(),
             FrozenWeight::Quant(q) => q.dequantize(&q.device())?,
         })
+    }
+
+    /// What identifies this stored weight, for caches of values derived from it.
+    pub fn key(&self) -> WeightKey {
+        match self {
+            FrozenWeight::Dense(w) => WeightKey::Dense(w.id()),
+            FrozenWeight::Quant(q) => WeightKey::Quant(Arc::downgrade(q)),
+        }
     }
 
     /// Storage type name, for `inspect` and logs ("f32", "q4_1", ...).
@@ -123,13 +153,18 @@ impl FrozenLinear {
         }))
     }
 
-    /// `x: [N, K] -> [N, M]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: [N, K] -> x Wᵀ: [N, M]`, without the bias.
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let y = match &self.weight {
+        Ok(match &self.weight {
             FrozenWeight::Dense(w) => x.apply_op2(w, DenseMatmul)?,
             FrozenWeight::Quant(q) => x.apply_op1(QuantMatmul(q.clone()))?,
-        };
+        })
+    }
+
+    /// `x: [N, K] -> [N, M]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_no_bias(x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -20,10 +20,10 @@ mod softmax;
 mod storage;
 mod swiglu;
 
-pub use exp::exp_shifted;
+pub use exp::{exp, exp_shifted, exp_shifted_into};
 pub use attention::{causal_attention, Segment};
 pub use linalg::truncated_svd_of_product;
-pub use linear::{FrozenLinear, FrozenWeight};
+pub use linear::{FrozenLinear, FrozenWeight, WeightKey};
 pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::ops::{exp_shifted, FrozenLinear};
+use crate::ops::{exp, exp_shifted_into, FrozenLinear};
 use crate::{Error, Result};
 
 /// Loss value and the tensor to call `backward()` on.
@@ -56,7 +56,8 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
         let (ce, gz) = ce_rows(&z, labels_c, (scale / count as f64) as f32, with_grad)?;
         loss += ce;
         if let Some(gz) = gz {
-            grads.push(head.weight().input_grad(&gz)?); // [c, V] x [V, H] -> [c, H]
+            // [c, V] x [V, H] -> [c, H], each row scaled afterwards (H columns, not V).
+            grads.push(head.weight().input_grad(&gz.unscaled)?.broadcast_mul(&gz.row_scale)?);
         }
     }
     if !with_grad {
@@ -70,9 +71,18 @@ fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk:
     Ok(LossAndSurrogate { loss: scale * loss / count as f64, targets: count, surrogate })
 }
 
-/// `z: [c, V]` logits, `labels: [c]`: `Σ CE(z_i, label_i)` and, with `with_grad`,
-/// `gscale · (softmax(z) − onehot(labels))`.
-fn ce_rows(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<Tensor>)> {
+/// The gradient of the loss with respect to a chunk's logits, `row_scale ⊙ unscaled`: the
+/// per-row factor is applied after the `[c, V] x [V, H]` product, on `H` columns instead of `V`.
+struct LogitGrad {
+    /// `[c, V]`: `exp(z - max) - Σ exp(z - max) · onehot(label)`.
+    unscaled: Tensor,
+    /// `[c, 1]`: `gscale / Σ exp(z - max)`.
+    row_scale: Tensor,
+}
+
+/// `z: [c, V]` logits, `labels: [c]`: `Σ CE(z_i, label_i)` and, with `with_grad`, its gradient
+/// `gscale · (softmax(z) − onehot(labels))` as a [`LogitGrad`].
+fn ce_rows(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<LogitGrad>)> {
     let (c, v) = z.dims2()?;
     if labels.len() != c {
         return Err(Error::InvalidArgument(format!("{} labels for {c} rows of logits", labels.len())));
@@ -87,7 +97,7 @@ fn ce_rows(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(
 }
 
 /// [`ce_rows`] from candle ops, for devices and dtypes without the CPU kernel.
-fn ce_rows_tensor(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<Tensor>)> {
+fn ce_rows_tensor(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<LogitGrad>)> {
     let (c, v) = z.dims2()?;
     let dev = z.device();
     let max = z.max_keepdim(D::Minus1)?;
@@ -95,17 +105,19 @@ fn ce_rows_tensor(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> R
     let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
     let lab = Tensor::from_slice(labels, c, dev)?.unsqueeze(1)?;
     // CE = log Σ exp(z) - z_t
-    let ce = ((sum.log()? + max)? - z.gather(&lab, 1)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let ce = ((sum.log()? + &max)? - z.gather(&lab, 1)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     if !with_grad {
         return Ok((ce, None));
     }
     let onehot = Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(&lab, &Tensor::ones((c, 1), DType::F32, dev)?, 1)?;
-    Ok((ce, Some(((e.broadcast_div(&sum)? - onehot)? * gscale as f64)?)))
+    let unscaled = (e - onehot.broadcast_mul(&sum)?)?;
+    let row_scale = (sum.recip()? * gscale as f64)?;
+    Ok((ce, Some(LogitGrad { unscaled, row_scale })))
 }
 
-/// [`ce_rows`] in one pass over each row, rows in parallel: the `[c, V]` logits are read once
-/// and the gradient is the only other `[c, V]` buffer.
-fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<Tensor>)> {
+/// [`ce_rows`] with rows in parallel, two passes over each row of logits (max, then the
+/// exponentials written straight into the gradient buffer, which is never zero-filled).
+fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<LogitGrad>)> {
     use rayon::prelude::*;
     let (c, v) = z.dims2()?;
     let dev = z.device().clone();
@@ -115,28 +127,29 @@ fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Resu
     };
     let z = &cpu.as_slice::<f32>()?[a..b];
     let row_max = |row: &[f32]| row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Per row: CE = log Σ exp(z - max) + max - z_t, and the gradient
-    // gscale · (exp(z - max) / Σ - onehot), the exponentials computed once, in the gradient row.
+    // Per row: CE = log Σ exp(z - max) + max - z_t.
     if !with_grad {
-        let ce: f64 = z.par_chunks_exact(v).zip(labels.par_iter()).map_init(|| vec![0f32; v], |buf, (row, &t)| {
+        let ce: f64 = z.par_chunks_exact(v).zip(labels.par_iter()).map_init(|| Vec::with_capacity(v), |buf: &mut Vec<f32>, (row, &t)| {
             let max = row_max(row);
-            buf.copy_from_slice(row);
-            (exp_shifted(buf, max).ln() + max - row[t as usize]) as f64
+            let sum = exp_shifted_into(row, &mut buf.spare_capacity_mut()[..v], max);
+            (sum.ln() + max - row[t as usize]) as f64
         }).collect::<Vec<_>>().iter().sum();
         return Ok((ce, None));
     }
-    let mut g = vec![0f32; c * v];
-    let ce: f64 = g.par_chunks_exact_mut(v).zip(z.par_chunks_exact(v)).zip(labels.par_iter()).map(|((g, row), &t)| {
+    let mut g: Vec<f32> = Vec::with_capacity(c * v);
+    let (ce, sums): (Vec<f64>, Vec<f32>) = g.spare_capacity_mut()[..c * v].par_chunks_exact_mut(v).zip(z.par_chunks_exact(v)).zip(labels.par_iter()).map(|((g, row), &t)| {
             let max = row_max(row);
-            g.copy_from_slice(row);
-            let sum = exp_shifted(g, max);
-            let k = gscale / sum;
-            g.iter_mut().for_each(|e| *e *= k);
-            g[t as usize] -= gscale;
-            (sum.ln() + max - row[t as usize]) as f64
-        }).collect::<Vec<_>>().iter().sum(); // summed in row order: the same loss every run
+            let sum = exp_shifted_into(row, g, max);
+            let e_t = exp(row[t as usize] - max);
+            g[t as usize].write(e_t - sum);
+            ((sum.ln() + max - row[t as usize]) as f64, sum)
+        }).unzip();
+    // SAFETY: every row of the c·v elements was written by exp_shifted_into above.
+    unsafe { g.set_len(c * v) };
     drop(storage);
-    Ok((ce, Some(Tensor::from_vec(g, (c, v), &dev)?)))
+    let row_scale: Vec<f32> = sums.iter().map(|s| gscale / s).collect();
+    let grad = LogitGrad { unscaled: Tensor::from_vec(g, (c, v), &dev)?, row_scale: Tensor::from_vec(row_scale, (c, 1), &dev)? };
+    Ok((ce.iter().sum(), Some(grad))) // summed in row order: the same loss every run
 }
 
 #[cfg(test)]
@@ -174,7 +187,8 @@ mod tests {
         let (ce, g) = ce_rows_cpu(&z, &labels, 0.3, true)?;
         let (ce_ref, g_ref) = ce_rows_tensor(&z, &labels, 0.3, true)?;
         assert!((ce - ce_ref).abs() < 1e-4, "{ce} vs {ce_ref}");
-        let (g, g_ref) = (g.expect("gradient"), g_ref.expect("gradient"));
+        let full = |g: LogitGrad| g.unscaled.broadcast_mul(&g.row_scale);
+        let (g, g_ref) = (full(g.expect("gradient"))?, full(g_ref.expect("gradient"))?);
         let d = (g - g_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-6, "gradients differ by {d}");
         assert!(matches!(ce_rows(&z, &[300], 1.0, false), Err(Error::InvalidArgument(_))), "label outside the vocabulary");

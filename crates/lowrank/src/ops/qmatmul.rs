@@ -89,6 +89,11 @@ fn blocks<T: GgmlType>(bytes: &[u8], m: usize, k: usize) -> candle_core::Result<
 pub trait WeightRows: Sync {
     /// Rows `r0..r0 + rows`, row-major; `buf` (`rows × k`) is there to hold them if needed.
     fn rows<'a>(&'a self, r0: usize, rows: usize, buf: &'a mut [f32]) -> &'a [f32];
+    /// Elements of the buffer [`WeightRows::rows`] needs for `rows` rows (none when tiles are
+    /// borrowed).
+    fn buffer_len(&self, rows: usize, k: usize) -> usize {
+        rows * k
+    }
 }
 
 /// A dense f32 `W` (row-major, `k` columns): tiles are borrowed.
@@ -100,6 +105,10 @@ pub struct DenseRows<'w> {
 impl WeightRows for DenseRows<'_> {
     fn rows<'a>(&'a self, r0: usize, rows: usize, _buf: &'a mut [f32]) -> &'a [f32] {
         &self.w[r0 * self.k..(r0 + rows) * self.k]
+    }
+
+    fn buffer_len(&self, _rows: usize, _k: usize) -> usize {
+        0
     }
 }
 
@@ -123,40 +132,32 @@ pub fn dyw_tiled(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows 
     let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
     dx.par_chunks_mut(rows_per_task * k.max(1)).enumerate().for_each(|(task, out)| {
         let (r0, rows) = (task * rows_per_task, out.len() / k.max(1));
-        let mut buf = vec![0f32; ROWS * k];
+        let mut buf = vec![0f32; w.buffer_len(ROWS.min(m), k)];
         for t0 in (0..m).step_by(ROWS) {
             let tr = ROWS.min(m - t0);
-            let tile = w.rows(t0, tr, &mut buf[..tr * k]);
+            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
             gemm(rows, k, tr, out, k, t0 > 0, Mat::rows(&dy[r0 * m + t0..], m), Mat::rows(tile, k), 1.0, false);
         }
     });
     dx
 }
 
-/// `y[n, m] = x[n, k] · Wᵀ` a tile of `ROWS` rows of `W` at a time, tiles in parallel. Each
-/// tile's product is a small cache-resident gemm whose operands pack quickly.
+/// `y[n, m] = x[n, k] · Wᵀ`: the rows of `x` split among threads, each taking `W` a tile of
+/// `ROWS` rows at a time and writing `x[rows] · tileᵀ` straight into its block of `y` (a small
+/// cache-resident gemm whose operands pack quickly; no per-tile buffer, no copy).
 pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
-    let starts: Vec<usize> = (0..m).step_by(ROWS).collect();
-    let tiles: Vec<Vec<f32>> = starts
-        .into_par_iter()
-        .map(|r0| {
-            let rows = ROWS.min(m - r0);
-            let mut buf = vec![0f32; rows * k];
-            let tile = w.rows(r0, rows, &mut buf);
-            // out[n, rows] = x[n, k] · tileᵀ[k, rows]
-            let mut out = vec![0f32; n * rows];
-            gemm(n, rows, k, &mut out, rows, false, Mat::rows(x, k), Mat::cols(tile, k), 1.0, false);
-            out
-        })
-        .collect();
-    // y[n, m]: each tile's rows into their columns.
     let mut y = vec![0f32; n * m];
-    for (t, out) in tiles.iter().enumerate() {
-        let (r0, rows) = (t * ROWS, out.len() / n.max(1));
-        for (i, src) in out.chunks_exact(rows.max(1)).enumerate() {
-            y[i * m + r0..i * m + r0 + rows].copy_from_slice(src);
+    let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    y.par_chunks_mut(rows_per_task * m.max(1)).enumerate().for_each(|(task, out)| {
+        let (r0, rows) = (task * rows_per_task, out.len() / m.max(1));
+        let mut buf = vec![0f32; w.buffer_len(ROWS.min(m), k)];
+        for t0 in (0..m).step_by(ROWS) {
+            let tr = ROWS.min(m - t0);
+            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
+            // out[rows, t0..t0 + tr] = x[rows, k] · tileᵀ[k, tr]
+            gemm(rows, tr, k, &mut out[t0..], m, false, Mat::rows(&x[r0 * k..], k), Mat::cols(tile, k), 1.0, false);
         }
-    }
+    });
     y
 }
 

@@ -63,7 +63,7 @@ pub fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
 }
 
 pub fn load_options(device: DeviceArg, dequantize: bool) -> Result<LoadOptions> {
-    Ok(LoadOptions { device: device.device()?, dequantize })
+    Ok(LoadOptions { device: device.device()?, dequantize, quantize: None })
 }
 
 /// Loads each `--adapter` against the model's modules.

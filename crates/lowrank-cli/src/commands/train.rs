@@ -12,6 +12,7 @@ use clap::Args;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::bundle::ModelBundle;
 use lowrank::data::{load_jsonl, DataOptions, Dataset};
+use lowrank::model::Quantize;
 use lowrank::train::{metrics, AdamWConfig, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +109,9 @@ pub struct TrainArgs {
     /// Dequantise a GGUF base to f32 at load
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     dequantize: Option<bool>,
+    /// Quantise a full-precision base's projections at load (QLoRA)
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     /// Device
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
@@ -131,6 +135,13 @@ impl From<ScheduleArg> for Schedule {
     }
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizeArg {
+    /// NF4: 4-bit NormalFloat, blocks of 64, double-quantised maxima (bitsandbytes' QLoRA format)
+    Nf4,
+}
+
 /// The resolved settings of a run, written to `OUT/lowrank_train.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Settings {
@@ -143,6 +154,8 @@ pub struct Settings {
     pub max_seq_len: usize,
     pub train_on_prompt: bool,
     pub dequantize: bool,
+    #[serde(default)]
+    pub quantize: Option<QuantizeArg>,
     pub device: DeviceArg,
     pub adapter: serde_json::Value,
     pub train: TrainConfig,
@@ -176,7 +189,7 @@ impl Settings {
         let TrainArgs {
             config: _, model, data, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
             target_modules, rslora, dora, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
-            save_every, eval_every, resume: _, dequantize, device,
+            save_every, eval_every, resume: _, dequantize, quantize, device,
         } = args;
         let example = model.is_none() && file.model.is_none() && data.is_none() && file.data.is_none();
         let d = example::defaults(example);
@@ -237,6 +250,7 @@ impl Settings {
             max_seq_len: max_seq_len.or(file.max_seq_len).unwrap_or(512),
             train_on_prompt: train_on_prompt.or(file.train_on_prompt).unwrap_or(false),
             dequantize: dequantize.or(file.dequantize).unwrap_or(false),
+            quantize: quantize.or(file.quantize),
             device: device.or(file.device).unwrap_or_default(),
             adapter,
             train,
@@ -310,7 +324,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if resume.is_none() && s.output.exists() && std::fs::read_dir(&s.output).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("output directory {} already exists and is not empty (use --resume {0} to continue it)", s.output.display());
     }
-    let opts = load_options(s.device, s.dequantize)?;
+    let mut opts = load_options(s.device, s.dequantize)?;
+    opts.quantize = s.quantize.map(|QuantizeArg::Nf4| Quantize::Nf4);
     let bundle = ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
     let (train, eval) = load_data(&s, &bundle)?;
     if let Some(epochs) = s.epochs {

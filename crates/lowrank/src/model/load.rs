@@ -2,12 +2,16 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
 
 use super::config::ModelConfig;
 use super::gguf::GgufFile;
 use super::hf::SafetensorsDir;
 use super::transformer::Model;
+use super::weights::WeightSource;
+use crate::ops::{FrozenWeight, Nf4Tensor};
 use crate::{Error, Result};
 
 /// The on-disk form of a model.
@@ -26,11 +30,53 @@ pub struct LoadOptions {
     pub device: Device,
     /// Dequantise GGUF matrices to f32 (exact reference numerics; ~8x the memory of Q4).
     pub dequantize: bool,
+    /// Quantise the projection weights of a full-precision base at load.
+    pub quantize: Option<Quantize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dequantize: false }
+        Self { device: Device::Cpu, dequantize: false, quantize: None }
+    }
+}
+
+/// A format the frozen projections can be quantised to at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantize {
+    /// QLoRA's NF4 (blocks of 64, double-quantised maxima), on the CPU.
+    Nf4,
+}
+
+/// A weight source whose projection matrices (`*_proj.weight`) come out as NF4; embeddings,
+/// the LM head, norms and biases pass through. One matrix is dense at a time.
+struct Nf4Source<'a>(&'a dyn WeightSource);
+
+impl WeightSource for Nf4Source<'_> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        self.0.dense(name)
+    }
+
+    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
+        let w = self.0.matrix(name)?;
+        if !name.ends_with("_proj.weight") {
+            return Ok(w);
+        }
+        match w {
+            FrozenWeight::Dense(t) => Ok(FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&t).map_err(|e| Error::Config(format!("{name}: {e}")))?))),
+            other => Err(Error::Config(format!(
+                "{} stores `{name}` as {}: it is already quantized, so --quantize nf4 would quantize it twice (train on it as it is, or use a full-precision base)",
+                self.0.describe(),
+                other.dtype_name()
+            ))),
+        }
     }
 }
 
@@ -62,14 +108,24 @@ impl Model {
             ModelFormat::HfDir => {
                 let cfg = ModelConfig::from_hf_file(&path.join("config.json"))?;
                 let st = SafetensorsDir::open(path, &opts.device)?;
-                Model::load(cfg, &st, &opts.device)?
+                Self::load_quantized(cfg, &st, opts)?
             }
             ModelFormat::Gguf => {
-                let mut g = GgufFile::open(path, &opts.device, opts.dequantize)?;
+                // A quantized GGUF is refused by --quantize, not dequantised and quantised again.
+                let mut g = GgufFile::open(path, &opts.device, opts.dequantize && opts.quantize.is_none())?;
                 let cfg = g.config()?;
-                Model::load(cfg, &g, &opts.device)?
+                Self::load_quantized(cfg, &g, opts)?
             }
         };
         Ok(model)
+    }
+
+    /// [`Model::load`], with the projections quantised as `opts.quantize` asks.
+    fn load_quantized(cfg: ModelConfig, src: &dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
+        match opts.quantize {
+            None => Model::load(cfg, src, &opts.device),
+            Some(Quantize::Nf4) if !opts.device.is_cpu() => Err(Error::Config("--quantize nf4 runs on the CPU only".into())),
+            Some(Quantize::Nf4) => Model::load(cfg, &Nf4Source(src), &opts.device),
+        }
     }
 }

@@ -62,7 +62,7 @@ impl Model {
                 };
                 let dtype = match base.weight() {
                     FrozenWeight::Dense(t) => t.dtype(),
-                    FrozenWeight::Quant(_) => DType::F32,
+                    FrozenWeight::Quant(_) | FrozenWeight::Nf4(_) => DType::F32,
                 };
                 let bias = base.bias().cloned();
                 p.set_base(FrozenLinear::new(FrozenWeight::Dense(merged.to_dtype(dtype)?), bias));

@@ -18,7 +18,7 @@ pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use gguf::GgufFile;
 pub use hf::SafetensorsDir;
-pub use load::{detect_format, LoadOptions, ModelFormat};
+pub use load::{detect_format, LoadOptions, ModelFormat, Quantize};
 pub use projection::{AdapterRun, LinearFactory, ModuleInfo, ModuleTable, Projection};
 pub use transformer::{Model, SeqInput};
 pub use weights::{check_shape, WeightSource};

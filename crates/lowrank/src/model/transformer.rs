@@ -170,6 +170,7 @@ impl Model {
         let mut x = match &self.embed {
             FrozenWeight::Dense(w) => w.embedding(&ids)?,
             FrozenWeight::Quant(q) => q.embedding(&ids)?.to_dtype(DType::F32)?,
+            FrozenWeight::Nf4(q) => q.dequantize(&self.device)?.embedding(&ids)?,
         }; // [N, H]
         let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
         let ctx = BlockCtx { cos, sin, spans: &spans, runs: &runs };

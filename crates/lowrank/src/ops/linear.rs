@@ -11,6 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
+use super::nf4::Nf4Tensor;
 use crate::Result;
 
 /// A frozen weight `[out, in]`, dense (f32) or quantized (GGUF block formats).
@@ -20,6 +21,8 @@ pub enum FrozenWeight {
     Dense(Tensor),
     /// Quantized `[out, in]`, rows stored as GGUF blocks.
     Quant(Arc<QTensor>),
+    /// NF4 `[out, in]` (QLoRA's 4-bit format), on the CPU.
+    Nf4(Arc<Nf4Tensor>),
 }
 
 /// The identity of a [`FrozenWeight`]: equal only for handles to the same stored weight (a
@@ -31,6 +34,8 @@ pub enum WeightKey {
     Dense(candle_core::TensorId),
     /// A quantized tensor, by allocation.
     Quant(std::sync::Weak<QTensor>),
+    /// An NF4 tensor, by allocation.
+    Nf4(std::sync::Weak<Nf4Tensor>),
 }
 
 impl WeightKey {
@@ -39,6 +44,7 @@ impl WeightKey {
         match (self, other) {
             (WeightKey::Dense(a), WeightKey::Dense(b)) => a == b,
             (WeightKey::Quant(a), WeightKey::Quant(b)) => a.ptr_eq(b),
+            (WeightKey::Nf4(a), WeightKey::Nf4(b)) => a.ptr_eq(b),
             _ => false,
         }
     }
@@ -50,6 +56,7 @@ impl FrozenWeight {
         Ok(match self {
             FrozenWeight::Dense(w) => w.dims2()?,
             FrozenWeight::Quant(q) => q.shape().dims2()?,
+            FrozenWeight::Nf4(q) => q.dims(),
         })
     }
 
@@ -58,6 +65,7 @@ impl FrozenWeight {
         Ok(match self {
             FrozenWeight::Dense(w) => w.clone(),
             FrozenWeight::Quant(q) => q.dequantize(&q.device())?,
+            FrozenWeight::Nf4(q) => q.dequantize(&candle_core::Device::Cpu)?,
         })
     }
 
@@ -66,6 +74,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => WeightKey::Dense(w.id()),
             FrozenWeight::Quant(q) => WeightKey::Quant(Arc::downgrade(q)),
+            FrozenWeight::Nf4(q) => WeightKey::Nf4(Arc::downgrade(q)),
         }
     }
 
@@ -74,6 +83,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => format!("{:?}", w.dtype()).to_lowercase(),
             FrozenWeight::Quant(q) => format!("{:?}", q.dtype()).to_lowercase(),
+            FrozenWeight::Nf4(_) => "nf4".into(),
         }
     }
 
@@ -82,6 +92,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             FrozenWeight::Quant(q) => q.storage_size_in_bytes(),
+            FrozenWeight::Nf4(q) => q.size_in_bytes(),
         }
     }
 
@@ -102,6 +113,7 @@ impl FrozenWeight {
         let dv = super::storage::stored(&sd, ld)?;
         let dx = match self {
             FrozenWeight::Quant(q) => super::qmatmul::qmatmul_t_f32(q, dv, n)?,
+            FrozenWeight::Nf4(q) => super::qmatmul::dyw_tiled(dv, n, m, k, q.as_ref()),
             FrozenWeight::Dense(w) => {
                 let w = w.to_dtype(DType::F32)?.contiguous()?;
                 let (sw, lw) = w.storage_and_layout();
@@ -114,7 +126,7 @@ impl FrozenWeight {
     /// GGUF block type when quantized.
     pub fn ggml_dtype(&self) -> Option<GgmlDType> {
         match self {
-            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Dense(_) | FrozenWeight::Nf4(_) => None,
             FrozenWeight::Quant(q) => Some(q.dtype()),
         }
     }
@@ -159,6 +171,7 @@ impl FrozenLinear {
         Ok(match &self.weight {
             FrozenWeight::Dense(w) => x.apply_op2(w, DenseMatmul)?,
             FrozenWeight::Quant(q) => x.apply_op1(QuantMatmul(q.clone()))?,
+            FrozenWeight::Nf4(q) => x.apply_op1(Nf4Matmul(q.clone()))?,
         })
     }
 
@@ -255,6 +268,32 @@ impl CustomOp1 for QuantMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dx = FrozenWeight::Quant(self.0.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Some(dx))
+    }
+}
+
+/// NF4 `x: [N, K] -> [N, M]`, `W` dequantised a tile at a time; backward gives only `dL/dx`.
+struct Nf4Matmul(Arc<Nf4Tensor>);
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        "frozen-nf4-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((o, e)), Ok((n, k))) = (l.contiguous_offsets(), l.shape().dims2()) else {
+            candle_core::bail!("frozen-nf4-linear: expected a contiguous [N, K] input, got {:?}", l.shape())
+        };
+        let (m, kw) = self.0.dims();
+        if k != kw {
+            candle_core::bail!("frozen-nf4-linear: input has {k} features, weight expects {kw}")
+        }
+        let y = super::qmatmul::xwt_tiled(&s.as_slice::<f32>()?[o..e], n, m, k, self.0.as_ref());
+        Ok((CpuStorage::F32(y), Shape::from((n, m))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = FrozenWeight::Nf4(self.0.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(Some(dx))
     }
 }

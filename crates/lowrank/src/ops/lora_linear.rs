@@ -42,6 +42,7 @@ pub fn lora_linear(x: &Tensor, w: &FrozenWeight, lr: &LowRank) -> Result<Option<
     let dense_ok = match w {
         FrozenWeight::Dense(t) => cpu_f32(t),
         FrozenWeight::Quant(q) => q.device().is_cpu(),
+        FrozenWeight::Nf4(_) => true,
     };
     if !(dense_ok && cpu_f32(x) && cpu_f32(lr.a) && cpu_f32(lr.b)) || n == 0 {
         return Ok(None);
@@ -60,6 +61,10 @@ impl LoraLinear {
     fn base(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
         match &self.w {
             FrozenWeight::Quant(q) => super::qmatmul::qmatmul_f32(q, x, n),
+            FrozenWeight::Nf4(q) => {
+                let (m, k) = q.dims();
+                Ok(xwt_tiled(x, n, m, k, q.as_ref()))
+            }
             FrozenWeight::Dense(w) => {
                 let (m, k) = w.dims2()?;
                 let (s, l) = w.storage_and_layout();
@@ -74,6 +79,10 @@ impl LoraLinear {
         let dense = match &self.w {
             FrozenWeight::Dense(w) => w,
             FrozenWeight::Quant(q) => return super::qmatmul::qmatmul_t_f32(q, dy, n),
+            FrozenWeight::Nf4(q) => {
+                let (m, k) = q.dims();
+                return Ok(dyw_tiled(dy, n, m, k, q.as_ref()));
+            }
         };
         let (m, k) = dense.dims2()?;
         let (s, l) = dense.storage_and_layout();

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use lowrank::adapter::{plan, ActiveAdapter, Adapter, AdapterConfig, AdapterLayer, LoraLayer};
+use lowrank::adapter::{plan, ActiveAdapter, Adapter, AdapterConfig, AdapterLayer, LoraInit, LoraLayer};
 use lowrank::model::{KvCache, LoadOptions, Model, SeqInput};
 use rand::Rng;
 
@@ -108,7 +108,7 @@ fn random_lora(model: &Model, seed: u64, device: &Device) -> Result<Adapter> {
             layers.push(None);
             continue;
         };
-        let mut layer = LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, &mut rng, device)?; // A [r, K]
+        let mut layer = LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, LoraInit::Kaiming, &mut rng, device)?; // A [r, K]
         let bound = 1.0 / (p.r as f32).sqrt();
         let b: Vec<f32> = (0..m.out_features * p.r).map(|_| rng.random_range(-bound..bound)).collect();
         layer.b = Tensor::from_vec(b, (m.out_features, p.r), device)?; // [M, r]

@@ -48,6 +48,7 @@ fn train_config(steps: usize) -> TrainConfig {
         save_every: Some(2),
         eval_every: Some(3),
         loss_chunk: 5,
+        lora_plus_ratio: None,
     }
 }
 
@@ -146,4 +147,56 @@ fn non_finite_update_stops_and_keeps_the_last_checkpoint() {
     assert_eq!(latest, "step-000000");
     let ck = lowrank::train::checkpoint::load(tmp.path(), model.modules(), &Device::Cpu).unwrap();
     assert!(ck.adapter.layer(0).unwrap().tensors().iter().all(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())));
+}
+
+/// LoRA+: one AdamW step from the same init moves `A` exactly as plain LoRA does and `B` by
+/// `ratio ×` as much (the first Adam step is `lr · m̂ / (√v̂ + ε)`, linear in the rate).
+#[test]
+fn lora_plus_scales_the_learning_rate_of_b_only() {
+    let model = tiny_model("llama");
+    let data = examples();
+    let init = Adapter::init("a", config(0.0), &model, 1).unwrap();
+    let run = |ratio: Option<f64>, dir: &Path| {
+        let mut cfg = train_config(1);
+        (cfg.warmup, cfg.schedule, cfg.max_grad_norm, cfg.adamw.weight_decay, cfg.lora_plus_ratio) = (0, Schedule::Constant, None, 0.0, ratio);
+        let mut t = Trainer::new(&model, &init, cfg, dir).unwrap();
+        t.run(&data[..6], &[], &mut StopAt(usize::MAX, 0)).unwrap();
+        let a = t.adapter();
+        (0..model.modules().len()).filter_map(|id| a.layer(id)).flat_map(|l| l.tensors().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))).collect::<Vec<_>>()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = run(None, &tmp.path().join("plain"));
+    let plus = run(Some(4.0), &tmp.path().join("plus"));
+    let (mut moved_b, mut checked_a) = (0, 0);
+    for ((name, p), (_, q)) in plain.iter().zip(&plus) {
+        if *name == "lora_A.weight" {
+            assert_eq!(p, q, "A learns at the base rate");
+            checked_a += 1;
+        } else {
+            // B started at 0, so its values are the step itself.
+            for (x, y) in p.iter().zip(q) {
+                assert!((4.0 * x - y).abs() <= 1e-6 + 1e-4 * y.abs(), "B moved {y}, expected 4 × {x}");
+            }
+            moved_b += p.iter().any(|x| *x != 0.0) as usize;
+        }
+    }
+    assert!(checked_a > 0 && moved_b > 0);
+}
+
+/// `init_lora_weights = "gaussian"`: A ~ N(0, 1/r), B = 0 (the model is unchanged at step 0).
+#[test]
+fn gaussian_init_draws_a_with_std_one_over_r() {
+    let model = tiny_model("llama");
+    let cfg = AdapterConfig::from_json(r#"{"r":4,"lora_alpha":8,"init_lora_weights":"gaussian","target_modules":"all-linear"}"#, Path::new("g")).unwrap();
+    let a = Adapter::init("g", cfg, &model, 3).unwrap();
+    let values: Vec<f32> = (0..model.modules().len()).flat_map(|id| a.layer(id).unwrap().tensors()[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+    let n = values.len() as f32;
+    let mean = values.iter().sum::<f32>() / n;
+    let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n).sqrt();
+    assert!(mean.abs() < 0.01 && (std - 0.25).abs() < 0.01, "mean {mean}, std {std} (want 0, 1/4 over {n} values)");
+    let ids = &ids("llama")[0];
+    assert_eq!(max_diff(&logits(&model, ids, &[active(&std::sync::Arc::new(a), 1.0)]), &logits(&model, ids, &[])), 0.0);
+    let bad = AdapterConfig::from_json(r#"{"r":4,"init_lora_weights":"pissa","target_modules":"all-linear"}"#, Path::new("p")).unwrap();
+    let e = Adapter::init("p", bad, &model, 3).unwrap_err().to_string();
+    assert!(e.contains("pissa"), "{e}");
 }

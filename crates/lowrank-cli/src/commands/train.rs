@@ -75,6 +75,12 @@ pub struct TrainArgs {
     /// DoRA: a trained magnitude per output row on top of the low-rank direction update
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     dora: Option<bool>,
+    /// How A starts: kaiming (uniform ±1/√in, PEFT's default) or gaussian (N(0, 1/r)) [default: kaiming]
+    #[arg(long, value_enum)]
+    init: Option<InitArg>,
+    /// LoRA+: B (and DoRA magnitudes) learn at lr × this ratio (PEFT's loraplus_lr_ratio, e.g. 16)
+    #[arg(long)]
+    lora_plus_ratio: Option<f64>,
     /// Longest sequence in tokens; longer rows are truncated [default: 512]
     #[arg(long)]
     max_seq_len: Option<usize>,
@@ -137,6 +143,13 @@ impl From<ScheduleArg> for Schedule {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
+enum InitArg {
+    Kaiming,
+    Gaussian,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
 pub enum QuantizeArg {
     /// NF4: 4-bit NormalFloat, blocks of 64, double-quantised maxima (bitsandbytes' QLoRA format)
     Nf4,
@@ -188,7 +201,7 @@ impl Settings {
         }
         let TrainArgs {
             config: _, model, data, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
-            target_modules, rslora, dora, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
+            target_modules, rslora, dora, init, lora_plus_ratio, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
             save_every, eval_every, resume: _, dequantize, quantize, device,
         } = args;
         let example = model.is_none() && file.model.is_none() && data.is_none() && file.data.is_none();
@@ -217,6 +230,10 @@ impl Settings {
             "target_modules": target_json,
             "use_rslora": rslora.or(file.rslora).unwrap_or(false),
             "use_dora": dora.or(file.dora).unwrap_or(false),
+            "init_lora_weights": match init.or(file.init).unwrap_or(InitArg::Kaiming) {
+                InitArg::Kaiming => serde_json::json!(true),
+                InitArg::Gaussian => serde_json::json!("gaussian"),
+            },
             "bias": "none",
             "base_model_name_or_path": model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
         });
@@ -234,6 +251,7 @@ impl Settings {
             save_every: Some(save_every.or(file.save_every).unwrap_or(50)),
             eval_every: Some(eval_every.or(file.eval_every).unwrap_or(25)),
             loss_chunk: 512,
+            lora_plus_ratio: lora_plus_ratio.or(file.lora_plus_ratio),
         };
         let steps_or_epochs = train.steps > 0 || epochs.or(file.epochs).is_some();
         let mut s = Settings {

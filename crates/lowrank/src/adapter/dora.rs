@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 
 use super::dropout::Dropout;
-use super::lora::LoraLayer;
+use super::lora::{LoraInit, LoraLayer};
 use super::{AdapterLayer, MergeParts};
 use crate::ops::{FrozenLinear, WeightKey};
 use crate::{Error, Result};
@@ -60,9 +60,9 @@ impl DoraLayer {
 
     /// PEFT's init for `base`: LoRA's (`B = 0`), and `m = ‖W‖` per row, so the adapted layer
     /// equals the base at step 0.
-    pub fn init(r: usize, base: &FrozenLinear, scale: f64, rng: &mut StdRng, device: &Device) -> Result<Self> {
+    pub fn init(r: usize, base: &FrozenLinear, scale: f64, init: LoraInit, rng: &mut StdRng, device: &Device) -> Result<Self> {
         let (m, k) = base.weight().dims()?;
-        let lora = LoraLayer::init(r, k, m, scale, rng, device)?;
+        let lora = LoraLayer::init(r, k, m, scale, init, rng, device)?;
         let magnitude = weight_sq(base)?.sqrt()?;
         Ok(Self::new(lora, magnitude, false))
     }

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
+use super::config::AdapterConfig;
 use super::dropout::Dropout;
 use super::AdapterLayer;
 use crate::ops::{FrozenLinear, LowRank};
@@ -21,11 +22,38 @@ pub struct LoraLayer {
     pub dropout: Option<Dropout>,
 }
 
+/// How `A` starts (PEFT's `init_lora_weights`); `B` starts at zero either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraInit {
+    /// `true` (the default): kaiming-uniform with a = √5, i.e. uniform on ±1/√K.
+    Kaiming,
+    /// `"gaussian"`: normal with standard deviation 1/r.
+    Gaussian,
+}
+
+impl LoraInit {
+    /// The init an adapter config asks for; an error for those lowrank cannot make.
+    pub fn from_config(cfg: &AdapterConfig) -> Result<Self> {
+        match cfg.raw.get("init_lora_weights") {
+            None | Some(serde_json::Value::Bool(true)) => Ok(LoraInit::Kaiming),
+            Some(serde_json::Value::String(s)) if s == "gaussian" => Ok(LoraInit::Gaussian),
+            Some(v) => Err(crate::Error::InvalidArgument(format!(
+                "init_lora_weights = {v}: only true (kaiming-uniform) and \"gaussian\" can initialise a new adapter (pissa, olora, loftq, ... are not supported)"
+            ))),
+        }
+    }
+}
+
 impl LoraLayer {
-    /// PEFT's default init: `A` kaiming-uniform (a = √5, so bound = 1/√K), `B = 0`.
-    pub fn init(r: usize, in_features: usize, out_features: usize, scale: f64, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Self> {
-        let bound = 1.0 / (in_features as f32).sqrt();
-        let a: Vec<f32> = (0..r * in_features).map(|_| rng.random_range(-bound..bound)).collect();
+    /// PEFT's init: `A` as `init` says, `B = 0`.
+    pub fn init(r: usize, in_features: usize, out_features: usize, scale: f64, init: LoraInit, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Self> {
+        let a: Vec<f32> = match init {
+            LoraInit::Kaiming => {
+                let bound = 1.0 / (in_features as f32).sqrt();
+                (0..r * in_features).map(|_| rng.random_range(-bound..bound)).collect()
+            }
+            LoraInit::Gaussian => (0..r * in_features).map(|_| standard_normal(rng) / r as f32).collect(),
+        };
         Ok(Self {
             a: Tensor::from_vec(a, (r, in_features), device)?,
             b: Tensor::zeros((out_features, r), DType::F32, device)?,
@@ -38,6 +66,13 @@ impl LoraLayer {
     pub fn rng(seed: u64) -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(seed)
     }
+}
+
+/// One draw from N(0, 1) (Box–Muller).
+fn standard_normal(rng: &mut rand::rngs::StdRng) -> f32 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 impl AdapterLayer for LoraLayer {

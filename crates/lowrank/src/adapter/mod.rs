@@ -25,7 +25,7 @@ pub use config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
 pub use dora::DoraLayer;
 pub use dropout::{Dropout, DropoutControl};
 pub use io::PEFT_PREFIX;
-pub use lora::LoraLayer;
+pub use lora::{LoraInit, LoraLayer};
 pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
@@ -94,6 +94,7 @@ impl Adapter {
         let table = model.modules();
         let plans = plan(&config, table, std::path::Path::new(name))?;
         let mut rng = LoraLayer::rng(seed);
+        let init = LoraInit::from_config(&config)?;
         let device = model.device();
         let mut layers: Vec<Option<Box<dyn AdapterLayer>>> = Vec::with_capacity(table.len());
         for (id, (m, p)) in table.modules().iter().zip(plans).enumerate() {
@@ -103,9 +104,9 @@ impl Adapter {
             };
             layers.push(Some(if config.use_dora {
                 let base = model.projection(id).ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)))?.base();
-                Box::new(DoraLayer::init(p.r, base, p.scale, &mut rng, device)?)
+                Box::new(DoraLayer::init(p.r, base, p.scale, init, &mut rng, device)?)
             } else {
-                Box::new(LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, &mut rng, device)?)
+                Box::new(LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, init, &mut rng, device)?)
             }));
         }
         Ok(Self::new(name.to_string(), config, layers))

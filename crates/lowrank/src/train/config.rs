@@ -33,4 +33,7 @@ pub struct TrainConfig {
     pub eval_every: Option<usize>,
     /// Rows of logits materialised at a time in the loss.
     pub loss_chunk: usize,
+    /// LoRA+: `B` (and DoRA's magnitudes) learn at `lr ×` this (PEFT's `loraplus_lr_ratio`).
+    #[serde(default)]
+    pub lora_plus_ratio: Option<f64>,
 }

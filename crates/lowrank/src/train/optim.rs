@@ -28,6 +28,7 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<Var>,
+    lr_scales: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: usize,
@@ -38,7 +39,18 @@ impl AdamW {
     pub fn new(params: Vec<Var>, config: AdamWConfig) -> Result<Self> {
         let m = params.iter().map(|p| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(Self { config, params, m, v, step: 0 })
+        let lr_scales = vec![1.0; params.len()];
+        Ok(Self { config, params, lr_scales, m, v, step: 0 })
+    }
+
+    /// Per-parameter learning-rate multipliers (LoRA+: a higher rate for `B`), one per
+    /// parameter in order.
+    pub fn with_lr_scales(mut self, scales: Vec<f64>) -> Result<Self> {
+        if scales.len() != self.params.len() {
+            return Err(crate::Error::InvalidArgument(format!("{} learning-rate scales for {} parameters", scales.len(), self.params.len())));
+        }
+        self.lr_scales = scales;
+        Ok(self)
     }
 
     /// Optimizer steps taken.
@@ -53,6 +65,7 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, (p, g)) in self.params.iter().zip(grads).enumerate() {
+            let lr = lr * self.lr_scales[i];
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             // θ ← θ(1 - lr·wd) - lr · m̂ / (√v̂ + ε)

@@ -69,7 +69,7 @@ fn tensors(t: &Trainer) -> Vec<Vec<f32>> {
 }
 
 fn run(model: &Model, out: &Path, dropout: f64, stop_at: usize) -> (RunEnd, Vec<Vec<f32>>) {
-    let init = Adapter::init("a", config(dropout), &model, 7).unwrap();
+    let init = Adapter::init("a", config(dropout), model, 7).unwrap();
     let mut t = Trainer::new(model, &init, train_config(6), out).unwrap();
     let data = examples();
     let end = t.run(&data[..8], &data[8..], &mut StopAt(stop_at, 0)).unwrap();

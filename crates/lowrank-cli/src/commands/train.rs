@@ -359,7 +359,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut trainer = match &resume {
         Some(dir) => Trainer::resume(model, s.train.clone(), &s.output, dir)?,
         None => {
-            let init = Adapter::init("adapter", adapter_cfg, &model, s.train.seed)?;
+            let init = Adapter::init("adapter", adapter_cfg, model, s.train.seed)?;
             Trainer::new(model, &init, s.train.clone(), &s.output)?
         }
     };

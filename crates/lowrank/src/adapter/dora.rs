@@ -171,7 +171,7 @@ impl AdapterLayer for DoraLayer {
         t
     }
 
-    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<(Box<dyn AdapterLayer>, Vec<(&'static str, Var)>)> {
+    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<super::Trainable> {
         let a = Var::from_tensor(&self.lora.a.copy()?)?;
         let b = Var::from_tensor(&self.lora.b.copy()?)?;
         let m = Var::from_tensor(&self.magnitude.copy()?)?;

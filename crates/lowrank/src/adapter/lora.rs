@@ -100,7 +100,7 @@ impl AdapterLayer for LoraLayer {
         vec![("lora_A.weight", &self.a), ("lora_B.weight", &self.b)]
     }
 
-    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<(Box<dyn AdapterLayer>, Vec<(&'static str, Var)>)> {
+    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<super::Trainable> {
         let a = Var::from_tensor(&self.a.copy()?)?;
         let b = Var::from_tensor(&self.b.copy()?)?;
         let layer = LoraLayer { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: self.scale, dropout };

@@ -33,6 +33,9 @@ use crate::model::{Model, ModuleTable};
 use crate::ops::{FrozenLinear, LowRank};
 use crate::Result;
 
+/// A trainable copy of a layer and its variables by PEFT tensor name.
+pub type Trainable = (Box<dyn AdapterLayer>, Vec<(&'static str, Var)>);
+
 /// What an adapter does to one projection.
 pub trait AdapterLayer: Send + Sync + Debug {
     /// The change to the projection output: `x: [N, K]`, the frozen layer `base` and its
@@ -53,7 +56,7 @@ pub trait AdapterLayer: Send + Sync + Debug {
     fn tensors(&self) -> Vec<(&'static str, &Tensor)>;
     /// A copy whose tensors are trainable variables (with `dropout` on its input while
     /// training), and those variables by name.
-    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<(Box<dyn AdapterLayer>, Vec<(&'static str, Var)>)>;
+    fn to_trainable(&self, dropout: Option<Dropout>) -> Result<Trainable>;
     /// The factors when the layer is exactly `s · x Aᵀ Bᵀ` (LoRA without dropout), so the
     /// projection can run it fused with its base; `None` otherwise.
     fn low_rank(&self) -> Option<LowRank<'_>> {

@@ -46,7 +46,7 @@ impl Model {
                         Some(w) => w,
                         None => w.insert(base.weight().to_dense()?.to_dtype(DType::F32)?),
                     };
-                    let parts = layer.merge_parts((sign > 0.0).then_some(&*w))?;
+                    let parts = layer.merge_parts((sign > 0.0).then_some(w))?;
                     add = Some(sum(add, (parts.add.to_dtype(DType::F32)? * a.weight)?)?);
                     if let Some(r) = parts.row_factor {
                         factor = Some(sum(factor, (r.to_dtype(DType::F32)? * a.weight)?)?);

@@ -53,7 +53,7 @@ impl Nf4Tensor {
             for (j, v) in block.iter().enumerate() {
                 let q = nearest(&NF4, v * inv);
                 let i = bi * BLOCK + j;
-                packed[i / 2] |= if i % 2 == 0 { q << 4 } else { q };
+                packed[i / 2] |= if i.is_multiple_of(2) { q << 4 } else { q };
             }
         }
         // Double quantisation of the block maxima.
@@ -98,7 +98,7 @@ impl Nf4Tensor {
                 scale = self.block_absmax(block);
             }
             let byte = self.packed[i / 2];
-            let q = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let q = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
             *o = NF4[q as usize] * scale;
         }
     }

@@ -42,6 +42,8 @@ enum Mode {
     Q4_1,
     /// Dequantised to f32 at load.
     F32,
+    /// A full-precision model (`--model`, an HF directory) quantised to NF4 at load (QLoRA).
+    Nf4,
 }
 
 impl Mode {
@@ -49,7 +51,8 @@ impl Mode {
         match s {
             "q4_1" => Ok(Mode::Q4_1),
             "f32" => Ok(Mode::F32),
-            _ => bail!("--mode {s}: expected q4_1 or f32"),
+            "nf4" => Ok(Mode::Nf4),
+            _ => bail!("--mode {s}: expected q4_1, f32 or nf4"),
         }
     }
 
@@ -58,6 +61,7 @@ impl Mode {
         match self {
             Mode::Q4_1 => "gguf-q4_1",
             Mode::F32 => "gguf-f32",
+            Mode::Nf4 => "nf4",
         }
     }
 }
@@ -79,11 +83,17 @@ struct Settings {
     loss_chunk: usize,
     /// Seed of the token ids and the adapter init.
     seed: u64,
+    /// The model (default: the default model's GGUF); nf4 needs a full-precision HF directory.
+    model: Option<std::path::PathBuf>,
+    /// Gradient checkpointing per block (`--checkpoint 1`).
+    checkpoint: bool,
+    /// DoRA instead of LoRA (`--dora 1`).
+    dora: bool,
 }
 
 impl Settings {
     fn parse(args: impl Iterator<Item = String>) -> Result<Self> {
-        let mut s = Settings { mode: Mode::F32, steps: 6, batch: 4, seq: 256, threads: None, loss_chunk: 512, seed: 0 };
+        let mut s = Settings { mode: Mode::F32, steps: 6, batch: 4, seq: 256, threads: None, loss_chunk: 512, seed: 0, model: None, checkpoint: false, dora: false };
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             // `cargo bench` appends `--bench`; a filter word may follow. Neither applies here.
@@ -100,7 +110,10 @@ impl Settings {
                 "--threads" => s.threads = Some(num()?),
                 "--loss-chunk" => s.loss_chunk = num()?,
                 "--seed" => s.seed = num()? as u64,
-                _ => bail!("unknown flag {flag} (known: --mode --steps --batch --seq --threads --loss-chunk --seed)"),
+                "--model" => s.model = Some(value.clone().into()),
+                "--checkpoint" => s.checkpoint = num()? != 0,
+                "--dora" => s.dora = num()? != 0,
+                _ => bail!("unknown flag {flag} (known: --mode --steps --batch --seq --threads --loss-chunk --seed --model --checkpoint --dora)"),
             }
         }
         ensure!(s.steps >= 2, "--steps must be at least 2 (the first step is not counted)");
@@ -143,10 +156,16 @@ fn main() -> Result<()> {
 fn run(s: &Settings) -> Result<()> {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
 
-    let gguf = lowrank::home::default_model_gguf().context("fetching the default model")?;
-    let opts = LoadOptions { dequantize: s.mode == Mode::F32, ..Default::default() };
+    let gguf = match &s.model {
+        Some(p) => p.clone(),
+        None if s.mode == Mode::Nf4 => bail!("--mode nf4 needs --model: a full-precision HF directory (e.g. ~/.cache/lowrank-reference/smollm2-hf)"),
+        None => lowrank::home::default_model_gguf().context("fetching the default model")?,
+    };
+    let quantize = (s.mode == Mode::Nf4).then_some(lowrank::model::Quantize::Nf4);
+    let opts = LoadOptions { dequantize: s.mode == Mode::F32, quantize, ..Default::default() };
     let model = Model::from_path(&gguf, &opts).with_context(|| format!("loading {}", gguf.display()))?;
-    let config = AdapterConfig::from_json(LORA_CONFIG, Path::new("bench-lora"))?;
+    let lora_config = if s.dora { LORA_CONFIG.replace(r#""peft_type":"LORA""#, r#""peft_type":"LORA","use_dora":true"#) } else { LORA_CONFIG.to_string() };
+    let config = AdapterConfig::from_json(&lora_config, Path::new("bench-lora"))?;
     let initial = Adapter::init("bench-lora", config, &model, s.seed)?;
     ensure!(initial.num_layers() == 7 * model.config().num_layers, "expected 7 adapted projections per block, got {}", initial.num_layers());
     let (adapter, named) = initial.to_trainable(model.modules(), None)?;
@@ -155,9 +174,9 @@ fn run(s: &Settings) -> Result<()> {
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
     let load_rss = proc_status_mib("VmRSS")?;
+    let label = format!("{}{}{}", s.mode.label(), if s.dora { "+dora" } else { "" }, if s.checkpoint { "+ckpt" } else { "" });
     eprintln!(
-        "{}: {} ({} weight bytes), {trainable} trainable parameters, {threads} threads, RSS after load {load_rss:.0} MiB",
-        s.mode.label(),
+        "{label}: {} ({} weight bytes), {trainable} trainable parameters, {threads} threads, RSS after load {load_rss:.0} MiB",
         gguf.display(),
         model.weight_bytes()
     );
@@ -172,7 +191,7 @@ fn run(s: &Settings) -> Result<()> {
         let ids: Vec<Vec<u32>> = (0..s.batch).map(|_| (0..s.seq).map(|_| rng.random_range(0..vocab)).collect()).collect(); // [B, T]
         let seqs: Vec<TrainSeq> = ids.iter().map(|ids| TrainSeq { ids, targets: &targets }).collect();
         let t0 = Instant::now();
-        let out = forward_backward(&model, &active, &seqs, s.loss_chunk, 1.0)?;
+        let out = forward_backward(&model, &active, &seqs, s.loss_chunk, 1.0, s.checkpoint)?;
         let grads = collect_grads(&out.grads, &vars)?;
         opt.step(&grads, LR)?;
         times.push(t0.elapsed().as_secs_f64());
@@ -188,6 +207,6 @@ fn run(s: &Settings) -> Result<()> {
         s.steps - 1
     );
     println!("{:<12} {:>10} {:>14} {:>14} {:>14}", "mode", "tokens/s", "median_step_s", "peak_rss_mib", "load_rss_mib");
-    println!("{:<12} {:>10.1} {:>14.3} {:>14.0} {:>14.0}", s.mode.label(), (s.batch * s.seq) as f64 / med, med, peak, load_rss);
+    println!("{:<12} {:>10.1} {:>14.3} {:>14.0} {:>14.0}", label, (s.batch * s.seq) as f64 / med, med, peak, load_rss);
     Ok(())
 }

@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use super::dropout::Dropout;
 use super::lora::{LoraInit, LoraLayer};
 use super::{AdapterLayer, MergeParts};
-use crate::ops::{FrozenLinear, WeightKey};
+use crate::ops::{FrozenLinear, LowRank, WeightKey};
 use crate::{Error, Result};
 
 /// A value derived from one frozen weight, and which weight.
@@ -163,6 +163,11 @@ impl AdapterLayer for DoraLayer {
 
     fn rank(&self) -> usize {
         self.lora.rank()
+    }
+
+    fn scaled_low_rank(&self, base: &FrozenLinear) -> Result<Option<(LowRank<'_>, Tensor)>> {
+        let Some(lr) = self.lora.low_rank() else { return Ok(None) };
+        Ok(Some((lr, self.factor(base)?)))
     }
 
     fn tensors(&self) -> Vec<(&'static str, &Tensor)> {

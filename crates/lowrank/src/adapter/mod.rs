@@ -62,6 +62,11 @@ pub trait AdapterLayer: Send + Sync + Debug {
     fn low_rank(&self) -> Option<LowRank<'_>> {
         None
     }
+    /// The factors and the per-row factor `g: [M]` when the adapted projection is
+    /// `bias + g ⊙ (x Wᵀ + s · x Aᵀ Bᵀ)` (DoRA without dropout), so it can run fused too.
+    fn scaled_low_rank(&self, _base: &FrozenLinear) -> Result<Option<(LowRank<'_>, Tensor)>> {
+        Ok(None)
+    }
 }
 
 /// What merging a layer does to a weight `W: [M, K]`: `W' = (1 + row_factor) ⊙ W + add`.

@@ -2,6 +2,7 @@
 
 mod block;
 mod cache;
+mod checkpoint;
 mod config;
 mod gguf;
 pub mod gguf_names;
@@ -15,6 +16,7 @@ mod weights;
 
 pub use block::{Block, SeqSpan};
 pub use cache::KvCache;
+pub use checkpoint::GradSink;
 pub use config::{Family, ModelConfig};
 pub use gguf::GgufFile;
 pub use hf::SafetensorsDir;

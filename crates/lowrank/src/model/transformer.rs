@@ -1,9 +1,12 @@
 //! The decoder-only transformer: embeddings, blocks, final norm, output head.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::block::{Block, BlockCtx, SeqSpan};
 use super::cache::KvCache;
+use super::checkpoint::{checkpointed, GradSink};
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, ModuleTable, Projection};
 use super::weights::{dense_checked, matrix_checked, WeightSource};
@@ -140,7 +143,18 @@ impl Model {
     /// With `caches` (one per sequence) positions continue from each cache and the new keys and
     /// values are appended; without, every sequence starts at position 0.
     /// Returns the hidden states `[N, H]`.
-    pub fn forward(&self, seqs: &[SeqInput], mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+    pub fn forward(&self, seqs: &[SeqInput], caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        self.forward_inner(seqs, caches, None)
+    }
+
+    /// [`Model::forward`] for training with gradient checkpointing: each block is one graph node
+    /// that keeps only its input and recomputes itself in the backward pass; the adapter
+    /// gradients computed there go to `sink` (see [`GradSink::merge_into`]).
+    pub fn forward_checkpointed(&self, seqs: &[SeqInput], sink: &Arc<GradSink>) -> Result<Tensor> {
+        self.forward_inner(seqs, None, Some(sink))
+    }
+
+    fn forward_inner(&self, seqs: &[SeqInput], mut caches: Option<&mut [KvCache]>, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
         if let Some(c) = caches.as_deref() {
             if c.len() != seqs.len() {
                 return Err(Error::InvalidArgument(format!("{} sequences but {} caches", seqs.len(), c.len())));
@@ -175,7 +189,10 @@ impl Model {
         let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
         let ctx = BlockCtx { cos, sin, spans: &spans, runs: &runs };
         for block in &self.blocks {
-            x = block.forward(&x, &ctx, caches.as_deref_mut())?;
+            x = match sink {
+                Some(sink) => checkpointed(block, &x, &ctx, sink)?,
+                None => block.forward(&x, &ctx, caches.as_deref_mut())?,
+            };
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }

@@ -36,4 +36,7 @@ pub struct TrainConfig {
     /// LoRA+: `B` (and DoRA's magnitudes) learn at `lr ×` this (PEFT's `loraplus_lr_ratio`).
     #[serde(default)]
     pub lora_plus_ratio: Option<f64>,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }

@@ -5,7 +5,7 @@ use candle_core::Var;
 
 use super::loss::chunked_cross_entropy;
 use crate::adapter::ActiveAdapter;
-use crate::model::{Model, SeqInput};
+use crate::model::{GradSink, Model, SeqInput};
 use crate::Result;
 
 /// A training sequence: token ids and, per token, whether it is a loss target (predicted from
@@ -41,13 +41,21 @@ pub fn row_targets(seqs: &[TrainSeq]) -> Vec<Option<u32>> {
     out
 }
 
-/// Forward through `model` with `adapters`, chunked cross-entropy, backward.
-pub fn forward_backward(model: &Model, adapters: &[ActiveAdapter], seqs: &[TrainSeq], loss_chunk: usize, scale: f64) -> Result<StepOutput> {
+/// Forward through `model` with `adapters`, chunked cross-entropy, backward; with
+/// `checkpoint`, each block's activations are recomputed in the backward instead of kept.
+pub fn forward_backward(model: &Model, adapters: &[ActiveAdapter], seqs: &[TrainSeq], loss_chunk: usize, scale: f64, checkpoint: bool) -> Result<StepOutput> {
     let inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput { tokens: s.ids, adapters }).collect();
-    let hidden = model.forward(&inputs, None)?; // [N, H]
+    let sink = checkpoint.then(GradSink::new);
+    let hidden = match &sink {
+        Some(sink) => model.forward_checkpointed(&inputs, sink)?,
+        None => model.forward(&inputs, None)?,
+    }; // [N, H]
     let targets = row_targets(seqs);
     let out = chunked_cross_entropy(&hidden, model.head(), &targets, loss_chunk, scale)?;
-    let grads = out.surrogate.backward()?;
+    let mut grads = out.surrogate.backward()?;
+    if let Some(sink) = sink {
+        sink.merge_into(&mut grads)?;
+    }
     Ok(StepOutput { loss: out.loss, targets: out.targets, tokens: targets.len(), grads })
 }
 

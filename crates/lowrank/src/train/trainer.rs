@@ -130,7 +130,7 @@ impl<'a> Trainer<'a> {
                 self.dropout.set_micro_step(micro as u64);
                 let batch = plan.batch(micro);
                 let seqs: Vec<TrainSeq> = batch.iter().map(|&i| TrainSeq { ids: &train[i].ids, targets: &train[i].targets }).collect();
-                let out = forward_backward(self.model, &active, &seqs, cfg.loss_chunk, 1.0 / cfg.grad_accum as f64)?;
+                let out = forward_backward(self.model, &active, &seqs, cfg.loss_chunk, 1.0 / cfg.grad_accum as f64, cfg.gradient_checkpointing)?;
                 loss += out.loss;
                 tokens += out.tokens;
                 let g = collect_grads(&out.grads, &self.vars)?;

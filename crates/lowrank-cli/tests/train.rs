@@ -65,3 +65,38 @@ fn malformed_data_names_file_and_line() {
     assert!(err.contains("bad.jsonl:3"), "{err}");
     assert!(!Path::new(&out).join("adapter_model.safetensors").exists());
 }
+
+/// QLoRA + DoRA + checkpointing + LoRA+ + gaussian init in one run, as a user types it: the
+/// default model converted to an HF directory, quantised to NF4 at load, a DoRA adapter trained
+/// with checkpointed blocks; the output says so, and loads back for generation. A quantized GGUF
+/// with --quantize is refused before training.
+#[test]
+fn qlora_dora_with_checkpointing_trains_and_a_quantized_gguf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(&data, example_rows(4)).unwrap();
+    let gguf = default_gguf();
+    let bad = lowrank(&["train", "--model", gguf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", tmp.path().join("x").to_str().unwrap(), "--steps", "1", "--quantize", "nf4"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("already quantized"), "{}", text(&bad.stderr));
+    assert!(!tmp.path().join("x/adapter_model.safetensors").exists());
+
+    let hf = tmp.path().join("hf");
+    let r = lowrank(&["merge", "--model", gguf.to_str().unwrap(), "--output", hf.to_str().unwrap(), "--dtype", "f32"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let out = tmp.path().join("run");
+    let r = lowrank(&[
+        "train", "--model", hf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "--steps", "2", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--lr", "1e-3",
+        "--quantize", "nf4", "--dora", "--gradient-checkpointing", "--lora-plus-ratio", "4", "--init", "gaussian",
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    assert_eq!(cfg["init_lora_weights"], "gaussian");
+    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("lowrank_train.json")).unwrap()).unwrap();
+    assert_eq!(settings["quantize"], "nf4");
+    assert_eq!(settings["train"]["gradient_checkpointing"], 1);
+    assert_eq!(settings["train"]["lora_plus_ratio"], 4.0);
+    let g = lowrank(&["generate", "--model", hf.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "4"]);
+    assert!(g.status.success(), "{}", text(&g.stderr));
+}

@@ -17,8 +17,12 @@
 //! setup. The figure is the median step time over all steps after the first (tokens/s =
 //! batch·seq / median); peak RSS is `VmHWM` from `/proc/self/status` at the end.
 //!
+//! Other modes: `--mode nf4 --model HF_DIR` (a full-precision HF directory quantised to NF4 at
+//! load), `--checkpoint 1` (gradient checkpointing), `--dora 1` (DoRA instead of LoRA).
+//!
 //! stdout: a header comment and one whitespace-separated row
-//! `mode tokens/s median_step_s peak_rss_mib load_rss_mib`; each step's time and loss go to stderr.
+//! `mode tokens/s median_step_s peak_rss_mib load_rss_mib weight_bytes/param` (resident frozen
+//! weight bytes over the model's parameter count); each step's time and loss go to stderr.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -85,15 +89,15 @@ struct Settings {
     seed: u64,
     /// The model (default: the default model's GGUF); nf4 needs a full-precision HF directory.
     model: Option<std::path::PathBuf>,
-    /// Gradient checkpointing per block (`--checkpoint 1`).
-    checkpoint: bool,
+    /// Gradient checkpointing of every k-th block (`--checkpoint 1`: all; 0: off).
+    checkpoint: usize,
     /// DoRA instead of LoRA (`--dora 1`).
     dora: bool,
 }
 
 impl Settings {
     fn parse(args: impl Iterator<Item = String>) -> Result<Self> {
-        let mut s = Settings { mode: Mode::F32, steps: 6, batch: 4, seq: 256, threads: None, loss_chunk: 512, seed: 0, model: None, checkpoint: false, dora: false };
+        let mut s = Settings { mode: Mode::F32, steps: 6, batch: 4, seq: 256, threads: None, loss_chunk: 512, seed: 0, model: None, checkpoint: 0, dora: false };
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             // `cargo bench` appends `--bench`; a filter word may follow. Neither applies here.
@@ -111,7 +115,7 @@ impl Settings {
                 "--loss-chunk" => s.loss_chunk = num()?,
                 "--seed" => s.seed = num()? as u64,
                 "--model" => s.model = Some(value.clone().into()),
-                "--checkpoint" => s.checkpoint = num()? != 0,
+                "--checkpoint" => s.checkpoint = num()?,
                 "--dora" => s.dora = num()? != 0,
                 _ => bail!("unknown flag {flag} (known: --mode --steps --batch --seq --threads --loss-chunk --seed --model --checkpoint --dora)"),
             }
@@ -174,7 +178,11 @@ fn run(s: &Settings) -> Result<()> {
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
     let load_rss = proc_status_mib("VmRSS")?;
-    let label = format!("{}{}{}", s.mode.label(), if s.dora { "+dora" } else { "" }, if s.checkpoint { "+ckpt" } else { "" });
+    let label = format!("{}{}{}", s.mode.label(), if s.dora { "+dora" } else { "" }, match s.checkpoint {
+        0 => String::new(),
+        1 => "+ckpt".into(),
+        k => format!("+ckpt/{k}"),
+    });
     eprintln!(
         "{label}: {} ({} weight bytes), {trainable} trainable parameters, {threads} threads, RSS after load {load_rss:.0} MiB",
         gguf.display(),
@@ -206,7 +214,8 @@ fn run(s: &Settings) -> Result<()> {
         s.seq,
         s.steps - 1
     );
-    println!("{:<12} {:>10} {:>14} {:>14} {:>14}", "mode", "tokens/s", "median_step_s", "peak_rss_mib", "load_rss_mib");
-    println!("{:<12} {:>10.1} {:>14.3} {:>14.0} {:>14.0}", label, (s.batch * s.seq) as f64 / med, med, peak, load_rss);
+    let bytes_per_param = model.weight_bytes() as f64 / model.config().num_parameters() as f64;
+    println!("{:<16} {:>10} {:>14} {:>14} {:>14} {:>16}", "mode", "tokens/s", "median_step_s", "peak_rss_mib", "load_rss_mib", "weight_bytes/param");
+    println!("{:<16} {:>10.1} {:>14.3} {:>14.0} {:>14.0} {:>16.3}", label, (s.batch * s.seq) as f64 / med, med, peak, load_rss, bytes_per_param);
     Ok(())
 }

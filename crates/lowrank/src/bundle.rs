@@ -37,9 +37,9 @@ impl ModelBundle {
                 (model, tokenizer, chat)
             }
             ModelFormat::Gguf => {
-                let mut g = GgufFile::open(path, &opts.device, opts.dequantize)?;
+                let mut g = GgufFile::open(path, &opts.device, opts.gguf_dequantize())?;
                 let cfg = g.config()?;
-                let model = Model::load(cfg, &g, &opts.device)?;
+                let model = Model::load_with(cfg, &g, opts)?;
                 let tokenizer = Tokenizer::from_gguf(g.metadata(), path)?;
                 let chat = ChatTemplate::from_gguf(g.metadata(), &tokenizer)?;
                 (model, tokenizer, chat)

@@ -77,7 +77,7 @@ fn gradients_through_the_4bit_base_equal_those_through_its_dequantised_weights()
             let (a, vars) = a.to_trainable(model.modules(), None).unwrap();
             let vars: Vec<_> = vars.into_iter().map(|(_, v)| v).collect();
             let active = [ActiveAdapter { adapter: Arc::new(a), weight: 1.0 }];
-            let out = forward_backward(model, &active, &seqs, 8, 1.0, false).unwrap();
+            let out = forward_backward(model, &active, &seqs, 8, 1.0, 0).unwrap();
             results.push((out.loss, collect_grads(&out.grads, &vars).unwrap()));
         }
         let ((l1, g1), (l2, g2)) = (&results[0], &results[1]);

@@ -49,7 +49,7 @@ fn train_config(steps: usize) -> TrainConfig {
         eval_every: Some(3),
         loss_chunk: 5,
         lora_plus_ratio: None,
-        gradient_checkpointing: false,
+        gradient_checkpointing: 0,
     }
 }
 

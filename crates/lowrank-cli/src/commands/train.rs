@@ -81,9 +81,10 @@ pub struct TrainArgs {
     /// LoRA+: B (and DoRA magnitudes) learn at lr × this ratio (PEFT's loraplus_lr_ratio, e.g. 16)
     #[arg(long)]
     lora_plus_ratio: Option<f64>,
-    /// Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    gradient_checkpointing: Option<bool>,
+    /// Recompute every K-th block's activations in the backward pass instead of keeping them
+    /// (K = 1 when given alone: every block, least memory; 2: half the blocks)
+    #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "1")]
+    gradient_checkpointing: Option<usize>,
     /// Longest sequence in tokens; longer rows are truncated [default: 512]
     #[arg(long)]
     max_seq_len: Option<usize>,
@@ -255,7 +256,7 @@ impl Settings {
             eval_every: Some(eval_every.or(file.eval_every).unwrap_or(25)),
             loss_chunk: 512,
             lora_plus_ratio: lora_plus_ratio.or(file.lora_plus_ratio),
-            gradient_checkpointing: gradient_checkpointing.or(file.gradient_checkpointing).unwrap_or(false),
+            gradient_checkpointing: gradient_checkpointing.or(file.gradient_checkpointing).unwrap_or(0),
         };
         let steps_or_epochs = train.steps > 0 || epochs.or(file.epochs).is_some();
         let mut s = Settings {

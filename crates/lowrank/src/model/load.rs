@@ -40,6 +40,14 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// Whether a GGUF file should be opened dequantised: a quantized GGUF is refused by
+    /// `quantize`, not dequantised and quantised again.
+    pub fn gguf_dequantize(&self) -> bool {
+        self.dequantize && self.quantize.is_none()
+    }
+}
+
 /// A format the frozen projections can be quantised to at load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quantize {
@@ -108,20 +116,19 @@ impl Model {
             ModelFormat::HfDir => {
                 let cfg = ModelConfig::from_hf_file(&path.join("config.json"))?;
                 let st = SafetensorsDir::open(path, &opts.device)?;
-                Self::load_quantized(cfg, &st, opts)?
+                Self::load_with(cfg, &st, opts)?
             }
             ModelFormat::Gguf => {
-                // A quantized GGUF is refused by --quantize, not dequantised and quantised again.
-                let mut g = GgufFile::open(path, &opts.device, opts.dequantize && opts.quantize.is_none())?;
+                let mut g = GgufFile::open(path, &opts.device, opts.gguf_dequantize())?;
                 let cfg = g.config()?;
-                Self::load_quantized(cfg, &g, opts)?
+                Self::load_with(cfg, &g, opts)?
             }
         };
         Ok(model)
     }
 
     /// [`Model::load`], with the projections quantised as `opts.quantize` asks.
-    fn load_quantized(cfg: ModelConfig, src: &dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
+    pub fn load_with(cfg: ModelConfig, src: &dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
         match opts.quantize {
             None => Model::load(cfg, src, &opts.device),
             Some(Quantize::Nf4) if !opts.device.is_cpu() => Err(Error::Config("--quantize nf4 runs on the CPU only".into())),

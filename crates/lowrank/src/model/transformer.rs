@@ -147,14 +147,15 @@ impl Model {
         self.forward_inner(seqs, caches, None)
     }
 
-    /// [`Model::forward`] for training with gradient checkpointing: each block is one graph node
-    /// that keeps only its input and recomputes itself in the backward pass; the adapter
-    /// gradients computed there go to `sink` (see [`GradSink::merge_into`]).
-    pub fn forward_checkpointed(&self, seqs: &[SeqInput], sink: &Arc<GradSink>) -> Result<Tensor> {
-        self.forward_inner(seqs, None, Some(sink))
+    /// [`Model::forward`] for training with gradient checkpointing: every `every`-th block (the
+    /// first included) is one graph node that keeps only its input and recomputes itself in the
+    /// backward pass; the adapter gradients computed there go to `sink` (see
+    /// [`GradSink::merge_into`]).
+    pub fn forward_checkpointed(&self, seqs: &[SeqInput], sink: &Arc<GradSink>, every: usize) -> Result<Tensor> {
+        self.forward_inner(seqs, None, Some((sink, every.max(1))))
     }
 
-    fn forward_inner(&self, seqs: &[SeqInput], mut caches: Option<&mut [KvCache]>, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
+    fn forward_inner(&self, seqs: &[SeqInput], mut caches: Option<&mut [KvCache]>, checkpoint: Option<(&Arc<GradSink>, usize)>) -> Result<Tensor> {
         if let Some(c) = caches.as_deref() {
             if c.len() != seqs.len() {
                 return Err(Error::InvalidArgument(format!("{} sequences but {} caches", seqs.len(), c.len())));
@@ -188,10 +189,10 @@ impl Model {
         }; // [N, H]
         let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
         let ctx = BlockCtx { cos, sin, spans: &spans, runs: &runs };
-        for block in &self.blocks {
-            x = match sink {
-                Some(sink) => checkpointed(block, &x, &ctx, sink)?,
-                None => block.forward(&x, &ctx, caches.as_deref_mut())?,
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = match checkpoint {
+                Some((sink, every)) if i % every == 0 => checkpointed(block, &x, &ctx, sink)?,
+                _ => block.forward(&x, &ctx, caches.as_deref_mut())?,
             };
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)

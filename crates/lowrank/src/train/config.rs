@@ -36,7 +36,8 @@ pub struct TrainConfig {
     /// LoRA+: `B` (and DoRA's magnitudes) learn at `lr ×` this (PEFT's `loraplus_lr_ratio`).
     #[serde(default)]
     pub lora_plus_ratio: Option<f64>,
-    /// Recompute each block's activations in the backward pass instead of keeping them.
+    /// Recompute every k-th block's activations in the backward pass instead of keeping them
+    /// (0: off, 1: every block).
     #[serde(default)]
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: usize,
 }

@@ -41,13 +41,14 @@ pub fn row_targets(seqs: &[TrainSeq]) -> Vec<Option<u32>> {
     out
 }
 
-/// Forward through `model` with `adapters`, chunked cross-entropy, backward; with
-/// `checkpoint`, each block's activations are recomputed in the backward instead of kept.
-pub fn forward_backward(model: &Model, adapters: &[ActiveAdapter], seqs: &[TrainSeq], loss_chunk: usize, scale: f64, checkpoint: bool) -> Result<StepOutput> {
+/// Forward through `model` with `adapters`, chunked cross-entropy, backward. With
+/// `checkpoint_every = k > 0`, every k-th block's activations are recomputed in the backward
+/// instead of kept (1: all blocks).
+pub fn forward_backward(model: &Model, adapters: &[ActiveAdapter], seqs: &[TrainSeq], loss_chunk: usize, scale: f64, checkpoint_every: usize) -> Result<StepOutput> {
     let inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput { tokens: s.ids, adapters }).collect();
-    let sink = checkpoint.then(GradSink::new);
+    let sink = (checkpoint_every > 0).then(GradSink::new);
     let hidden = match &sink {
-        Some(sink) => model.forward_checkpointed(&inputs, sink)?,
+        Some(sink) => model.forward_checkpointed(&inputs, sink, checkpoint_every)?,
         None => model.forward(&inputs, None)?,
     }; // [N, H]
     let targets = row_targets(seqs);

@@ -99,4 +99,17 @@ fn qlora_dora_with_checkpointing_trains_and_a_quantized_gguf_is_refused() {
     assert_eq!(settings["train"]["lora_plus_ratio"], 4.0);
     let g = lowrank(&["generate", "--model", hf.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "4"]);
     assert!(g.status.success(), "{}", text(&g.stderr));
+
+    // OLoRA trains on the residual base and is saved as a plain rank-2r LoRA for the original one.
+    let olora = tmp.path().join("olora");
+    let r = lowrank(&[
+        "train", "--model", hf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", olora.to_str().unwrap(),
+        "--steps", "1", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--init", "olora",
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(olora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["init_lora_weights"].as_bool()), (Some(8), Some(16.0), Some(true)));
+    let e = lowrank(&["train", "--data", data.to_str().unwrap(), "--output", tmp.path().join("p").to_str().unwrap(), "--steps", "1", "--init", "pissa"]);
+    assert!(!e.status.success() && text(&e.stderr).contains("quantized"), "pissa on the Q4_1 default model: {}", text(&e.stderr));
+    assert!(!tmp.path().join("p").exists(), "a refused init writes nothing");
 }

@@ -197,7 +197,7 @@ fn gaussian_init_draws_a_with_std_one_over_r() {
     assert!(mean.abs() < 0.01 && (std - 0.25).abs() < 0.01, "mean {mean}, std {std} (want 0, 1/4 over {n} values)");
     let ids = &ids("llama")[0];
     assert_eq!(max_diff(&logits(&model, ids, &[active(&std::sync::Arc::new(a), 1.0)]), &logits(&model, ids, &[])), 0.0);
-    let bad = AdapterConfig::from_json(r#"{"r":4,"init_lora_weights":"pissa","target_modules":"all-linear"}"#, Path::new("p")).unwrap();
+    let bad = AdapterConfig::from_json(r#"{"r":4,"init_lora_weights":"loftq","target_modules":"all-linear"}"#, Path::new("p")).unwrap();
     let e = Adapter::init("p", bad, &model, 3).unwrap_err().to_string();
-    assert!(e.contains("pissa"), "{e}");
+    assert!(e.contains("loftq"), "{e}");
 }

@@ -75,7 +75,9 @@ pub struct TrainArgs {
     /// DoRA: a trained magnitude per output row on top of the low-rank direction update
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     dora: Option<bool>,
-    /// How A starts: kaiming (uniform ±1/√in, PEFT's default) or gaussian (N(0, 1/r)) [default: kaiming]
+    /// How A (and B) start: kaiming (uniform ±1/√in, B = 0; PEFT's default), gaussian (N(0, 1/r)),
+    /// pissa (top-r SVD of W) or olora (QR of W); pissa and olora train on the residual base and
+    /// save the adapter converted to plain LoRA of rank 2r for the original base [default: kaiming]
     #[arg(long, value_enum)]
     init: Option<InitArg>,
     /// LoRA+: B (and DoRA magnitudes) learn at lr × this ratio (PEFT's loraplus_lr_ratio, e.g. 16)
@@ -150,6 +152,8 @@ impl From<ScheduleArg> for Schedule {
 enum InitArg {
     Kaiming,
     Gaussian,
+    Pissa,
+    Olora,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
@@ -237,6 +241,8 @@ impl Settings {
             "init_lora_weights": match init.or(file.init).unwrap_or(InitArg::Kaiming) {
                 InitArg::Kaiming => serde_json::json!(true),
                 InitArg::Gaussian => serde_json::json!("gaussian"),
+                InitArg::Pissa => serde_json::json!("pissa"),
+                InitArg::Olora => serde_json::json!("olora"),
             },
             "bias": "none",
             "base_model_name_or_path": model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
@@ -349,24 +355,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let mut opts = load_options(s.device, s.dequantize)?;
     opts.quantize = s.quantize.map(|QuantizeArg::Nf4| Quantize::Nf4);
-    let bundle = ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
+    let mut bundle = ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
     let (train, eval) = load_data(&s, &bundle)?;
     if let Some(epochs) = s.epochs {
         let per_epoch = train.examples.len().div_ceil(s.train.batch_size * s.train.grad_accum);
         s.train.steps = ((per_epoch as f64 * epochs).ceil() as usize).max(1);
     }
+    // The initial adapter before anything is written: a config it cannot start from leaves no output.
+    let adapter_cfg = AdapterConfig::from_json(&s.adapter.to_string(), Path::new(SETTINGS_FILE))?;
+    let start = Arc::new(Adapter::init("adapter", adapter_cfg, &bundle.model, s.train.seed)?);
     std::fs::create_dir_all(&s.output).with_context(|| format!("creating {}", s.output.display()))?;
     let settings_json = serde_json::to_vec_pretty(&s)?;
     lowrank::train::checkpoint::write_atomic(&s.output.join(SETTINGS_FILE), &settings_json)?;
 
+    let before = if s.example && resume.is_none() { Some(example::exact_match(&bundle, &[])?) } else { None };
+    // PiSSA / OLoRA take their initial s·B₀A₀ out of the base (a resumed run redoes it: the init
+    // is a function of the weights); the final adapter is converted back to the original base.
+    let residual = start.takes_from_base();
+    if residual {
+        bundle.model.unmerge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }]).context("writing the residual base")?;
+    }
     let model = &bundle.model;
-    let adapter_cfg = AdapterConfig::from_json(&s.adapter.to_string(), Path::new(SETTINGS_FILE))?;
     let mut trainer = match &resume {
         Some(dir) => Trainer::resume(model, s.train.clone(), &s.output, dir)?,
-        None => {
-            let init = Adapter::init("adapter", adapter_cfg, model, s.train.seed)?;
-            Trainer::new(model, &init, s.train.clone(), &s.output)?
-        }
+        None => Trainer::new(model, &start, s.train.clone(), &s.output)?,
     };
     let trainable = trainer.adapter().num_parameters();
     let total = model.config().num_parameters();
@@ -376,7 +388,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         s.train.steps, s.train.batch_size, s.train.grad_accum,
         if trainer.step() > 0 { format!(", resuming at step {}", trainer.step()) } else { String::new() }
     );
-    let before = if s.example && trainer.step() == 0 { Some(example::exact_match(&bundle, &[])?) } else { None };
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -395,14 +406,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         RunEnd::Finished => {}
     }
-    save_adapter(trainer.adapter(), &bundle, &s.output)?;
+    let trained = trainer.adapter().clone();
+    drop(trainer);
+    let trained = if residual {
+        bundle.model.merge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }]).context("restoring the original base")?;
+        Arc::new(trained.relative_to_original(&start, bundle.model.modules())?)
+    } else {
+        trained
+    };
+    save_adapter(&trained, &bundle, &s.output)?;
     if let Some((_, peak)) = memory() {
         eprintln!("peak resident memory {:.0} MiB", mib(peak));
     }
     eprintln!("adapter written to {} (PEFT format); metrics.jsonl, loss.svg and {SETTINGS_FILE} beside it", s.output.display());
     if s.example {
         // The adapter as written (plain tensors, no training graph), as a user would load it.
-        let trained = Adapter::load_peft(&s.output, model.modules(), model.device())?;
+        let trained = Adapter::load_peft(&s.output, bundle.model.modules(), bundle.model.device())?;
         let after = example::exact_match(&bundle, &[ActiveAdapter { adapter: Arc::new(trained), weight: 1.0 }])?;
         example::report(before.as_ref(), &after);
     }

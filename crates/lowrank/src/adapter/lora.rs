@@ -29,6 +29,12 @@ pub enum LoraInit {
     Kaiming,
     /// `"gaussian"`: normal with standard deviation 1/r.
     Gaussian,
+    /// `"pissa"`: `A`, `B` from the top `r` singular triplets of `W` (`s·B A` is its best
+    /// rank-`r` part), the base then holding the residual.
+    Pissa,
+    /// `"olora"`: `B`, `A` the first `r` columns of `W`'s QR and rows of `R`, the base then
+    /// holding the residual.
+    Olora,
 }
 
 impl LoraInit {
@@ -37,8 +43,10 @@ impl LoraInit {
         match cfg.raw.get("init_lora_weights") {
             None | Some(serde_json::Value::Bool(true)) => Ok(LoraInit::Kaiming),
             Some(serde_json::Value::String(s)) if s == "gaussian" => Ok(LoraInit::Gaussian),
+            Some(serde_json::Value::String(s)) if s == "pissa" => Ok(LoraInit::Pissa),
+            Some(serde_json::Value::String(s)) if s == "olora" => Ok(LoraInit::Olora),
             Some(v) => Err(crate::Error::InvalidArgument(format!(
-                "init_lora_weights = {v}: only true (kaiming-uniform) and \"gaussian\" can initialise a new adapter (pissa, olora, loftq, ... are not supported)"
+                "init_lora_weights = {v}: a new adapter can start from true (kaiming-uniform), \"gaussian\", \"pissa\" or \"olora\" (pissa_niter_*, loftq, corda, eva, ... are not supported)"
             ))),
         }
     }
@@ -53,6 +61,9 @@ impl LoraLayer {
                 (0..r * in_features).map(|_| rng.random_range(-bound..bound)).collect()
             }
             LoraInit::Gaussian => (0..r * in_features).map(|_| standard_normal(rng) / r as f32).collect(),
+            LoraInit::Pissa | LoraInit::Olora => {
+                return Err(crate::Error::InvalidArgument("pissa and olora start from the base weight: use LoraLayer::from_weight".into()))
+            }
         };
         Ok(Self {
             a: Tensor::from_vec(a, (r, in_features), device)?,
@@ -62,10 +73,71 @@ impl LoraLayer {
         })
     }
 
+    /// PiSSA's or OLoRA's start from the frozen weight `w: [M, K]` (PEFT's `pissa_init` /
+    /// `olora_init`): the layer, whose `s·B A` the base must then give up (see
+    /// [`Adapter::residual_base`](super::Adapter)).
+    pub fn from_weight(w: &Tensor, r: usize, scale: f64, init: LoraInit) -> Result<Self> {
+        let (m, k) = w.dims2()?;
+        if r > m.min(k) {
+            return Err(crate::Error::InvalidArgument(format!("rank {r} exceeds the {m}×{k} weight's")));
+        }
+        let wv: Vec<f64> = w.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let (b, a) = match init {
+            // B = V_r sqrt(S_r / s), A = sqrt(S_r / s) U_rᵀ (PEFT names W's SVD V S Uᵀ).
+            LoraInit::Pissa => {
+                let (u, sv, vt) = if m.min(k) <= EXACT_SVD_MAX { crate::ops::top_svd(&wv, m, k, r) } else { randomized_top_svd(w, r)? };
+                let root: Vec<f64> = sv.iter().map(|x| (x / scale).sqrt()).collect();
+                let b: Vec<f64> = (0..m * r).map(|i| u[i] * root[i % r]).collect();
+                let a: Vec<f64> = (0..r * k).map(|i| vt[i] * root[i / k]).collect();
+                (b, a)
+            }
+            LoraInit::Olora => crate::ops::leading_qr(&wv, m, k, r),
+            LoraInit::Kaiming | LoraInit::Gaussian => {
+                return Err(crate::Error::InvalidArgument("from_weight is for pissa and olora".into()))
+            }
+        };
+        let dev = w.device();
+        let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        Ok(Self { a: Tensor::from_vec(f32s(a), (r, k), dev)?, b: Tensor::from_vec(f32s(b), (m, r), dev)?, scale, dropout: None })
+    }
+
     /// A seeded RNG for [`LoraLayer::init`].
     pub fn rng(seed: u64) -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(seed)
     }
+}
+
+/// Up to this `min(M, K)`, PiSSA's SVD is exact (Jacobi, `min(M, K)³`); above it, randomized.
+const EXACT_SVD_MAX: usize = 256;
+
+/// Power iterations of [`randomized_top_svd`].
+const POWER_ITERATIONS: usize = 24;
+
+/// The top `r` singular triplets of `w: [M, K]` by randomized subspace iteration (Halko et al.):
+/// a block of `2r` vectors, [`POWER_ITERATIONS`] rounds of `Wᵀ`/`W` products (f32 gemm) with
+/// re-orthonormalisation (f64), then the exact SVD of the `2r × K` projection. Its error in a
+/// component shrinks like `(σ_{2r+1} / σ_j)^(2q+1)`: below f32 rounding for the separated top
+/// singular values of trained weights.
+fn randomized_top_svd(w: &Tensor, r: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    let (m, k) = w.dims2()?;
+    let q = (2 * r).min(m.min(k));
+    let dev = w.device();
+    let w = w.to_dtype(DType::F32)?;
+    let wt = w.t()?.contiguous()?;
+    let to_t = |v: &[f64], rows: usize, cols: usize| -> Result<Tensor> { Ok(Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (rows, cols), dev)?) };
+    let to_v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
+    // A fixed start (a function of the shape): the init is reproducible.
+    let mut rng = rand::rngs::StdRng::seed_from_u64((m * 1_000_003 + k) as u64);
+    let omega: Vec<f64> = (0..k * q).map(|_| standard_normal(&mut rng) as f64).collect();
+    let mut y = crate::ops::orthonormal_columns(&to_v(&w.matmul(&to_t(&omega, k, q)?)?)?, m, q); // [m, q]
+    for _ in 0..POWER_ITERATIONS {
+        let z = crate::ops::orthonormal_columns(&to_v(&wt.matmul(&to_t(&y, m, q)?)?)?, k, q); // [k, q]
+        y = crate::ops::orthonormal_columns(&to_v(&w.matmul(&to_t(&z, k, q)?)?)?, m, q);
+    }
+    let small = to_v(&to_t(&y, m, q)?.t()?.matmul(&w)?)?; // Qᵀ W: [q, k]
+    let (us, s, vt) = crate::ops::top_svd(&small, q, k, r); // [q, r], [r], [r, k]
+    let u: Vec<f64> = (0..m * r).map(|idx| (0..q).map(|t| y[(idx / r) * q + t] * us[t * r + idx % r]).sum()).collect();
+    Ok((u, s, vt))
 }
 
 /// One draw from N(0, 1) (Box–Muller).
@@ -112,5 +184,32 @@ impl AdapterLayer for LoraLayer {
             None => Some(LowRank { a: &self.a, b: &self.b, scale: self.scale }),
             Some(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The randomized SVD PiSSA uses above [`EXACT_SVD_MAX`] finds the exact top triplets of a
+    /// matrix with a trained weight's kind of spectrum (a power-law head over a noise floor).
+    #[test]
+    fn randomized_svd_finds_the_exact_top_triplets() -> Result<()> {
+        let (m, k, r) = (300, 270, 4);
+        let mut rng = LoraLayer::rng(5);
+        let mut gauss = |n: usize| (0..n).map(|_| standard_normal(&mut rng) as f64).collect::<Vec<f64>>();
+        let u = crate::ops::orthonormal_columns(&gauss(m * k), m, k);
+        let v = crate::ops::orthonormal_columns(&gauss(k * k), k, k);
+        let sigma: Vec<f64> = (0..k).map(|j| 10.0 / (1.0 + j as f64).powf(0.7) + 0.05).collect();
+        let w: Vec<f32> = (0..m * k).map(|idx| (0..k).map(|t| u[(idx / k) * k + t] * sigma[t] * v[(idx % k) * k + t]).sum::<f64>() as f32).collect();
+        let wt = Tensor::from_vec(w, (m, k), &Device::Cpu)?;
+        let (ru, rs, rvt) = randomized_top_svd(&wt, r)?;
+        for j in 0..r {
+            assert!((rs[j] - sigma[j]).abs() < 1e-4 * sigma[j], "σ{j}: {} vs {}", rs[j], sigma[j]);
+            let dot_u: f64 = (0..m).map(|i| ru[i * r + j] * u[i * k + j]).sum();
+            let dot_v: f64 = (0..k).map(|i| rvt[j * k + i] * v[i * k + j]).sum();
+            assert!(dot_u.abs() > 1.0 - 1e-5 && (dot_u * dot_v - 1.0).abs() < 1e-5, "component {j}: |u·u'| {dot_u}, v·v' {dot_v}");
+        }
+        Ok(())
     }
 }

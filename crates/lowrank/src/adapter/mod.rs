@@ -11,6 +11,7 @@ mod dropout;
 mod gguf;
 mod io;
 mod lora;
+mod residual;
 mod save;
 mod target;
 
@@ -30,7 +31,7 @@ pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
 use crate::model::{Model, ModuleTable};
-use crate::ops::{FrozenLinear, LowRank};
+use crate::ops::{FrozenLinear, FrozenWeight, LowRank};
 use crate::Result;
 
 /// A trainable copy of a layer and its variables by PEFT tensor name.
@@ -110,9 +111,24 @@ impl Adapter {
                 layers.push(None);
                 continue;
             };
-            layers.push(Some(if config.use_dora {
-                let base = model.projection(id).ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)))?.base();
-                Box::new(DoraLayer::init(p.r, base, p.scale, init, &mut rng, device)?)
+            let base = || model.projection(id).map(|p| p.base()).ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)));
+            layers.push(Some(if matches!(init, LoraInit::Pissa | LoraInit::Olora) {
+                if config.use_dora {
+                    return Err(crate::Error::InvalidArgument("pissa and olora inits are for LoRA, not DoRA".into()));
+                }
+                let w = match base()?.weight() {
+                    FrozenWeight::Dense(w) => w.to_dtype(candle_core::DType::F32)?,
+                    other => {
+                        return Err(crate::Error::InvalidArgument(format!(
+                            "`{}` is stored as {}: pissa and olora write the residual W − s·B A back into the base, which a quantized base cannot hold exactly (use a full-precision base)",
+                            m.path,
+                            other.dtype_name()
+                        )))
+                    }
+                };
+                Box::new(LoraLayer::from_weight(&w, p.r, p.scale, init)?)
+            } else if config.use_dora {
+                Box::new(DoraLayer::init(p.r, base()?, p.scale, init, &mut rng, device)?)
             } else {
                 Box::new(LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, init, &mut rng, device)?)
             }));

@@ -26,6 +26,38 @@ pub fn truncated_svd_of_product(b: &[f64], m: usize, inner: usize, a: &[f64], k:
     (b_out, a_out)
 }
 
+/// OLoRA's factors of `w: [m, k]` (row-major): `Q_r: [m, r]`, the first `r` columns of `w`'s
+/// thin QR, and `R_r = Q_rᵀ w: [r, k]`, its first `r` rows of `R` (the diagonal of `R` positive).
+pub fn leading_qr(w: &[f64], m: usize, k: usize, r: usize) -> (Vec<f64>, Vec<f64>) {
+    assert!(w.len() == m * k && r <= m.min(k), "leading_qr: operand sizes");
+    let first: Vec<f64> = (0..m).flat_map(|i| w[i * k..i * k + r].to_vec()).collect(); // [m, r]
+    let (q, _) = thin_qr(&first, m, r);
+    let rr = matmul(&transpose(&q, m, r), w, r, m, k);
+    (q, rr)
+}
+
+/// PiSSA's factors: the top `r` singular triplets of `w: [m, k]` (row-major), `(U_r: [m, r],
+/// S_r: [r], V_rᵀ: [r, k])`, singular values descending. Exact (one-sided Jacobi on a
+/// `min(m, k)` square core), so its cost grows as `min(m, k)³`.
+pub fn top_svd(w: &[f64], m: usize, k: usize, r: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    assert!(w.len() == m * k && r <= m.min(k), "top_svd: operand sizes");
+    if m < k {
+        // wᵀ = U' S V'ᵀ, so w = V' S U'ᵀ.
+        let (u, s, vt) = top_svd(&transpose(w, m, k), k, m, r);
+        return (transpose(&vt, r, m), s, transpose(&u, k, r));
+    }
+    let eye: Vec<f64> = (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect();
+    let (us, vt) = truncated_svd_of_product(w, m, k, &eye, k, r); // [m, r] = U S, [r, k]
+    let s: Vec<f64> = (0..r).map(|j| (0..m).map(|i| us[i * r + j] * us[i * r + j]).sum::<f64>().sqrt()).collect();
+    let u = (0..m * r).map(|idx| if s[idx % r] > 0.0 { us[idx] / s[idx % r] } else { 0.0 }).collect();
+    (u, s, vt)
+}
+
+/// The `Q` of `a: [m, n]`'s thin QR: orthonormal columns spanning `a`'s.
+pub fn orthonormal_columns(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    thin_qr(a, m, n).0
+}
+
 /// Thin QR of `a: [m, n]` by modified Gram–Schmidt, each column orthogonalised twice: `Q: [m, n]`
 /// with orthonormal (or, past the rank, zero) columns and upper-triangular `R: [n, n]`.
 fn thin_qr(a: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
@@ -168,5 +200,35 @@ mod tests {
         let want = matmul(&bz, &a, m, inner, k);
         let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         assert!(err < 1e-12, "rank-deficient product: {err}");
+    }
+
+    #[test]
+    fn top_svd_and_leading_qr_of_wide_and_tall_matrices() {
+        for (m, k) in [(9, 5), (5, 9)] {
+            let w = lcg(3, m * k);
+            let r = 3;
+            let (u, s, vt) = top_svd(&w, m, k, r);
+            assert!(s.windows(2).all(|p| p[0] >= p[1]) && s[r - 1] > 0.0);
+            // The top-r singular values are those of the full SVD of wᵀw's square root.
+            let full = if m >= k { svd_square(&matmul(&transpose(&w, m, k), &w, k, m, k), k).1 } else { svd_square(&matmul(&w, &transpose(&w, m, k), m, k, m), m).1 };
+            for j in 0..r {
+                assert!((s[j] * s[j] - full[j]).abs() < 1e-10, "σ{j}² {} vs {}", s[j] * s[j], full[j]);
+            }
+            // u and v orthonormal, and w v = u s.
+            let wv = matmul(&w, &transpose(&vt, r, k), m, k, r);
+            let err = (0..m * r).map(|i| (wv[i] - u[i] * s[i % r]).abs()).fold(0.0, f64::max);
+            assert!(err < 1e-10, "w v ≠ u s by {err}");
+            let (q, rr) = leading_qr(&w, m, k, r);
+            let qtq = matmul(&transpose(&q, m, r), &q, r, m, r);
+            assert!((0..r * r).all(|i| (qtq[i] - if i / r == i % r { 1.0 } else { 0.0 }).abs() < 1e-12));
+            // q rr reproduces the first r columns of w, with rr upper-triangular there.
+            let back = matmul(&q, &rr, m, r, k);
+            for i in 0..m {
+                for c in 0..r {
+                    assert!((back[i * k + c] - w[i * k + c]).abs() < 1e-12);
+                }
+            }
+            assert!((0..r).all(|j| rr[j * k + j] > 0.0) && (1..r).all(|j| (0..j).all(|c| rr[j * k + c].abs() < 1e-12)));
+        }
     }
 }

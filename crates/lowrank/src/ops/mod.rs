@@ -23,7 +23,7 @@ mod swiglu;
 
 pub use exp::{exp, exp_shifted, exp_shifted_into};
 pub use attention::{causal_attention, Segment};
-pub use linalg::truncated_svd_of_product;
+pub use linalg::{leading_qr, orthonormal_columns, top_svd, truncated_svd_of_product};
 pub use linear::{FrozenLinear, FrozenWeight, WeightKey};
 pub use lora_linear::{lora_linear, LowRank};
 pub use nf4::Nf4Tensor;

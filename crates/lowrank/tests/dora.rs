@@ -205,4 +205,8 @@ fn dora_is_refused_where_it_has_no_meaning() {
     let e = dora.save_gguf(&tmp.path().join("x.gguf"), model.modules(), model.config(), "llama", lowrank::staging::Existing::Refuse).unwrap_err();
     assert!(e.to_string().contains("DoRA"), "{e}");
     assert!(!tmp.path().join("x.gguf").exists());
+    // DoRA on a layer lowrank does not adapt (embeddings, the LM head) is named as such.
+    let cfg = AdapterConfig::from_json(r#"{"r":4,"use_dora":true,"target_modules":["embed_tokens","lm_head"]}"#, "e".as_ref()).unwrap();
+    let e = Adapter::init("e", cfg, &model, 0).unwrap_err().to_string();
+    assert!(e.contains("DoRA on embeddings") && e.contains("q_proj"), "{e}");
 }

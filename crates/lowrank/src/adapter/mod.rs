@@ -102,6 +102,14 @@ impl Adapter {
     pub fn init(name: &str, config: AdapterConfig, model: &Model, seed: u64) -> Result<Self> {
         let table = model.modules();
         let plans = plan(&config, table, std::path::Path::new(name))?;
+        if plans.iter().all(Option::is_none) {
+            let kind = if config.use_dora { "DoRA" } else { "LoRA" };
+            let names: Vec<&str> = table.modules().iter().map(|m| m.name()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            return Err(crate::Error::InvalidArgument(format!(
+                "target_modules matches none of the model's linear projections ({}); {kind} on embeddings or the LM head is not supported",
+                names.join(", ")
+            )));
+        }
         let mut rng = LoraLayer::rng(seed);
         let init = LoraInit::from_config(&config)?;
         let device = model.device();

@@ -248,6 +248,10 @@ impl Settings {
             "base_model_name_or_path": model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
         });
         let max_grad_norm = max_grad_norm.or(file.max_grad_norm).unwrap_or(1.0);
+        let lora_plus_ratio = lora_plus_ratio.or(file.lora_plus_ratio);
+        if let Some(r) = lora_plus_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            bail!("--lora-plus-ratio {r}: expected a positive number (PEFT's loraplus_lr_ratio, e.g. 16)");
+        }
         let train = TrainConfig {
             steps: steps.or(file.steps).unwrap_or(0),
             batch_size: batch_size.or(file.batch_size).unwrap_or(4),
@@ -261,7 +265,7 @@ impl Settings {
             save_every: Some(save_every.or(file.save_every).unwrap_or(50)),
             eval_every: Some(eval_every.or(file.eval_every).unwrap_or(25)),
             loss_chunk: 512,
-            lora_plus_ratio: lora_plus_ratio.or(file.lora_plus_ratio),
+            lora_plus_ratio,
             gradient_checkpointing: gradient_checkpointing.or(file.gradient_checkpointing).unwrap_or(0),
         };
         let steps_or_epochs = train.steps > 0 || epochs.or(file.epochs).is_some();

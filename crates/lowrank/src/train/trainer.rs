@@ -50,15 +50,20 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     /// Starts from `initial` (its tensors are copied into trainable variables).
     pub fn new(model: &'a Model, initial: &Adapter, cfg: TrainConfig, out: &Path) -> Result<Self> {
+        if let Some(r) = cfg.lora_plus_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            return Err(Error::Training(format!("the LoRA+ ratio must be a positive number, not {r}")));
+        }
         std::fs::create_dir_all(out).map_err(|e| Error::io("creating", out, e))?;
         let dropout = DropoutControl::new(initial.config.lora_dropout, cfg.seed);
         let (adapter, named) = initial.to_trainable(model.modules(), Some(&dropout))?;
         // LoRA+ (PEFT's create_loraplus_optimizer): lora_B and the 1-D DoRA magnitudes are "group B".
-        let scales = named.iter().map(|(name, v)| match cfg.lora_plus_ratio {
-            Some(r) if name.contains(".lora_B.") || v.rank() == 1 => r,
-            _ => 1.0,
-        });
-        let scales: Vec<f64> = scales.collect();
+        let scales: Vec<f64> = named
+            .iter()
+            .map(|(name, v)| match cfg.lora_plus_ratio {
+                Some(r) if name.contains(".lora_B.") || v.rank() == 1 => r,
+                _ => 1.0,
+            })
+            .collect();
         let vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
         let opt = AdamW::new(vars.clone(), cfg.adamw)?.with_lr_scales(scales)?;
         Ok(Self { model, cfg, adapter: Arc::new(adapter), vars, opt, step: 0, out: out.into(), dropout })

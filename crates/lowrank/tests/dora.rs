@@ -13,12 +13,12 @@ use candle_core::{Device, Tensor};
 use common::*;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::model::{Model, SeqInput};
-use lowrank::train::{collect_grads, forward_backward, AdamW, AdamWConfig, TrainSeq};
+use lowrank::train::{collect_grads, forward_backward, TrainSeq};
 
 const FAMILIES: [&str; 2] = ["llama", "qwen2"];
 
 fn dir(family: &str) -> PathBuf {
-    models_dir().join("../training/dora").join(family)
+    training_dir("dora").join(family)
 }
 
 fn load(model: &Model, family: &str, which: &str) -> Arc<Adapter> {
@@ -27,16 +27,12 @@ fn load(model: &Model, family: &str, which: &str) -> Arc<Adapter> {
 
 /// The fixture batch (shared with the LoRA training fixtures): ids and target masks.
 fn batch(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
-    let path = models_dir().join("../training").join(family).join("batch.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let rows = |k: &str| -> Vec<Vec<u64>> { serde_json::from_value(v[k].clone()).unwrap() };
-    let ids = rows("ids").into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect();
-    let targets = rows("target_mask").into_iter().map(|r| r.into_iter().map(|x| x == 1).collect()).collect();
-    (ids, targets)
+    let b = TrainBatch::load(family);
+    (b.ids, b.targets)
 }
 
 fn losses(family: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(family).join("losses.json")).unwrap()).unwrap()
+    json(dir(family).join("losses.json"))
 }
 
 fn safetensors(path: PathBuf) -> HashMap<String, Tensor> {
@@ -89,19 +85,7 @@ fn gradients_of_a_b_and_magnitude_match_peft() {
 fn five_adamw_steps_match_torch() {
     for family in FAMILIES {
         let model = tiny_model(family);
-        let (adapter, named) = load(&model, family, "init").to_trainable(model.modules(), None).unwrap();
-        let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
-        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
-        let (ids, targets) = batch(family);
-        let seqs: Vec<TrainSeq> = ids.iter().zip(&targets).map(|(i, t)| TrainSeq { ids: i, targets: t }).collect();
-        let mut opt = AdamW::new(vars.clone(), AdamWConfig { weight_decay: 0.01, ..Default::default() }).unwrap();
-        let want = losses(family);
-        for step in 0..5 {
-            let out = forward_backward(&model, &active, &seqs, 4, 1.0, 0).unwrap();
-            let w = want["losses"][step].as_f64().unwrap();
-            assert!((out.loss - w).abs() < 1e-4, "{family} step {step}: loss {} vs {w}", out.loss);
-            opt.step(&collect_grads(&out.grads, &vars).unwrap(), 1e-2).unwrap();
-        }
+        let (_, named) = five_adamw_steps(&model, &load(&model, family, "init"), family, &losses(family));
         let after = safetensors(dir(family).join("after5/adapter_model.safetensors"));
         for (key, v) in &named {
             let d = max_diff(v.as_tensor(), &after[key]);

@@ -10,28 +10,14 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use common::*;
 use lowrank::adapter::{ActiveAdapter, Adapter};
-use lowrank::train::{collect_grads, forward_backward, AdamW, AdamWConfig, TrainSeq};
+use lowrank::train::{collect_grads, forward_backward};
 
 fn dir(family: &str) -> PathBuf {
-    models_dir().join("../training").join(family)
-}
-
-struct Batch {
-    ids: Vec<Vec<u32>>,
-    targets: Vec<Vec<bool>>,
-}
-
-fn batch(family: &str) -> Batch {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir(family).join("batch.json")).unwrap()).unwrap();
-    let rows = |k: &str| -> Vec<Vec<u64>> { serde_json::from_value(v[k].clone()).unwrap() };
-    Batch {
-        ids: rows("ids").into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect(),
-        targets: rows("target_mask").into_iter().map(|r| r.into_iter().map(|x| x == 1).collect()).collect(),
-    }
+    training_dir(family)
 }
 
 fn losses(family: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(family).join("losses.json")).unwrap()).unwrap()
+    json(dir(family).join("losses.json"))
 }
 
 #[test]
@@ -41,8 +27,8 @@ fn loss_and_adapter_gradients_match_peft() {
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
         let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
         let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
-        let b = batch(family);
-        let seqs: Vec<TrainSeq> = b.ids.iter().zip(&b.targets).map(|(i, t)| TrainSeq { ids: i, targets: t }).collect();
+        let b = TrainBatch::load(family);
+        let seqs = b.seqs();
         let out = forward_backward(&model, &active, &seqs, 4, 1.0, 0).unwrap();
         let want = losses(family)["loss"].as_f64().unwrap();
         assert!((out.loss - want).abs() < 1e-5, "{family}: loss {} vs {want}", out.loss);
@@ -63,19 +49,11 @@ fn five_adamw_steps_match_torch() {
     for family in ["llama", "qwen2"] {
         let model = tiny_model(family);
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
-        let (adapter, named) = init.to_trainable(model.modules(), None).unwrap();
-        let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
-        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
-        let b = batch(family);
-        let seqs: Vec<TrainSeq> = b.ids.iter().zip(&b.targets).map(|(i, t)| TrainSeq { ids: i, targets: t }).collect();
-        let mut opt = AdamW::new(vars.clone(), AdamWConfig { weight_decay: 0.01, ..Default::default() }).unwrap();
         let want = losses(family);
-        for step in 0..5 {
-            let out = forward_backward(&model, &active, &seqs, 4, 1.0, 0).unwrap();
-            let w = want["losses"][step].as_f64().unwrap();
-            assert!((out.loss - w).abs() < 1e-4, "{family} step {step}: loss {} vs {w}", out.loss);
-            opt.step(&collect_grads(&out.grads, &vars).unwrap(), 1e-2).unwrap();
-        }
+        let (adapter, _) = five_adamw_steps(&model, &init, family, &want);
+        let active = [ActiveAdapter { adapter, weight: 1.0 }];
+        let b = TrainBatch::load(family);
+        let seqs = b.seqs();
         let after = Adapter::load_peft(&dir(family).join("after5"), model.modules(), &Device::Cpu).unwrap();
         let mut worst = 0f32;
         for id in 0..model.modules().len() {
@@ -99,8 +77,8 @@ fn checkpointed_gradients_match_peft_and_the_plain_run() {
     for family in ["llama", "qwen2"] {
         let model = tiny_model(family);
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
-        let b = batch(family);
-        let seqs: Vec<TrainSeq> = b.ids.iter().zip(&b.targets).map(|(i, t)| TrainSeq { ids: i, targets: t }).collect();
+        let b = TrainBatch::load(family);
+        let seqs = b.seqs();
         let want: HashMap<String, Tensor> = candle_core::safetensors::load(dir(family).join("grads.safetensors"), &Device::Cpu).unwrap();
         let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
         let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];

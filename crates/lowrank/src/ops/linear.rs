@@ -110,17 +110,47 @@ impl FrozenWeight {
         }
         let dy = dy.contiguous()?;
         let (sd, ld) = dy.storage_and_layout();
-        let dv = super::storage::stored(&sd, ld)?;
-        let dx = match self {
-            FrozenWeight::Quant(q) => super::qmatmul::qmatmul_t_f32(q, dv, n)?,
-            FrozenWeight::Nf4(q) => super::qmatmul::dyw_tiled(dv, n, m, k, q.as_ref()),
-            FrozenWeight::Dense(w) => {
-                let w = w.to_dtype(DType::F32)?.contiguous()?;
-                let (sw, lw) = w.storage_and_layout();
-                super::qmatmul::dyw_tiled(dv, n, m, k, &super::qmatmul::DenseRows { w: super::storage::stored(&sw, lw)?, k })
-            }
-        };
+        let dx = self.dyw_f32(super::storage::stored(&sd, ld)?, n)?;
         Ok(Tensor::from_vec(dx, (n, k), dy.device())?)
+    }
+
+    /// `x Wᵀ: [n, M]` for a row-major f32 `x: [n, K]` on the CPU: `W` a cache-resident tile of
+    /// rows at a time (packed tiles dequantised one by one; a few rows of a GGUF weight decoded in
+    /// registers). The one CPU forward of every frozen-weight op.
+    pub(crate) fn xwt_f32(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        use super::qmatmul::{qmatmul_f32, xwt_tiled, DenseRows};
+        match self {
+            FrozenWeight::Quant(q) => qmatmul_f32(q, x, n),
+            FrozenWeight::Nf4(q) => {
+                let (m, k) = q.dims();
+                Ok(xwt_tiled(x, n, m, k, q.as_ref()))
+            }
+            FrozenWeight::Dense(w) => {
+                let (m, k) = w.dims2()?;
+                let w = w.to_dtype(DType::F32)?.contiguous()?;
+                let (s, l) = w.storage_and_layout();
+                Ok(xwt_tiled(x, n, m, k, &DenseRows { w: super::storage::stored(&s, l)?, k }))
+            }
+        }
+    }
+
+    /// `dy W: [n, K]` for a row-major f32 `dy: [n, M]` on the CPU, `W` a tile of rows at a time:
+    /// the one CPU backward of every frozen-weight op.
+    pub(crate) fn dyw_f32(&self, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        use super::qmatmul::{dyw_tiled, qmatmul_t_f32, DenseRows};
+        match self {
+            FrozenWeight::Quant(q) => qmatmul_t_f32(q, dy, n),
+            FrozenWeight::Nf4(q) => {
+                let (m, k) = q.dims();
+                Ok(dyw_tiled(dy, n, m, k, q.as_ref()))
+            }
+            FrozenWeight::Dense(w) => {
+                let (m, k) = w.dims2()?;
+                let w = w.to_dtype(DType::F32)?.contiguous()?;
+                let (s, l) = w.storage_and_layout();
+                Ok(dyw_tiled(dy, n, m, k, &DenseRows { w: super::storage::stored(&s, l)?, k }))
+            }
+        }
     }
 
     /// GGUF block type when quantized.
@@ -170,8 +200,7 @@ impl FrozenLinear {
         let x = x.contiguous()?;
         Ok(match &self.weight {
             FrozenWeight::Dense(w) => x.apply_op2(w, DenseMatmul)?,
-            FrozenWeight::Quant(q) => x.apply_op1(QuantMatmul(q.clone()))?,
-            FrozenWeight::Nf4(q) => x.apply_op1(Nf4Matmul(q.clone()))?,
+            packed => x.apply_op1(PackedMatmul(packed.clone()))?,
         })
     }
 
@@ -245,55 +274,36 @@ impl CustomOp2 for DenseMatmul {
     }
 }
 
-/// Quantized `x: [N, K] -> [N, M]`; backward dequantises `W` to get `dL/dx`.
-struct QuantMatmul(Arc<QTensor>);
+/// A packed (GGUF-quantized or NF4) `x: [N, K] -> [N, M]`, `W` dequantised a tile at a time;
+/// backward gives only `dL/dx`.
+struct PackedMatmul(FrozenWeight);
 
-impl CustomOp1 for QuantMatmul {
+impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
-        "frozen-qlinear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((o, e)), Ok((n, _))) = (l.contiguous_offsets(), l.shape().dims2()) else {
-            candle_core::bail!("frozen-qlinear: expected a contiguous [N, K] input, got {:?}", l.shape())
-        };
-        let y = super::qmatmul::qmatmul_f32(&self.0, &s.as_slice::<f32>()?[o..e], n)?;
-        let m = self.0.shape().dims2()?.0;
-        Ok((CpuStorage::F32(y), Shape::from((n, m))))
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.0.cuda_fwd(s, l)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = FrozenWeight::Quant(self.0.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok(Some(dx))
-    }
-}
-
-/// NF4 `x: [N, K] -> [N, M]`, `W` dequantised a tile at a time; backward gives only `dL/dx`.
-struct Nf4Matmul(Arc<Nf4Tensor>);
-
-impl CustomOp1 for Nf4Matmul {
-    fn name(&self) -> &'static str {
-        "frozen-nf4-linear"
+        "frozen-packed-linear"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (Some((o, e)), Ok((n, k))) = (l.contiguous_offsets(), l.shape().dims2()) else {
-            candle_core::bail!("frozen-nf4-linear: expected a contiguous [N, K] input, got {:?}", l.shape())
+            candle_core::bail!("frozen linear: expected a contiguous [N, K] input, got {:?}", l.shape())
         };
-        let (m, kw) = self.0.dims();
+        let (m, kw) = self.0.dims().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         if k != kw {
-            candle_core::bail!("frozen-nf4-linear: input has {k} features, weight expects {kw}")
+            candle_core::bail!("frozen linear: input has {k} features, weight expects {kw}")
         }
-        let y = super::qmatmul::xwt_tiled(&s.as_slice::<f32>()?[o..e], n, m, k, self.0.as_ref());
+        let y = self.0.xwt_f32(&s.as_slice::<f32>()?[o..e], n)?;
         Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
 
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        match &self.0 {
+            FrozenWeight::Quant(q) => q.cuda_fwd(s, l),
+            other => candle_core::bail!("frozen linear: a {} weight runs on the CPU only", other.dtype_name()),
+        }
+    }
+
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = FrozenWeight::Nf4(self.0.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let dx = self.0.input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(Some(dx))
     }
 }

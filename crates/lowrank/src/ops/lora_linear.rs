@@ -8,7 +8,6 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::gemm::{gemm, Mat};
-use super::qmatmul::{dyw_tiled, xwt_tiled, DenseRows};
 use super::linear::FrozenWeight;
 use super::storage::{stored, values};
 use crate::{Error, Result};
@@ -56,40 +55,6 @@ struct LoraLinear {
     scale: f32,
 }
 
-impl LoraLinear {
-    /// `x Wᵀ` as a fresh `[n, m]` buffer.
-    fn base(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        match &self.w {
-            FrozenWeight::Quant(q) => super::qmatmul::qmatmul_f32(q, x, n),
-            FrozenWeight::Nf4(q) => {
-                let (m, k) = q.dims();
-                Ok(xwt_tiled(x, n, m, k, q.as_ref()))
-            }
-            FrozenWeight::Dense(w) => {
-                let (m, k) = w.dims2()?;
-                let (s, l) = w.storage_and_layout();
-                let w = stored(&s, l)?;
-                Ok(xwt_tiled(x, n, m, k, &DenseRows { w, k }))
-            }
-        }
-    }
-
-    /// `dy W` as a fresh `[n, k]` buffer.
-    fn base_grad(&self, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        let dense = match &self.w {
-            FrozenWeight::Dense(w) => w,
-            FrozenWeight::Quant(q) => return super::qmatmul::qmatmul_t_f32(q, dy, n),
-            FrozenWeight::Nf4(q) => {
-                let (m, k) = q.dims();
-                return Ok(dyw_tiled(dy, n, m, k, q.as_ref()));
-            }
-        };
-        let (m, k) = dense.dims2()?;
-        let (s, l) = dense.storage_and_layout();
-        Ok(dyw_tiled(dy, n, m, k, &DenseRows { w: stored(&s, l)?, k }))
-    }
-}
-
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -99,7 +64,7 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (values(sx, lx)?, values(sa, la)?, values(sb, lb)?);
         let (n, k) = lx.shape().dims2()?;
         let (m, r) = lb.shape().dims2()?;
-        let mut y = self.base(x, n)?; // [n, m]
+        let mut y = self.w.xwt_f32(x, n)?; // [n, m]
         // h[n, r] = s · x Aᵀ; y += h Bᵀ
         let mut h = vec![0f32; n * r];
         gemm(n, r, k, &mut h, r, false, Mat::rows(x, k), Mat::cols(a, k), self.scale, true);
@@ -128,7 +93,7 @@ impl CustomOp3 for LoraLinear {
         let mut da = vec![0f32; r * k];
         gemm(r, k, n, &mut da, k, false, Mat::cols(&dh, r), Mat::rows(xv, k), 1.0, true);
         // dx[n, k] = dy W + dh A
-        let mut dx = self.base_grad(g, n)?;
+        let mut dx = self.w.dyw_f32(g, n)?;
         gemm(n, k, r, &mut dx, k, true, Mat::rows(&dh, r), Mat::rows(av, k), 1.0, true);
         let dev = x.device();
         Ok((

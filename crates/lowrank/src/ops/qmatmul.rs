@@ -125,40 +125,48 @@ impl<T: GgmlType + Sync> WeightRows for QuantRows<'_, T> {
     }
 }
 
-/// `dx[n, k] = dy[n, m] · W[m, k]`: the rows of `dy` split among threads, each taking `W` a
-/// tile of `ROWS` rows at a time and accumulating `dy[:, tile] · tile` into its rows of `dx`.
+/// `dx[n, k] = dy[n, m] · W[m, k]`: each thread's rows of `dy` take `W` a tile at a time and
+/// accumulate `dy[rows, tile] · tile` into their rows of `dx`.
 pub fn dyw_tiled(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
-    let mut dx = vec![0f32; n * k];
-    let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    dx.par_chunks_mut(rows_per_task * k.max(1)).enumerate().for_each(|(task, out)| {
-        let (r0, rows) = (task * rows_per_task, out.len() / k.max(1));
-        let mut buf = vec![0f32; w.buffer_len(ROWS.min(m), k)];
-        for t0 in (0..m).step_by(ROWS) {
-            let tr = ROWS.min(m - t0);
-            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
-            gemm(rows, k, tr, out, k, t0 > 0, Mat::rows(&dy[r0 * m + t0..], m), Mat::rows(tile, k), 1.0, false);
-        }
-    });
-    dx
+    by_row_blocks_and_tiles(n, k, m, k, w, |r0, rows, t0, tr, tile, out| {
+        gemm(rows, k, tr, out, k, t0 > 0, Mat::rows(&dy[r0 * m + t0..], m), Mat::rows(tile, k), 1.0, false);
+    })
 }
 
-/// `y[n, m] = x[n, k] · Wᵀ`: the rows of `x` split among threads, each taking `W` a tile of
-/// `ROWS` rows at a time and writing `x[rows] · tileᵀ` straight into its block of `y` (a small
-/// cache-resident gemm whose operands pack quickly; no per-tile buffer, no copy).
+/// `y[n, m] = x[n, k] · Wᵀ`: each thread's rows of `x` take `W` a tile at a time and write
+/// `x[rows] · tileᵀ` straight into their block of `y` (a small cache-resident gemm whose operands
+/// pack quickly; no per-tile buffer, no copy).
 pub fn xwt_tiled(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
-    let mut y = vec![0f32; n * m];
+    by_row_blocks_and_tiles(n, m, m, k, w, |r0, rows, t0, tr, tile, out| {
+        // out[rows, t0..t0 + tr] = x[rows, k] · tileᵀ[k, tr]
+        gemm(rows, tr, k, &mut out[t0..], m, false, Mat::rows(&x[r0 * k..], k), Mat::cols(tile, k), 1.0, false);
+    })
+}
+
+/// A fresh `[n, cols]` output whose rows are split among rayon's threads; each thread walks the
+/// `m` rows of `W` (`k` columns) in tiles of [`ROWS`] and calls `step(r0, rows, t0, tr, tile,
+/// out)` with its first row `r0`, row count, the tile's first row `t0` and size `tr`, the tile
+/// (`tr × k`, dequantised into a per-thread buffer when packed) and its block of the output.
+fn by_row_blocks_and_tiles(
+    n: usize,
+    cols: usize,
+    m: usize,
+    k: usize,
+    w: &(impl WeightRows + ?Sized),
+    step: impl Fn(usize, usize, usize, usize, &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * cols];
     let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    y.par_chunks_mut(rows_per_task * m.max(1)).enumerate().for_each(|(task, out)| {
-        let (r0, rows) = (task * rows_per_task, out.len() / m.max(1));
+    out.par_chunks_mut(rows_per_task * cols.max(1)).enumerate().for_each(|(task, block)| {
+        let (r0, rows) = (task * rows_per_task, block.len() / cols.max(1));
         let mut buf = vec![0f32; w.buffer_len(ROWS.min(m), k)];
         for t0 in (0..m).step_by(ROWS) {
             let tr = ROWS.min(m - t0);
             let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
-            // out[rows, t0..t0 + tr] = x[rows, k] · tileᵀ[k, tr]
-            gemm(rows, tr, k, &mut out[t0..], m, false, Mat::rows(&x[r0 * k..], k), Mat::cols(tile, k), 1.0, false);
+            step(r0, rows, t0, tr, tile, block);
         }
     });
-    y
+    out
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,10 +32,6 @@ fn batch(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
 
 fn losses(family: &str) -> serde_json::Value {
     json(dir(family).join("losses.json"))
-}
-
-fn safetensors(path: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 #[test]

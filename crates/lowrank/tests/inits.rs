@@ -11,10 +11,6 @@ use candle_core::{Device, Tensor};
 use common::*;
 use lowrank::adapter::{Adapter, AdapterConfig, AdapterLayer};
 
-fn safetensors(path: std::path::PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
 fn config(init: &str) -> AdapterConfig {
     let json = format!(r#"{{"r":4,"lora_alpha":8,"init_lora_weights":"{init}","target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}}"#);
     AdapterConfig::from_json(&json, init.as_ref()).unwrap()

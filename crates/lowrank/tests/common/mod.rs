@@ -105,3 +105,8 @@ pub fn five_adamw_steps(model: &Model, init: &Adapter, family: &str, losses: &se
     }
     (adapter, named)
 }
+
+/// Every tensor of a safetensors fixture, by name.
+pub fn safetensors(path: PathBuf) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}

@@ -10,6 +10,7 @@ use candle_core::Device;
 use common::*;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::model::{LoadOptions, Model, Quantize};
+use lowrank::ops::Nf4Tensor;
 use lowrank::train::{collect_grads, forward_backward, TrainSeq};
 
 fn nf4_model(family: &str) -> Model {
@@ -100,4 +101,28 @@ fn an_already_quantized_gguf_is_refused() {
     // A full-precision GGUF is quantised like an HF directory.
     let m = Model::from_path(&models_dir().join("llama/gguf/tiny-F32.gguf"), &opts).unwrap();
     assert_eq!(m.blocks()[0].projections()[0].base().weight().dtype_name(), "nf4");
+}
+
+/// bitsandbytes 0.50.2's own `quantize_4bit(w, quant_type="nf4", blocksize=64,
+/// compress_statistics=True)` on CPU, per case of scripts/fixtures/nf4.py (a tiny-model weight,
+/// 280 blocks with rows that cross them, element counts that are not a multiple of 64 or are odd,
+/// one block, zero / tied / outlier / subnormal blocks, and 32 rows of SmolLM2's q_proj): our
+/// quantiser writes the same bytes and the same f32 scales, bit for bit, and dequantises to
+/// bnb's values exactly.
+#[test]
+fn nf4_quantisation_is_bitsandbytes_byte_for_byte() {
+    let fx = safetensors(models_dir().join("../nf4/nf4.safetensors"));
+    let get = |case: &str, field: &str| &fx[&format!("{case}.{field}")];
+    let f32_bits = |t: &candle_core::Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect() };
+    let mut cases: Vec<&str> = fx.keys().filter_map(|k| k.strip_suffix(".weight")).collect();
+    cases.sort();
+    assert_eq!(cases, ["edge", "multi", "odd", "ragged", "single", "smollm2_q_proj", "tiny"]);
+    for case in cases {
+        let q = Nf4Tensor::quantize(get(case, "weight")).unwrap();
+        assert_eq!(q.packed(), get(case, "packed").to_vec1::<u8>().unwrap(), "{case}: packed levels");
+        assert_eq!(q.absmax_indices(), get(case, "absmax_q").to_vec1::<u8>().unwrap(), "{case}: quantised block maxima");
+        assert_eq!(q.absmax2().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f32_bits(get(case, "absmax2")), "{case}: nested scales");
+        assert_eq!(vec![q.offset().to_bits()], f32_bits(get(case, "offset")), "{case}: offset {} vs {}", q.offset(), get(case, "offset"));
+        assert_eq!(f32_bits(&q.dequantize(&Device::Cpu).unwrap()), f32_bits(get(case, "dequantized")), "{case}: dequantised");
+    }
 }

@@ -6,6 +6,19 @@
 //! the block maxima themselves in 8 bits: their mean is subtracted, and they are quantised in
 //! blocks of 256 to bitsandbytes' signed dynamic 8-bit map, each block with its own f32 maximum.
 //! About 4.13 bits per weight; dequantisation is `NF4[q] · (DYN[c] · absmax₂ + mean)`.
+//!
+//! `quantize` writes the bytes bitsandbytes 0.50.2 writes on CPU (`tests/qlora.rs` checks it
+//! against `scripts/fixtures/nf4.py`). That means following its arithmetic, not just the scheme:
+//! - levels: the bucket bounds are the f32 midpoints of the levels and an exact tie goes to the
+//!   lower level (`torch.bucketize`); a full block is scaled by `x · (1/absmax)`, the short last
+//!   block by `x / absmax`, and the divisor is at least `1e-38` (so an all-zero block is at
+//!   level 7, 0.0, and a short all-zero block stores `1e-38` as its maximum). An odd element
+//!   count pads the last byte with level 7;
+//! - the mean of the block maxima is torch's CPU `mean`: its cascade sum in f32, then `/ n`;
+//! - the maxima are quantised through bitsandbytes' 65536-entry lookup table over [-1, 1], not
+//!   to the exactly nearest map value, and a 256-block whose maxima all equal the mean gets
+//!   index 0;
+//! - the dynamic map is built from `torch.linspace` as torch computes it (fused multiply-adds).
 
 use candle_core::{Device, Tensor};
 
@@ -17,11 +30,17 @@ pub const BLOCK: usize = 64;
 /// Block maxima per 8-bit block of the double quantisation.
 pub const BLOCK2: usize = 256;
 
-/// The 16 NormalFloat levels (QLoRA, Appendix E; bitsandbytes' table).
+/// The 16 NormalFloat levels (QLoRA, Appendix E): the f32 values of bitsandbytes' table.
 pub const NF4: [f32; 16] = [
-    -1.0, -0.696_192_8, -0.525_073_1, -0.394_917_5, -0.284_441_4, -0.184_773_4, -0.091_050_0, 0.0,
-    0.079_580_3, 0.160_930_2, 0.246_112_3, 0.337_915_2, 0.440_709_8, 0.562_617, 0.722_956_8, 1.0,
+    -1.0, -0.696_192_8, -0.525_073_05, -0.394_917_5, -0.284_441_38, -0.184_773_43, -0.091_050_036, 0.0,
+    0.079_580_3, 0.160_930_2, 0.246_112_3, 0.337_915_24, 0.440_709_83, 0.562_617, 0.722_956_84, 1.0,
 ];
+
+/// The NF4 level of 0.0, which bitsandbytes pads an odd element count with.
+const ZERO_LEVEL: u8 = 7;
+
+/// bitsandbytes' floor on a block maximum before dividing by it (`absmax.clamp(min=1e-38)`).
+const MIN_ABSMAX: f32 = 1e-38;
 
 /// A weight `[rows, cols]` in NF4 with double-quantised block maxima.
 #[derive(Debug)]
@@ -39,26 +58,35 @@ pub struct Nf4Tensor {
 }
 
 impl Nf4Tensor {
-    /// Quantises a dense `[rows, cols]` f32 weight.
+    /// Quantises a dense `[rows, cols]` f32 weight as bitsandbytes does (see the module doc).
     pub fn quantize(w: &Tensor) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
         let values: Vec<f32> = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::InvalidArgument(format!("NF4: element {i} of a {rows}×{cols} weight is not finite")));
         }
-        let absmax: Vec<f32> = values.chunks(BLOCK).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+        let bounds: [f32; 15] = std::array::from_fn(|i| (NF4[i] + NF4[i + 1]) / 2.0);
         let mut packed = vec![0u8; values.len().div_ceil(2)];
+        if values.len() % 2 == 1 {
+            packed[values.len() / 2] = ZERO_LEVEL;
+        }
+        let mut absmax = Vec::with_capacity(values.len().div_ceil(BLOCK));
         for (bi, block) in values.chunks(BLOCK).enumerate() {
-            let inv = if absmax[bi] > 0.0 { 1.0 / absmax[bi] } else { 0.0 };
-            for (j, v) in block.iter().enumerate() {
-                let q = nearest(&NF4, v * inv);
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let divisor = max.max(MIN_ABSMAX);
+            let full = block.len() == BLOCK;
+            // bitsandbytes keeps a full block's true maximum but the short last block's floored one.
+            absmax.push(if full { max } else { divisor });
+            let inv = 1.0 / divisor;
+            for (j, &v) in block.iter().enumerate() {
+                let x = if full { v * inv } else { v / divisor };
+                let q = bounds.partition_point(|&b| b < x) as u8;
                 let i = bi * BLOCK + j;
                 packed[i / 2] |= if i.is_multiple_of(2) { q << 4 } else { q };
             }
         }
         // Double quantisation of the block maxima.
-        let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
-        let map = dynamic_map();
+        let offset = if absmax.is_empty() { 0.0 } else { torch_sum(&absmax) / absmax.len() as f32 };
         let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
         let absmax2: Vec<f32> = centred.chunks(BLOCK2).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
         let absmax_q = centred
@@ -66,10 +94,34 @@ impl Nf4Tensor {
             .enumerate()
             .map(|(i, c)| {
                 let s = absmax2[i / BLOCK2];
-                nearest(map, if s > 0.0 { c / s } else { 0.0 })
+                if s == 0.0 {
+                    0
+                } else {
+                    dynamic_index(c * (1.0 / s))
+                }
             })
             .collect();
         Ok(Self { rows, cols, packed, absmax_q, absmax2, offset })
+    }
+
+    /// The packed level indices, two a byte, element `2i` in the high nibble (bitsandbytes' layout).
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
+    }
+
+    /// Per 64-block: the index of its maximum in the dynamic map (bitsandbytes' `QuantState.absmax`).
+    pub fn absmax_indices(&self) -> &[u8] {
+        &self.absmax_q
+    }
+
+    /// Per 256 blocks: the scale of their quantised maxima (bitsandbytes' `state2.absmax`).
+    pub fn absmax2(&self) -> &[f32] {
+        &self.absmax2
+    }
+
+    /// The mean subtracted from the block maxima (bitsandbytes' `QuantState.offset`).
+    pub fn offset(&self) -> f32 {
+        self.offset
     }
 
     /// `(rows, cols)`.
@@ -118,29 +170,115 @@ impl WeightRows for Nf4Tensor {
     }
 }
 
-/// Index of the level nearest to `x` in the sorted `levels` (ties to the lower one).
-fn nearest(levels: &[f32], x: f32) -> u8 {
-    let i = levels.partition_point(|&l| l < x);
-    let best = match i {
-        0 => 0,
-        i if i == levels.len() => levels.len() - 1,
-        i if x - levels[i - 1] <= levels[i] - x => i - 1,
-        i => i,
-    };
-    best as u8
+/// The index bitsandbytes' CPU `quantize_blockwise` (csrc/cpu_ops.cpp) writes for `x`, a value
+/// already divided by its block's maximum: not a search of the map but a lookup in a table of
+/// 65536 points spaced evenly on [-1, 1], each holding the first map index whose upper midpoint is
+/// not below it. Near a midpoint this can differ from the exactly nearest value.
+fn dynamic_index(x: f32) -> u8 {
+    const POINTS: usize = 65536;
+    static LUT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let lut = LUT.get_or_init(|| {
+        let map = dynamic_map();
+        let mids: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let mut k = 0;
+        (0..POINTS)
+            .map(|i| {
+                let point = -1.0 + (2.0 * i as f32) / (POINTS - 1) as f32;
+                while k < mids.len() && mids[k] < point {
+                    k += 1;
+                }
+                k as u8
+            })
+            .collect()
+    });
+    let x = x.clamp(-1.0, 1.0);
+    lut[((x + 1.0) * 0.5 * (POINTS - 1) as f32 + 0.5) as usize]
+}
+
+/// The sum of `x` in f32 as torch's CPU `sum` computes it (`cascade_sum` in
+/// aten/src/ATen/native/cpu/SumKernel.cpp, one thread): 8-lane vectors, each lane summed by
+/// `row_sum`, then the leftover elements and the lanes added in order. bitsandbytes' offset is
+/// `absmax.mean()`, that sum divided by the count; a plain f64 mean was an ulp off for about 40% of
+/// the sizes tried. Torch splits sums of more than 32768 elements across its threads.
+fn torch_sum(x: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    if x.len() < LANES {
+        return row_sum(&x.iter().map(|&v| [v]).collect::<Vec<[f32; 1]>>())[0];
+    }
+    let vectors: Vec<[f32; LANES]> = x
+        .chunks_exact(LANES)
+        .map(|c| {
+            let mut v = [0f32; LANES];
+            v.copy_from_slice(c);
+            v
+        })
+        .collect();
+    let lanes = row_sum(&vectors);
+    let tail = x[vectors.len() * LANES..].iter().fold(0f32, |s, v| s + v);
+    lanes.iter().fold(tail, |s, v| s + v)
+}
+
+/// torch's `row_sum` of `items` (each `L` lanes, added lane-wise): 4 interleaved partial sums
+/// (`multi_row_sum`), each a cascade of 4 accumulators that carry up every `2^p` items, the
+/// leftover items into the first, then the four added.
+fn row_sum<const L: usize>(items: &[[f32; L]]) -> [f32; L] {
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    fn add<const L: usize>(acc: &mut [f32; L], x: &[f32; L]) {
+        acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+    }
+    let rows = items.len() / ILP;
+    // c10::CeilLog2 (1 for 0, 1 and 2).
+    let ceil_log2 = if rows <= 2 { 1 } else { (usize::BITS - (rows - 1).leading_zeros()) as usize };
+    let power = (ceil_log2 / LEVELS).max(4);
+    let (step, mask) = (1usize << power, (1usize << power) - 1);
+    let mut acc = [[[0f32; L]; ILP]; LEVELS];
+    let mut i = 0;
+    while i + step <= rows {
+        for _ in 0..step {
+            (0..ILP).for_each(|k| add(&mut acc[0][k], &items[i * ILP + k]));
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            let (below, above) = acc.split_at_mut(j);
+            for (up, low) in above[0].iter_mut().zip(&mut below[j - 1]) {
+                add(up, low);
+                *low = [0.0; L];
+            }
+            if i & (mask << (j * power)) != 0 {
+                break;
+            }
+        }
+    }
+    for r in i..rows {
+        (0..ILP).for_each(|k| add(&mut acc[0][k], &items[r * ILP + k]));
+    }
+    let mut sums = acc[0];
+    for level in &acc[1..] {
+        (0..ILP).for_each(|k| add(&mut sums[k], &level[k]));
+    }
+    items[rows * ILP..].iter().for_each(|x| add(&mut sums[0], x));
+    let (first, rest) = sums.split_at_mut(1);
+    rest.iter().for_each(|x| add(&mut first[0], x));
+    first[0]
 }
 
 /// bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map(signed=True)`): for exponents
 /// `e = 0..6`, the midpoints of `2^e + 1` points spaced evenly on `[0.1, 1]`, times `10^(e-6)`,
-/// with both signs; then 0 and 1; sorted (256 values).
+/// with both signs; then 0 and 1; sorted (256 values). The points are `torch.linspace` in f32 as
+/// torch's CPU kernel computes them: `start + step·i` for the first half and `end − step·(n−1−i)`
+/// for the rest, each one fused multiply-add (GCC contracts them in torch's AVX2 and Arm builds).
 pub fn dynamic_map() -> &'static [f32; 256] {
     static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     MAP.get_or_init(|| {
         let mut v: Vec<f32> = Vec::with_capacity(256);
         for e in 0..7 {
             let n = (1usize << e) + 1;
-            let bounds: Vec<f32> = (0..n).map(|j| 0.1 + 0.9 * j as f32 / (n - 1) as f32).collect();
-            let scale = 10f32.powi(e - 6);
+            let (start, end) = (0.1f32, 1f32);
+            let step = (end - start) / (n - 1) as f32;
+            let bounds: Vec<f32> =
+                (0..n).map(|i| if i < n / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) }).collect();
+            let scale = 1.0 / 10f32.powi(6 - e);
             for w in bounds.windows(2) {
                 let mean = (w[0] + w[1]) / 2.0;
                 v.push(scale * mean);
@@ -185,6 +323,17 @@ mod tests {
         assert_eq!(m.iter().filter(|&&v| v == 0.0).count(), 1);
         // The smallest positive value: exponent 0 (10^-6) times the midpoint of 0.1 and 1.
         assert!((m[128] - 0.55e-6).abs() < 1e-12, "{}", m[128]);
+    }
+
+    #[test]
+    fn tables_are_the_f32_values_bitsandbytes_uses() -> Result<()> {
+        // scripts/fixtures/nf4.py stores bnb's QuantState.code and state2.code.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nf4/nf4.safetensors");
+        let fx = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let bits = |k: &str| -> Result<Vec<u32>> { Ok(fx[k].to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect()) };
+        assert_eq!(NF4.map(f32::to_bits).to_vec(), bits("nf4_code")?);
+        assert_eq!(dynamic_map().map(f32::to_bits).to_vec(), bits("dynamic_map")?);
+        Ok(())
     }
 
     #[test]

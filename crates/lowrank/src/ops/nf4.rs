@@ -139,19 +139,32 @@ impl Nf4Tensor {
         dynamic_map()[self.absmax_q[b] as usize] * self.absmax2[b / BLOCK2] + self.offset
     }
 
-    /// Elements `start..start + out.len()` of the flattened weight, dequantised into `out`.
+    /// Elements `start..start + out.len()` of the flattened weight, dequantised into `out`: a
+    /// block at a time, each byte's two levels looked up at once.
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
-        let mut block = usize::MAX;
-        let mut scale = 0f32;
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = start + j;
-            if i / BLOCK != block {
-                block = i / BLOCK;
-                scale = self.block_absmax(block);
+        let pairs = level_pairs();
+        let end = start + out.len();
+        let mut i = start;
+        while i < end {
+            let block = i / BLOCK;
+            let stop = ((block + 1) * BLOCK).min(end);
+            let scale = self.block_absmax(block);
+            let mut dst = &mut out[i - start..stop - start];
+            if i % 2 == 1 {
+                dst[0] = NF4[(self.packed[i / 2] & 0x0f) as usize] * scale;
+                dst = &mut dst[1..];
+                i += 1;
             }
-            let byte = self.packed[i / 2];
-            let q = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
-            *o = NF4[q as usize] * scale;
+            let whole = (stop - i) / 2;
+            for (d, &byte) in dst.chunks_exact_mut(2).zip(&self.packed[i / 2..i / 2 + whole]) {
+                let [hi, lo] = pairs[byte as usize];
+                d[0] = hi * scale;
+                d[1] = lo * scale;
+            }
+            if (stop - i) % 2 == 1 {
+                dst[2 * whole] = NF4[(self.packed[stop / 2] >> 4) as usize] * scale;
+            }
+            i = stop;
         }
     }
 
@@ -168,6 +181,12 @@ impl WeightRows for Nf4Tensor {
         self.dequantize_range(r0 * self.cols, &mut buf[..rows * self.cols]);
         buf
     }
+}
+
+/// The two levels of each byte: (high nibble, low nibble).
+fn level_pairs() -> &'static [[f32; 2]; 256] {
+    static PAIRS: std::sync::OnceLock<[[f32; 2]; 256]> = std::sync::OnceLock::new();
+    PAIRS.get_or_init(|| std::array::from_fn(|b| [NF4[b >> 4], NF4[b & 0x0f]]))
 }
 
 /// The index bitsandbytes' CPU `quantize_blockwise` (csrc/cpu_ops.cpp) writes for `x`, a value
@@ -364,6 +383,23 @@ mod tests {
         // Row tiles dequantise to the same values.
         let mut buf = vec![0f32; 3 * cols];
         assert_eq!(q.rows(5, 3, &mut buf), &got[5 * cols..8 * cols]);
+        Ok(())
+    }
+
+    #[test]
+    fn any_range_dequantises_element_by_element() -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0, (3, 129), &Device::Cpu)?; // 387 elements: odd, a short last block
+        let q = Nf4Tensor::quantize(&w)?;
+        let element = |i: usize| {
+            let byte = q.packed[i / 2];
+            NF4[(if i % 2 == 0 { byte >> 4 } else { byte & 0x0f }) as usize] * q.block_absmax(i / BLOCK)
+        };
+        for (start, len) in [(0, 387), (1, 1), (1, 64), (63, 2), (64, 63), (5, 200), (130, 257), (386, 1)] {
+            let mut out = vec![f32::NAN; len];
+            q.dequantize_range(start, &mut out);
+            let want: Vec<f32> = (start..start + len).map(element).collect();
+            assert_eq!(out, want, "range {start}..{}", start + len);
+        }
         Ok(())
     }
 

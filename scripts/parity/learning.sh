@@ -5,6 +5,8 @@
 #
 #   scripts/parity/learning.sh                          # from any directory; seeds 0 and 1
 #   SEEDS="0 1 2" ORDER=lowrank scripts/parity/learning.sh
+#   LOWRANK_ARGS="--model $HOME/.cache/lowrank-reference/smollm2-hf --quantize nf4" scripts/parity/learning.sh
+#                                  # QLoRA on both sides: lowrank's NF4 against bitsandbytes' NF4
 #   knobs: SEEDS THREADS ORDER LOWRANK_ARGS OUT
 #
 # Per seed, one after another, each in its own process:

@@ -3,7 +3,7 @@ example task (examples/data/) with `lowrank train`'s example defaults, then repo
 and greedy exact match on all of examples/data/eval.jsonl, defined as lowrank defines them.
 
 usage: learning_peft.py MODEL_DIR --out DIR [--settings lowrank_train.json] [--seed S] [--threads K]
-                        [--order own|lowrank] [--before] [--steps N] [--lr LR] [--warmup W] ...
+                        [--order own|lowrank] [--quantize nf4] [--before] [--steps N] [--lr LR] ...
 
 --settings takes the hyper-parameters from the resolved settings a `lowrank train` run wrote
 (OUT/lowrank_train.json), so the two sides cannot drift apart, and refuses settings this script
@@ -21,6 +21,12 @@ What is mirrored from lowrank (crates/lowrank/src):
 - optimiser: AdamW betas (0.9, 0.999) eps 1e-8 weight decay 0, global-norm clip 1.0, transformers'
   get_cosine_schedule_with_warmup (lr 0 at step 0 of the warmup), batch 4, no accumulation.
 - LoRA r 16 alpha 32 dropout 0 on all linear layers of the blocks (PEFT "all-linear").
+- `--quantize nf4` (or `"quantize": "nf4"` in the settings): QLoRA as transformers + bitsandbytes
+  run it, the block projections loaded as bitsandbytes Linear4bit (NF4, blocks of 64, double
+  quantisation, compute dtype f32; embeddings, norms and the tied LM head stay f32), as
+  `lowrank train --quantize nf4` quantises them. Needs `pip install bitsandbytes` (0.50 runs on
+  the CPU). prepare_model_for_kbit_training is not called: everything else is already f32, and it
+  would turn on gradient checkpointing, which changes nothing numerically.
 - data order: batches of 4 consecutive indices of a per-epoch permutation. `--order own` (default)
   shuffles with Python's random.Random(seed * 1000 + epoch); `--order lowrank` reproduces lowrank's
   permutation (SplitMix64 + Fisher-Yates, data/shuffle.rs), so only the adapter's random init (torch
@@ -170,8 +176,9 @@ def from_settings(a):
         raise SystemExit(f"{a.settings}: not mirrored here: " + "; ".join(bad))
     a.steps, a.lr, a.warmup, a.batch, a.rank = t["steps"], t["lr"], t["warmup"], t["batch_size"], ad["r"]
     a.max_seq_len, a.eval_every, a.seed = s["max_seq_len"], t["eval_every"] or 0, t["seed"]
+    a.quantize = s.get("quantize")
     print(f"settings from {a.settings}: steps {a.steps} lr {a.lr} warmup {a.warmup} batch {a.batch} r {a.rank} "
-          f"max_seq_len {a.max_seq_len} eval_every {a.eval_every} seed {a.seed}", flush=True)
+          f"max_seq_len {a.max_seq_len} eval_every {a.eval_every} seed {a.seed} quantize {a.quantize}", flush=True)
 
 
 def main():
@@ -181,6 +188,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--order", choices=["own", "lowrank"], default="own")
+    p.add_argument("--quantize", choices=["nf4"], help="QLoRA: the block projections in bitsandbytes NF4")
     p.add_argument("--before", action="store_true", help="also score the base model first")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -207,7 +215,14 @@ def main():
     for name, d in (("train", train), ("eval", held)):
         print(f"{name}: {len(d)} rows, {sum(len(x) for x, _ in d)} tokens, {sum(map(sum, (t for _, t in d)))} targets", flush=True)
 
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    if a.quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=q, device_map="cpu")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     if a.before:
         model.eval()
         c, _ = exact_match(model, tok, eval_rows, enc.eos)

@@ -99,6 +99,17 @@ fn qlora_dora_with_checkpointing_trains_and_a_quantized_gguf_is_refused() {
     assert_eq!(settings["train"]["lora_plus_ratio"], 4.0);
     let g = lowrank(&["generate", "--model", hf.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "4"]);
     assert!(g.status.success(), "{}", text(&g.stderr));
+    // On the 4-bit base it was trained on: the adapter alongside, or merged into the dequantised
+    // weights, answers alike.
+    let on_nf4 = ["generate", "--model", hf.to_str().unwrap(), "--quantize", "nf4", "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "6"];
+    let (q, m) = (lowrank(&on_nf4), lowrank(&[&on_nf4[..], &["--merge"]].concat()));
+    assert!(q.status.success() && m.status.success(), "{}{}", text(&q.stderr), text(&m.stderr));
+    assert!(!q.stdout.is_empty());
+    assert_eq!(text(&q.stdout), text(&m.stdout));
+    let bad = lowrank(&["generate", "--model", gguf.to_str().unwrap(), "--quantize", "nf4", "--prompt", "Hi"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("already quantized"), "{}", text(&bad.stderr));
+    let bad = lowrank(&["train", "--model", hf.to_str().unwrap(), "--eval-data", data.to_str().unwrap(), "--output", tmp.path().join("e").to_str().unwrap()]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("--eval-data needs --data"), "{}", text(&bad.stderr));
 
     // OLoRA trains on the residual base and is saved as a plain rank-2r LoRA for the original one.
     let olora = tmp.path().join("olora");

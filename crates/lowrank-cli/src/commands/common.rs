@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::ValueEnum;
 use lowrank::adapter::{ActiveAdapter, Adapter};
-use lowrank::model::{LoadOptions, ModuleTable};
+use lowrank::model::{LoadOptions, ModuleTable, Quantize};
 
 /// Where tensors live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -62,8 +62,17 @@ pub fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-pub fn load_options(device: DeviceArg, dequantize: bool) -> Result<LoadOptions> {
-    Ok(LoadOptions { device: device.device()?, dequantize, quantize: None })
+/// A quantisation applied to a full-precision base at load.
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizeArg {
+    /// NF4: 4-bit NormalFloat, blocks of 64, double-quantised maxima (bitsandbytes' QLoRA format)
+    Nf4,
+}
+
+pub fn load_options(device: DeviceArg, dequantize: bool, quantize: Option<QuantizeArg>) -> Result<LoadOptions> {
+    let quantize = quantize.map(|QuantizeArg::Nf4| Quantize::Nf4);
+    Ok(LoadOptions { device: device.device()?, dequantize, quantize })
 }
 
 /// Loads each `--adapter` against the model's modules.

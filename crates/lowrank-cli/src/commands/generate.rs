@@ -9,7 +9,7 @@ use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
 use lowrank::generate::{generate, GenerateOptions, SamplingParams};
 
-use super::common::{load_adapters, load_options, memory, mib, model_path, AdapterSpec, DeviceArg};
+use super::common::{load_adapters, load_options, memory, mib, model_path, AdapterSpec, DeviceArg, QuantizeArg};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -52,6 +52,10 @@ pub struct GenerateArgs {
     /// Dequantise a GGUF model to f32 at load (exact numerics, more memory)
     #[arg(long)]
     dequantize: bool,
+    /// Quantise a full-precision base's projections at load (to run a QLoRA adapter on the 4-bit base
+    /// it was trained on)
+    #[arg(long, value_enum, conflicts_with = "dequantize")]
+    quantize: Option<QuantizeArg>,
     /// Fold the adapters into the weights first: no per-token adapter cost (the adapted weights
     /// of a quantized base become f32)
     #[arg(long, requires = "adapters")]
@@ -69,6 +73,7 @@ struct Settings {
     options: GenerateOptions,
     device: DeviceArg,
     dequantize: bool,
+    quantize: Option<QuantizeArg>,
     merge: bool,
     verbose: bool,
 }
@@ -80,7 +85,7 @@ enum Input {
 
 impl Settings {
     fn resolve(args: GenerateArgs) -> Result<Self> {
-        let GenerateArgs { model, adapters, prompt, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, device, dequantize, merge, verbose } = args;
+        let GenerateArgs { model, adapters, prompt, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, device, dequantize, quantize, merge, verbose } = args;
         let input = match (prompt, chat) {
             (Some(p), None) => Input::Raw(p),
             (None, Some(user)) => Input::Chat { system, user },
@@ -93,6 +98,7 @@ impl Settings {
             options: GenerateOptions { max_new_tokens, sampling: SamplingParams { temperature, top_k, top_p, seed }, stop },
             device,
             dequantize,
+            quantize,
             merge,
             verbose,
         })
@@ -100,8 +106,8 @@ impl Settings {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let Settings { model, adapters, input, options, device, dequantize, merge, verbose } = Settings::resolve(args)?;
-    let opts = load_options(device, dequantize)?;
+    let Settings { model, adapters, input, options, device, dequantize, quantize, merge, verbose } = Settings::resolve(args)?;
+    let opts = load_options(device, dequantize, quantize)?;
     let mut bundle = ModelBundle::open(&model, &opts).with_context(|| format!("loading model {}", model.display()))?;
     let mut active = load_adapters(&adapters, bundle.model.modules(), &opts.device)?;
     if verbose {

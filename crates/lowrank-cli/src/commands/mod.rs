@@ -25,7 +25,7 @@ pub struct Cli {
 enum Command {
     /// Generate text with a model and optional adapters; only the text goes to stdout.
     Generate(generate::GenerateArgs),
-    /// Train a LoRA adapter (with no --model and --data: the shipped example task).
+    /// Train a LoRA adapter (with no --data: the shipped example task).
     Train(Box<train::TrainArgs>),
     /// Print what a model (HF dir or GGUF) or a PEFT adapter directory holds.
     Inspect(inspect::InspectArgs),

@@ -12,11 +12,10 @@ use clap::Args;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::bundle::ModelBundle;
 use lowrank::data::{load_jsonl, DataOptions, Dataset};
-use lowrank::model::Quantize;
 use lowrank::train::{metrics, AdamWConfig, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
-use super::common::{load_options, memory, mib, model_path, DeviceArg};
+use super::common::{load_options, memory, mib, model_path, DeviceArg, QuantizeArg};
 use super::example;
 use super::progress::Progress;
 
@@ -156,13 +155,6 @@ enum InitArg {
     Olora,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "lowercase")]
-pub enum QuantizeArg {
-    /// NF4: 4-bit NormalFloat, blocks of 64, double-quantised maxima (bitsandbytes' QLoRA format)
-    Nf4,
-}
-
 /// The resolved settings of a run, written to `OUT/lowrank_train.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Settings {
@@ -212,15 +204,18 @@ impl Settings {
             target_modules, rslora, dora, init, lora_plus_ratio, gradient_checkpointing, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
             save_every, eval_every, resume: _, dequantize, quantize, device,
         } = args;
-        let example = model.is_none() && file.model.is_none() && data.is_none() && file.data.is_none();
+        // No --data: the shipped example task, on the default model or the one given.
+        let example = data.is_none() && file.data.is_none();
         let d = example::defaults(example);
         let (data, eval_data) = match data.or(file.data) {
             Some(p) => (p, eval_data.or(file.eval_data)),
-            None if example => {
+            None => {
+                if eval_data.is_some() || file.eval_data.is_some() {
+                    bail!("--eval-data needs --data (the example task brings its own held-out set)");
+                }
                 let (train, eval) = example::write_dataset()?;
                 (train, Some(eval))
             }
-            None => bail!("--data is required when --model is given"),
         };
         let rank = rank.or(file.rank).unwrap_or(16);
         let targets = target_modules.or(file.target_modules).unwrap_or_else(|| "all-linear".into());
@@ -357,8 +352,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if resume.is_none() && s.output.exists() && std::fs::read_dir(&s.output).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("output directory {} already exists and is not empty (use --resume {0} to continue it)", s.output.display());
     }
-    let mut opts = load_options(s.device, s.dequantize)?;
-    opts.quantize = s.quantize.map(|QuantizeArg::Nf4| Quantize::Nf4);
+    let opts = load_options(s.device, s.dequantize, s.quantize)?;
     let mut bundle = ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
     let (train, eval) = load_data(&s, &bundle)?;
     if let Some(epochs) = s.epochs {

@@ -15,7 +15,7 @@ use clap::Args;
 use lowrank::bundle::ModelBundle;
 use lowrank::serve::{Engine, EngineConfig, Metrics};
 
-use super::common::{load_options, model_path, DeviceArg};
+use super::common::{load_options, model_path, DeviceArg, QuantizeArg};
 use adapters::Registry;
 use routes::{router, AppState, Ready};
 
@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// KV-cache budget in token positions (prompt + max_tokens, summed over running requests)
     #[arg(long, default_value_t = 65536)]
     kv_budget: usize,
+    /// Quantise a full-precision base's projections at load (serve QLoRA adapters on the 4-bit
+    /// base they were trained on)
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     /// Device
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
@@ -64,7 +68,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let ServeArgs {
-        model, served_model_name, adapters, adapters_dir, allow_runtime_adapters, max_adapters, max_rank, host, port, max_batch, max_queue, kv_budget, device,
+        model, served_model_name, adapters, adapters_dir, allow_runtime_adapters, max_adapters, max_rank, host, port, max_batch, max_queue, kv_budget, quantize, device,
     } = args;
     let path = model_path(model.as_deref())?;
     let base = served_model_name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
@@ -81,7 +85,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let state = state.clone();
             std::thread::spawn(move || {
                 let load = || -> Result<(Engine, std::thread::JoinHandle<()>)> {
-                    let opts = load_options(device, false)?;
+                    let opts = load_options(device, false, quantize)?;
                     let bundle = ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
                     let registry = Registry::new(base.clone(), bundle.model.modules().clone(), opts.device.clone(), adapters_dir.as_deref(), max_adapters, max_rank)?;
                     for spec in &adapters {

@@ -8,8 +8,10 @@ unexpected keys fails the run), then
 prints one JSON line per row of the first N rows of EVAL_JSONL: the prompt's last user message
 and the greedy answer (max 16 new tokens). scripts/check/peft_roundtrip.sh and
 scripts/check/merged_hf.sh compare these with `lowrank generate --adapter ADAPTER_DIR`.
+With QUANTIZE=nf4 in the environment, the base's block projections load as bitsandbytes NF4
+(blocks of 64, double quantisation, f32 compute), as `lowrank generate --quantize nf4` holds them.
 """
-import json, sys, warnings
+import json, os, sys, warnings
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
@@ -17,7 +19,15 @@ from peft import PeftModel
 adapter, model_dir, eval_path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(2)
 tok = AutoTokenizer.from_pretrained(model_dir)
-base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+if os.environ.get("QUANTIZE") == "nf4":
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=q, device_map="cpu")
+elif os.environ.get("QUANTIZE"):
+    sys.exit(f"QUANTIZE={os.environ['QUANTIZE']}: only nf4 is known")
+else:
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 model = base.eval()
 if adapter != "-":
     with warnings.catch_warnings():

@@ -2,6 +2,8 @@
 # An adapter trained by lowrank, loaded by PEFT on the HF form of the default model, answers the
 # held-out questions exactly as `lowrank generate --adapter` does (greedy, 16 new tokens).
 #   scripts/check/peft_roundtrip.sh ADAPTER_DIR [N]
+#   QUANTIZE=nf4 scripts/check/peft_roundtrip.sh ADAPTER_DIR [N]   # a QLoRA adapter: PEFT on the
+#       base loaded in bitsandbytes NF4, lowrank generate --quantize nf4 (needs bitsandbytes)
 # Needs the reference stack (../shared/reference/setup.sh): $LOWRANK_REF_PYTHON and
 # $LOWRANK_REF_MODEL default to ~/.cache/lowrank-reference/{venv/bin/python,smollm2-hf}.
 set -euo pipefail
@@ -12,7 +14,8 @@ hf=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
 [ -x "$py" ] && [ -d "$hf" ] || { echo "reference stack not found ($py, $hf): run ../shared/reference/setup.sh"; exit 2; }
 cargo build -q --release -p lowrank-cli
 ref=$(mktemp); trap 'rm -f "$ref"' EXIT
-"$py" scripts/check/peft_roundtrip.py "$adapter" "$hf" examples/data/eval.jsonl "$n" > "$ref"
+quantize=${QUANTIZE:-}
+QUANTIZE=$quantize "$py" scripts/check/peft_roundtrip.py "$adapter" "$hf" examples/data/eval.jsonl "$n" > "$ref"
 source scripts/check/answers.sh
-echo "PEFT on $hf vs lowrank generate:"
-compare_answers "$ref" --model "$hf" --adapter "$adapter"
+echo "PEFT on $hf ${quantize:+(bitsandbytes $quantize) }vs lowrank generate${quantize:+ --quantize $quantize}:"
+compare_answers "$ref" --model "$hf" --adapter "$adapter" ${quantize:+--quantize "$quantize"}

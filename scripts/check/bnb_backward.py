@@ -1,10 +1,18 @@
 """bitsandbytes' CPU NF4 layers against a dense model holding their dequantised weights: one
 PEFT LoRA forward and backward on each (the same gaussian A, random B, 2 x 64 random tokens),
 printing the loss of both, the largest logit difference and the largest relative difference of
-any LoRA gradient. Used to rule out the CPU backend when comparing PEFT's QLoRA learning (README,
-"QLoRA learning"); measured 2026-11-30 with bitsandbytes 0.50.2: all differences exactly 0.
+any LoRA gradient. Used to check the CPU backend behind PEFT's QLoRA learning figures (README,
+"QLoRA learning"). Measured 2026-11-30 with bitsandbytes 0.50.2 on this AVX-512 BF16 machine:
+- as is: all differences exactly 0;
+- --after-eval (one eval-mode, no-grad forward first, as a training loop's evaluation does): the
+  NF4 model's training-mode logits differ by up to 1.2 and its LoRA gradients by up to 3.8× their
+  norm — bitsandbytes repacks Linear4bit weights for CPU inference on that forward
+  (`_convert_weight_packed_for_cpu`, only when the CPU has AVX-512 BF16) and never unpacks them
+  for training;
+- --after-eval --no-cpu-repack (setting `support_avx512bf16_for_cpu = False` on every layer, the
+  workaround learning_peft.py uses): all differences exactly 0 again.
 
-    ~/.cache/lowrank-reference/venv/bin/python scripts/check/bnb_backward.py [MODEL_DIR]
+    ~/.cache/lowrank-reference/venv/bin/python scripts/check/bnb_backward.py [MODEL_DIR] [--after-eval] [--no-cpu-repack]
 """
 import sys, warnings
 from pathlib import Path
@@ -16,7 +24,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
-M = sys.argv[1] if len(sys.argv) > 1 else str(Path.home() / ".cache/lowrank-reference/smollm2-hf")
+args = [x for x in sys.argv[1:] if not x.startswith("--")]
+M = args[0] if args else str(Path.home() / ".cache/lowrank-reference/smollm2-hf")
 q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
 mq = AutoModelForCausalLM.from_pretrained(M, dtype=torch.float32, quantization_config=q, device_map="cpu")
 md = AutoModelForCausalLM.from_pretrained(M, dtype=torch.float32)
@@ -39,6 +48,15 @@ for (n1, p1), (n2, p2) in zip(pq.named_parameters(), pd.named_parameters()):
             v = torch.randn(p1.shape, generator=g) * 0.01
             p1.data.copy_(v); p2.data.copy_(v)
 ids = torch.randint(0, 49152, (2, 64), generator=g)
+if "--no-cpu-repack" in sys.argv:
+    for m in pq.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+if "--after-eval" in sys.argv:
+    for m in (pq, pd):
+        m.eval()
+        with torch.no_grad():
+            m(input_ids=ids)
 outs = []
 for m in (pq, pd):
     m.train()

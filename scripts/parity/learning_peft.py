@@ -26,7 +26,8 @@ What is mirrored from lowrank (crates/lowrank/src):
   quantisation, compute dtype f32; embeddings, norms and the tied LM head stay f32), as
   `lowrank train --quantize nf4` quantises them. Needs `pip install bitsandbytes` (0.50 runs on
   the CPU). prepare_model_for_kbit_training is not called: everything else is already f32, and it
-  would turn on gradient checkpointing, which changes nothing numerically.
+  would turn on gradient checkpointing, which changes nothing numerically. `--quantize
+  nf4-dequantized` trains plain f32 layers holding the NF4 layers' dequantised weights instead.
 - data order: batches of 4 consecutive indices of a per-epoch permutation. `--order own` (default)
   shuffles with Python's random.Random(seed * 1000 + epoch); `--order lowrank` reproduces lowrank's
   permutation (SplitMix64 + Fisher-Yates, data/shuffle.rs), so only the adapter's random init (torch
@@ -160,6 +161,19 @@ def exact_match(model, tok, eval_rows, eos):
     return correct, answers
 
 
+def dequantized_copy(model_dir, quantized):
+    """The f32 model with each bitsandbytes 4-bit layer's weight replaced by its dequantisation."""
+    import bitsandbytes.functional as BF
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    layers = dict(quantized.named_modules())
+    for name, mod in dense.named_modules():
+        q = layers.get(name)
+        if q is not None and q.__class__.__name__ == "Linear4bit":
+            mod.weight.data.copy_(BF.dequantize_4bit(q.weight.data, q.weight.quant_state).float().reshape(mod.weight.shape))
+    return dense
+
+
 def from_settings(a):
     """Overrides `a` with a lowrank run's resolved settings; fails on what is not mirrored."""
     s = json.load(open(a.settings))
@@ -188,7 +202,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--order", choices=["own", "lowrank"], default="own")
-    p.add_argument("--quantize", choices=["nf4"], help="QLoRA: the block projections in bitsandbytes NF4")
+    p.add_argument("--quantize", choices=["nf4", "nf4-dequantized"],
+                   help="QLoRA: the block projections in bitsandbytes NF4 (nf4-dequantized: plain f32 layers holding those weights)")
     p.add_argument("--no-exact-match", action="store_true", help="skip the greedy answers (slow with bitsandbytes on CPU)")
     p.add_argument("--before", action="store_true", help="also score the base model first")
     p.add_argument("--steps", type=int, default=60)
@@ -216,12 +231,21 @@ def main():
     for name, d in (("train", train), ("eval", held)):
         print(f"{name}: {len(d)} rows, {sum(len(x) for x, _ in d)} tokens, {sum(map(sum, (t for _, t in d)))} targets", flush=True)
 
-    if a.quantize == "nf4":
+    if a.quantize in ("nf4", "nf4-dequantized"):
         from transformers import BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=q, device_map="cpu")
+        # bitsandbytes 0.50.2 on a CPU with AVX-512 BF16: the first eval-mode, no-grad forward of a
+        # Linear4bit repacks its weight into a CPU inference layout, and nothing unpacks it when
+        # training resumes, so every later training step computes wrong outputs and gradients
+        # (scripts/check/bnb_backward.py --after-eval). Keep the training layout throughout.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        if a.quantize == "nf4-dequantized":
+            model = dequantized_copy(a.model, model)
     else:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     if a.before:

@@ -80,7 +80,7 @@ impl WeightSource for Nf4Source<'_> {
         match w {
             FrozenWeight::Dense(t) => Ok(FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&t).map_err(|e| Error::Config(format!("{name}: {e}")))?))),
             other => Err(Error::Config(format!(
-                "{} stores `{name}` as {}: it is already quantized, so --quantize nf4 would quantize it twice (train on it as it is, or use a full-precision base)",
+                "{} stores `{name}` as {}: it is already quantized, so --quantize nf4 would quantize it twice (use it as it is, or a full-precision base)",
                 self.0.describe(),
                 other.dtype_name()
             ))),

@@ -12,7 +12,13 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::nf4::Nf4Tensor;
+use super::qmatmul::{DenseRows, WeightRows};
 use crate::Result;
+
+/// A product with a GGUF-quantized weight: `(W, a, n) -> out`.
+type QuantKernel = fn(&QTensor, &[f32], usize) -> candle_core::Result<Vec<f32>>;
+/// A product over a weight's rows, a tile at a time: `(a, n, M, K, W) -> out`.
+type TiledKernel = fn(&[f32], usize, usize, usize, &dyn WeightRows) -> Vec<f32>;
 
 /// A frozen weight `[out, in]`, dense (f32) or quantized (GGUF block formats).
 #[derive(Clone, Debug)]
@@ -118,37 +124,37 @@ impl FrozenWeight {
     /// rows at a time (packed tiles dequantised one by one; a few rows of a GGUF weight decoded in
     /// registers). The one CPU forward of every frozen-weight op.
     pub(crate) fn xwt_f32(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        use super::qmatmul::{qmatmul_f32, xwt_tiled, DenseRows};
-        match self {
-            FrozenWeight::Quant(q) => qmatmul_f32(q, x, n),
-            FrozenWeight::Nf4(q) => {
-                let (m, k) = q.dims();
-                Ok(xwt_tiled(x, n, m, k, q.as_ref()))
-            }
-            FrozenWeight::Dense(w) => {
-                let (m, k) = w.dims2()?;
-                let w = w.to_dtype(DType::F32)?.contiguous()?;
-                let (s, l) = w.storage_and_layout();
-                Ok(xwt_tiled(x, n, m, k, &DenseRows { w: super::storage::stored(&s, l)?, k }))
-            }
-        }
+        use super::qmatmul::{qmatmul_f32, xwt_tiled};
+        self.by_tiles(x, n, qmatmul_f32, |x, n, m, k, w| xwt_tiled(x, n, m, k, w))
     }
 
     /// `dy W: [n, K]` for a row-major f32 `dy: [n, M]` on the CPU, `W` a tile of rows at a time:
     /// the one CPU backward of every frozen-weight op.
     pub(crate) fn dyw_f32(&self, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        use super::qmatmul::{dyw_tiled, qmatmul_t_f32, DenseRows};
+        use super::qmatmul::{dyw_tiled, qmatmul_t_f32};
+        self.by_tiles(dy, n, qmatmul_t_f32, |dy, n, m, k, w| dyw_tiled(dy, n, m, k, w))
+    }
+
+    /// Runs `quant` on a GGUF weight, or `tiled(a, n, M, K, rows)` over the rows of an NF4 or
+    /// dense one.
+    fn by_tiles(
+        &self,
+        a: &[f32],
+        n: usize,
+        quant: QuantKernel,
+        tiled: TiledKernel,
+    ) -> candle_core::Result<Vec<f32>> {
         match self {
-            FrozenWeight::Quant(q) => qmatmul_t_f32(q, dy, n),
+            FrozenWeight::Quant(q) => quant(q, a, n),
             FrozenWeight::Nf4(q) => {
                 let (m, k) = q.dims();
-                Ok(dyw_tiled(dy, n, m, k, q.as_ref()))
+                Ok(tiled(a, n, m, k, q.as_ref()))
             }
             FrozenWeight::Dense(w) => {
                 let (m, k) = w.dims2()?;
                 let w = w.to_dtype(DType::F32)?.contiguous()?;
                 let (s, l) = w.storage_and_layout();
-                Ok(dyw_tiled(dy, n, m, k, &DenseRows { w: super::storage::stored(&s, l)?, k }))
+                Ok(tiled(a, n, m, k, &DenseRows { w: super::storage::stored(&s, l)?, k }))
             }
         }
     }
@@ -245,7 +251,7 @@ impl CustomOp2 for DenseMatmul {
         // f32, both contiguous: W a tile of rows at a time (see `xwt_tiled`); else candle's matmul.
         if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((xa, xb)), Some((wa, wb))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
             let (x, w) = (&xs[xa..xb], &ws[wa..wb]);
-            let y = super::qmatmul::xwt_tiled(x, n, m, k, &super::qmatmul::DenseRows { w, k });
+            let y = super::qmatmul::xwt_tiled(x, n, m, k, &DenseRows { w, k });
             return Ok((CpuStorage::F32(y), Shape::from((n, m))));
         }
         Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((n, m))))

@@ -10,7 +10,7 @@ loopback port with them in --adapters-dir, then:
      aggregate generated tokens/s of each and the ratio;
   3. single stream: one streamed request of 128 tokens on the base model, decode tokens/s after
      the first token; the same with llama-cpp-python on the GGUF when it is installed.
-Greedy; prompts are the held-out questions of examples/data/eval.jsonl.
+Greedy; prompts are the held-out questions of examples/dates/eval.jsonl.
 """
 import argparse, http.client, json, os, socket, statistics, subprocess, sys, tempfile, threading, time
 import numpy as np
@@ -22,7 +22,7 @@ ap.add_argument("--clients", type=int, default=64); ap.add_argument("--requests"
 ap.add_argument("--max-tokens", type=int, default=32)
 args = ap.parse_args()
 
-questions = [json.loads(l)["messages"][0]["content"] for l in open("examples/data/eval.jsonl") if l.strip()]
+questions = [json.loads(l)["messages"][0]["content"] for l in open("examples/dates/eval.jsonl") if l.strip()]
 work = tempfile.mkdtemp()
 adir = os.path.join(work, "adapters")
 rng = np.random.default_rng(0)

@@ -25,17 +25,17 @@ $lr merge --adapter "$adapter" --format gguf --dtype f32 --output "$work/merged-
 $lr merge --output "$work/base-hf"
 $lr merge --model "$work/base-hf" --adapter "$adapter" --format gguf --dtype f32 --output "$work/from-hf.gguf"
 source scripts/check/answers.sh
-"$py" scripts/check/llamacpp_answers.py "$work/base-f32.gguf" "$work/lora.gguf" examples/data/eval.jsonl "$n" > "$work/lora.jsonl"
+"$py" scripts/check/llamacpp_answers.py "$work/base-f32.gguf" "$work/lora.gguf" examples/dates/eval.jsonl "$n" > "$work/lora.jsonl"
 echo "llama.cpp --lora (exported adapter) vs lowrank generate --adapter, f32 base:"
 compare_answers "$work/lora.jsonl" --model "$work/base-f32.gguf" --adapter "$adapter"
 # The adapter must matter: llama.cpp's answers without it differ.
-"$py" scripts/check/llamacpp_answers.py "$work/base-f32.gguf" - examples/data/eval.jsonl "$n" > "$work/base.jsonl"
+"$py" scripts/check/llamacpp_answers.py "$work/base-f32.gguf" - examples/dates/eval.jsonl "$n" > "$work/base.jsonl"
 changed=$(paste -d'\n' "$work/base.jsonl" "$work/lora.jsonl" | "$py" -c 'import sys,json; l=[json.loads(x) for x in sys.stdin]; print(sum(a["answer"]!=b["answer"] for a,b in zip(l[::2],l[1::2])))')
 echo "the adapter changed $changed/$n of llama.cpp's answers"
 [ "$changed" -gt 0 ]
-"$py" scripts/check/llamacpp_answers.py "$work/merged-f32.gguf" - examples/data/eval.jsonl "$n" > "$work/merged.jsonl"
+"$py" scripts/check/llamacpp_answers.py "$work/merged-f32.gguf" - examples/dates/eval.jsonl "$n" > "$work/merged.jsonl"
 echo "llama.cpp on the merged GGUF vs lowrank generate --adapter on the default model:"
 compare_answers "$work/merged.jsonl" --adapter "$adapter"
-"$py" scripts/check/llamacpp_answers.py "$work/from-hf.gguf" - examples/data/eval.jsonl "$n" > "$work/from-hf.jsonl"
+"$py" scripts/check/llamacpp_answers.py "$work/from-hf.gguf" - examples/dates/eval.jsonl "$n" > "$work/from-hf.jsonl"
 echo "llama.cpp on a GGUF merged from an HF directory vs lowrank generate --adapter on the default model:"
 compare_answers "$work/from-hf.jsonl" --adapter "$adapter"

@@ -14,7 +14,7 @@ py=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
 cargo build -q --release -p lowrank-cli
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 ./target/release/lowrank merge --adapter "$adapter" --output "$work/merged"
-"$py" scripts/check/peft_roundtrip.py - "$work/merged" examples/data/eval.jsonl "$n" > "$work/ref"
+"$py" scripts/check/peft_roundtrip.py - "$work/merged" examples/dates/eval.jsonl "$n" > "$work/ref"
 source scripts/check/answers.sh
 echo "transformers on the merged directory vs lowrank generate --adapter on the GGUF:"
 compare_answers "$work/ref" --adapter "$adapter"

@@ -15,7 +15,7 @@ hf=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
 cargo build -q --release -p lowrank-cli
 ref=$(mktemp); trap 'rm -f "$ref"' EXIT
 quantize=${QUANTIZE:-}
-QUANTIZE=$quantize "$py" scripts/check/peft_roundtrip.py "$adapter" "$hf" examples/data/eval.jsonl "$n" > "$ref"
+QUANTIZE=$quantize "$py" scripts/check/peft_roundtrip.py "$adapter" "$hf" examples/dates/eval.jsonl "$n" > "$ref"
 source scripts/check/answers.sh
 echo "PEFT on $hf ${quantize:+(bitsandbytes $quantize) }vs lowrank generate${quantize:+ --quantize $quantize}:"
 compare_answers "$ref" --model "$hf" --adapter "$adapter" ${quantize:+--quantize "$quantize"}

@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# Learning parity on the shipped example task (examples/data/: 400 training conversations, 100
-# held out): `lowrank train` against PEFT + transformers with the same hyper-parameters and seeds.
-# Held-out loss and exact-match accuracy should end within seed-to-seed noise of PEFT's.
+# Learning parity on a shipped example task (EXAMPLE=dates, the default: examples/dates/, 400
+# training conversations, 100 held out; EXAMPLE=roman: examples/roman/, 800 prompt/completion rows
+# whose prompts end in whitespace, 100 held out): `lowrank train` against PEFT + transformers with
+# the same hyper-parameters, tokenization and seeds. Held-out loss and exact-match accuracy should
+# end within seed-to-seed noise of PEFT's.
 #
 #   scripts/parity/learning.sh                          # from any directory; seeds 0 and 1
+#   SEEDS="0 1 2" EXAMPLE=roman scripts/parity/learning.sh
 #   SEEDS="0 1 2" ORDER=lowrank scripts/parity/learning.sh
 #   LOWRANK_ARGS="--model $HOME/.cache/lowrank-reference/smollm2-hf --quantize nf4" scripts/parity/learning.sh
 #                                  # QLoRA on both sides: lowrank's NF4 against bitsandbytes' NF4
-#   knobs: SEEDS THREADS ORDER LOWRANK_ARGS OUT
+#   knobs: EXAMPLE SEEDS THREADS ORDER LOWRANK_ARGS OUT
 #
 # Per seed, one after another, each in its own process:
-# 1. `cargo run --release -p lowrank-cli -- train --output OUT/lowrank-sS --seed S $LOWRANK_ARGS`:
-#    the example defaults (default model, SmolLM2-135M-Instruct Q4_1 GGUF as loaded; lr 1e-3,
-#    10 warm-up steps, 60 steps, cosine, batch 4, LoRA r 16 alpha 32 on all linear layers, AdamW,
-#    clip 1.0, loss on the assistant's answer and its <|im_end|>); it prints exact match before
-#    and after and writes metrics.jsonl;
+# 1. `cargo run --release -p lowrank-cli -- train --example $EXAMPLE --output OUT/lowrank-sS --seed S
+#    $LOWRANK_ARGS`: the example defaults (default model, SmolLM2-135M-Instruct Q4_1 GGUF as loaded;
+#    lr 1e-3, 10 warm-up steps, cosine, LoRA r 16 alpha 32 on all linear layers, AdamW, clip 1.0;
+#    dates: 60 steps of batch 4, loss on the assistant's answer and its <|im_end|>; roman: 150
+#    steps of batch 8, loss on the numeral and the eos after the prompt's own tokens); it prints
+#    exact match before and after and writes metrics.jsonl;
 # 2. scripts/parity/learning_peft.py with $LOWRANK_REF_PYTHON (default
 #    ~/.cache/lowrank-reference/venv/bin/python) on $LOWRANK_REF_MODEL (default
 #    ~/.cache/lowrank-reference/smollm2-hf, the GGUF's weights dequantised to f32), taking its
 #    hyper-parameters from the lowrank run's lowrank_train.json; the script's docstring lists what
 #    it mirrors (target tokens, loss averaging, schedule, exact-match scoring).
 # Then one table: final train loss (last step, and mean of the last 10 steps, since one batch of 4
-# is noisy), held-out loss after the last step (mean over all 1100 eval target tokens, the same
+# is noisy), held-out loss after the last step (mean over every eval target token, the same
 # definition on both sides), held-out exact match, wall seconds of each run.
 #
 # What differs by construction: the adapter's random init (rand's StdRng vs torch), the data
@@ -36,7 +40,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-SEEDS=${SEEDS:-0 1} THREADS=${THREADS:-2} ORDER=${ORDER:-own} LOWRANK_ARGS=${LOWRANK_ARGS:-}
+EXAMPLE=${EXAMPLE:-dates} SEEDS=${SEEDS:-0 1} THREADS=${THREADS:-2} ORDER=${ORDER:-own} LOWRANK_ARGS=${LOWRANK_ARGS:-}
 REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
 REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
 OUT=${OUT:-$(mktemp -d -t lowrank-parity.XXXXXX)}
@@ -67,7 +71,7 @@ for seed in $SEEDS; do
     echo "== lowrank seed $seed -> $dir" >&2
     start=$SECONDS
     # shellcheck disable=SC2086 # LOWRANK_ARGS is a list of flags
-    RAYON_NUM_THREADS=$THREADS cargo run --release -q -p lowrank-cli -- train --output "$dir" --seed "$seed" $LOWRANK_ARGS \
+    RAYON_NUM_THREADS=$THREADS cargo run --release -q -p lowrank-cli -- train --example "$EXAMPLE" --output "$dir" --seed "$seed" $LOWRANK_ARGS \
         >"$OUT/lowrank-s$seed.out" 2>"$OUT/lowrank-s$seed.err" || { tail -20 "$OUT/lowrank-s$seed.err" >&2; exit 1; }
     secs=$((SECONDS - start))
     cat "$OUT/lowrank-s$seed.out" >&2
@@ -91,7 +95,7 @@ for seed in $SEEDS; do
 done
 
 echo
-echo "# Example task (examples/data), LoRA r 16 alpha 32 all-linear, example defaults of lowrank train; PEFT data order: $ORDER; $THREADS threads"
+echo "# Example task examples/$EXAMPLE, LoRA r 16 alpha 32 all-linear, example defaults of lowrank train; PEFT data order: $ORDER; $THREADS threads"
 echo "# final train loss: last step's micro-batch (4 rows), and the mean of the last 10 steps; held-out loss: mean over every eval target token after the last step"
 awk '
     BEGIN { printf "%-8s %5s %10s %13s %12s %12s %8s\n", "tool", "seed", "train_loss", "train_last10", "heldout_loss", "exact_match", "wall_s" }

@@ -1,13 +1,15 @@
-"""PEFT + transformers side of scripts/parity/learning.sh: trains a LoRA adapter on the shipped
-example task (examples/data/) with `lowrank train`'s example defaults, then reports held-out loss
-and greedy exact match on all of examples/data/eval.jsonl, defined as lowrank defines them.
+"""PEFT + transformers side of scripts/parity/learning.sh: trains a LoRA adapter on a shipped
+example task (examples/dates/ or examples/roman/) with `lowrank train`'s example defaults, then
+reports held-out loss and greedy exact match on all of its eval.jsonl, defined as lowrank defines
+them.
 
 usage: learning_peft.py MODEL_DIR --out DIR [--settings lowrank_train.json] [--seed S] [--threads K]
                         [--order own|lowrank] [--quantize nf4] [--no-exact-match] [--before] [--steps N] [--lr LR] ...
 
 --settings takes the hyper-parameters from the resolved settings a `lowrank train` run wrote
-(OUT/lowrank_train.json), so the two sides cannot drift apart, and refuses settings this script
-does not mirror (grad accumulation, another schedule, dropout, rsLoRA, weight decay, other targets).
+(OUT/lowrank_train.json), so the two sides cannot drift apart, including the train and eval files,
+and refuses settings this script does not mirror (grad accumulation, another schedule, dropout,
+rsLoRA, weight decay, other targets).
 
 What is mirrored from lowrank (crates/lowrank/src):
 - examples (data/encode.rs): the chat template rendered with add_generation_prompt=False, encoded
@@ -15,6 +17,10 @@ What is mirrored from lowrank (crates/lowrank/src):
   rendered *with* the generation prompt through the turn's `<|im_end|>` (the newline after it is
   input, not a target; no eos is appended since the template closes the turn); cut at
   max_seq_len (512).
+  prompt/completion rows: the prompt encoded alone with special tokens, then the completion encoded
+  alone without, then `<|im_end|>` (the tokenizer's eos); targets are the completion and the eos.
+  The prompt's ids are those generation starts from, so a prompt ending in a space keeps its own
+  space token (encoding the joined string would merge it into the completion's first token).
 - loss (train/step.rs, train/loss.rs): mean next-token cross-entropy over the target tokens of the
   whole micro-batch (tokens pooled across its sequences, not a mean of per-sequence means);
   held-out loss (train/trainer.rs eval_loss): summed cross-entropy over every eval target / count.
@@ -33,7 +39,7 @@ What is mirrored from lowrank (crates/lowrank/src):
   permutation (SplitMix64 + Fisher-Yates, data/shuffle.rs), so only the adapter's random init (torch
   here, rand's StdRng there) and the arithmetic differ.
 - exact match (lowrank-cli commands/example.rs): greedy reply to the user turn (chat template with
-  add_generation_prompt), at most (longest reference answer in tokens + 4) new tokens, stop at
+  add_generation_prompt), or to the raw prompt (encoded with special tokens), at most (longest reference answer in tokens + 4) new tokens, stop at
   `<|im_end|>`, decoded without special tokens, stripped, compared with the reference.
 
 Writes OUT/metrics.jsonl (step, loss, eval_loss, lr, grad_norm as lowrank's) and OUT/answers.jsonl,
@@ -52,7 +58,13 @@ MASK64 = (1 << 64) - 1
 
 
 def rows(path):
-    return [json.loads(l)["messages"] for l in open(path, encoding="utf-8") if l.strip()]
+    """Each row as (prompt messages or prompt text, reference answer, the row itself)."""
+    out = []
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            r = json.loads(line)
+            out.append((r["messages"][:-1], r["messages"][-1]["content"], r) if "messages" in r else (r["prompt"], r["completion"], r))
+    return out
 
 
 class Encoder:
@@ -63,7 +75,19 @@ class Encoder:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         return self.tok(text, add_special_tokens=False).input_ids
 
-    def example(self, messages):
+    def prompt_ids(self, prompt):
+        """The ids generation starts from: a conversation rendered for the next assistant turn, or a raw prompt."""
+        if isinstance(prompt, str):
+            return self.tok(prompt).input_ids
+        return self.ids(prompt, True)
+
+    def example(self, row):
+        if "messages" not in row:
+            p, c = self.prompt_ids(row["prompt"]), self.tok(row["completion"], add_special_tokens=False).input_ids
+            ids, targets = p + c + [self.eos], [False] * len(p) + [True] * (len(c) + 1)
+            targets[0] = False
+            return ids[: self.max_len], targets[: self.max_len]
+        messages = row["messages"]
         ids = self.ids(messages, False)
         targets = [False] * len(ids)
         for i, m in enumerate(messages):
@@ -146,13 +170,11 @@ def eval_loss(model, examples, batch, pad):
 
 
 @torch.no_grad()
-def exact_match(model, tok, eval_rows, eos):
-    prompts = [tok.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in eval_rows]
-    refs = [m[-1]["content"] for m in eval_rows]
-    max_new = max(len(tok(r, add_special_tokens=False).input_ids) for r in refs) + 4
+def exact_match(model, tok, enc, eval_rows, eos):
+    max_new = max(len(tok(ref, add_special_tokens=False).input_ids) for _, ref, _ in eval_rows) + 4
     answers, correct = [], 0
-    for p, ref in zip(prompts, refs):
-        ids = torch.tensor([tok(p, add_special_tokens=False).input_ids])
+    for prompt, ref, _ in eval_rows:
+        ids = torch.tensor([enc.prompt_ids(prompt)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
                              eos_token_id=eos, pad_token_id=eos)
         ans = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
@@ -183,7 +205,8 @@ def from_settings(a):
         "weight_decay": (t["adamw"]["weight_decay"], 0.0), "betas/eps": ((t["adamw"]["beta1"], t["adamw"]["beta2"], t["adamw"]["eps"]), (0.9, 0.999, 1e-8)),
         "max_grad_norm": (t["max_grad_norm"], 1.0), "lora_dropout": (ad["lora_dropout"], 0.0), "use_rslora": (ad["use_rslora"], False),
         "target_modules": (ad["target_modules"], "all-linear"), "lora_alpha": (ad["lora_alpha"], 2 * ad["r"]),
-        "train_on_prompt": (s["train_on_prompt"], False), "epochs": (s["epochs"], None), "example": (s["example"], True),
+        "train_on_prompt": (s["train_on_prompt"], False), "epochs": (s["epochs"], None),
+        "eval_split": (s["eval_split"], None),
     }
     bad = [f"{k} = {v!r} (mirrored: {want!r})" for k, (v, want) in unsupported.items() if v != want]
     if bad:
@@ -191,8 +214,12 @@ def from_settings(a):
     a.steps, a.lr, a.warmup, a.batch, a.rank = t["steps"], t["lr"], t["warmup"], t["batch_size"], ad["r"]
     a.max_seq_len, a.eval_every, a.seed = s["max_seq_len"], t["eval_every"] or 0, t["seed"]
     a.quantize = s.get("quantize")
+    if s["eval_data"] is None:
+        raise SystemExit(f"{a.settings}: the run has no eval_data file to score")
+    a.train, a.eval = s["data"], s["eval_data"]
     print(f"settings from {a.settings}: steps {a.steps} lr {a.lr} warmup {a.warmup} batch {a.batch} r {a.rank} "
-          f"max_seq_len {a.max_seq_len} eval_every {a.eval_every} seed {a.seed} quantize {a.quantize}", flush=True)
+          f"max_seq_len {a.max_seq_len} eval_every {a.eval_every} seed {a.seed} quantize {a.quantize} "
+          f"train {a.train} eval {a.eval}", flush=True)
 
 
 def main():
@@ -213,8 +240,8 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--train", default=str(REPO / "examples/data/train.jsonl"))
-    p.add_argument("--eval", default=str(REPO / "examples/data/eval.jsonl"))
+    p.add_argument("--train", default=str(REPO / "examples/dates/train.jsonl"))
+    p.add_argument("--eval", default=str(REPO / "examples/dates/eval.jsonl"))
     p.add_argument("--settings", help="take the hyper-parameters from a lowrank run's lowrank_train.json")
     a = p.parse_args()
     if a.settings:
@@ -227,7 +254,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.model)
     enc = Encoder(tok, a.max_seq_len)
     train_rows, eval_rows = rows(a.train), rows(a.eval)
-    train, held = [enc.example(m) for m in train_rows], [enc.example(m) for m in eval_rows]
+    train, held = [enc.example(r) for _, _, r in train_rows], [enc.example(r) for _, _, r in eval_rows]
     for name, d in (("train", train), ("eval", held)):
         print(f"{name}: {len(d)} rows, {sum(len(x) for x, _ in d)} tokens, {sum(map(sum, (t for _, t in d)))} targets", flush=True)
 
@@ -250,7 +277,7 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     if a.before:
         model.eval()
-        c, _ = exact_match(model, tok, eval_rows, enc.eos)
+        c, _ = exact_match(model, tok, enc, eval_rows, enc.eos)
         print(f"before: exact {c}/{len(eval_rows)}", flush=True)
     cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
@@ -285,7 +312,7 @@ def main():
 
     t0 = time.perf_counter()
     model.eval()
-    correct, answers = (-1, []) if a.no_exact_match else exact_match(model, tok, eval_rows, enc.eos)
+    correct, answers = (-1, []) if a.no_exact_match else exact_match(model, tok, enc, eval_rows, enc.eos)
     eval_s = time.perf_counter() - t0
     with open(out / "answers.jsonl", "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in answers)

@@ -364,3 +364,51 @@ fn a_model_that_does_not_load_stops_the_server_with_its_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/no/such/model.gguf") && err.contains("error"), "{err}");
 }
+
+/// Regression (issue 12): prompt/completion rows whose prompts end in a space were trained on the
+/// concatenated string, where BPE merges the space into the completion's first token, so the
+/// adapter never learned to continue the prompt a client sends. A few steps on such rows, then each
+/// training prompt sent raw through `generate --prompt` and through `/v1/completions`: both answers
+/// start with the completion's first token, and agree with each other.
+#[test]
+fn prompts_ending_in_a_space_are_continued_with_the_completion() {
+    let rows: Vec<(String, String)> = include_str!("../../../examples/roman/train.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["prompt"].as_str().unwrap().starts_with("Convert "))
+        .take(8)
+        .map(|r| (r["prompt"].as_str().unwrap().to_string(), r["completion"].as_str().unwrap().to_string()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("roman.jsonl");
+    let lines: String = rows.iter().map(|(p, c)| format!("{}\n", json!({"prompt": p, "completion": c}))).collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = tmp.path().join("run");
+    let train = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(["train", "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()])
+        .args(["--steps", "24", "--batch-size", "8", "--lr", "3e-3", "--schedule", "constant", "--rank", "8", "--save-every", "100"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&train.stderr);
+    assert!(train.status.success(), "{err}");
+    assert!(err.contains("HINT") && err.contains("trailing whitespace"), "the merged boundaries are reported: {err}");
+
+    let tokenizer_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lowrank/tests/fixtures/tokenizer/smollm2-hf");
+    let tokenizer = lowrank::tokenizer::Tokenizer::from_hf_dir(&tokenizer_dir).unwrap();
+    let spec = format!("roman={}", out.display());
+    let server = start(&["--adapter", &spec]);
+    for (prompt, completion) in &rows {
+        let first = tokenizer.decode(&tokenizer.encode(completion, false).unwrap()[..1], false).unwrap();
+        let g = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+            .args(["generate", "--adapter", out.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "4"])
+            .output()
+            .unwrap();
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        let generated = String::from_utf8(g.stdout).unwrap();
+        assert!(generated.starts_with(&first), "{prompt:?} → {generated:?}, expected {completion:?}");
+        let (status, body) = post(&server.addr, "/v1/completions", &json!({"model": "roman", "prompt": prompt, "max_tokens": 4, "temperature": 0}));
+        assert_eq!(status, 200, "{body}");
+        let served = body["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(served, generated.trim_end_matches('\n'), "{prompt:?}");
+    }
+}

@@ -3,7 +3,8 @@
 //! The crate is laid out as its pipeline: [`model`] loads weights (HF safetensors directories or
 //! GGUF files) into one transformer implementation in HF layout; [`ops`] holds the tensor ops that
 //! training differentiates through; [`adapter`] reads PEFT adapters and applies them by module
-//! path; [`tokenizer`] and [`chat`] turn text into ids; [`generate`] samples from the model; [`export`] writes models in other forms.
+//! path; [`tokenizer`] and [`chat`] turn text into ids, and [`prompt`] is the one rule for the ids a
+//! request (or a training row's prompt) starts generation from; [`generate`] samples from the model; [`export`] writes models in other forms.
 #![warn(missing_docs)]
 
 pub mod adapter;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod home;
 pub mod model;
 pub mod ops;
+pub mod prompt;
 pub mod serve;
 pub mod staging;
 pub mod threads;

@@ -1,6 +1,6 @@
 //! `lowrank::data` with the SmolLM2 tokenizer and chat template committed under
 //! `tests/fixtures/tokenizer/smollm2-hf/`: which tokens each row shape trains on, the errors a bad
-//! file gets, and the batch plan's determinism. Also loads the shipped `examples/data/` set.
+//! file gets, and the batch plan's determinism. Also loads the shipped `examples/dates/` set.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -153,6 +153,124 @@ fn prompt_completion_trains_on_the_completion_only() {
         "Question: what is the capital of France?\nAnswer:"
     );
     assert_eq!(data.stats.format, Format::PromptCompletion);
+    // "Answer:" + " Paris." splits at the space in one piece too: nothing to report.
+    assert_eq!(data.stats.boundary_merges, 0);
+    assert_eq!(data.stats.boundary_hint(), None);
+}
+
+/// The ids of `example` that are loss targets.
+fn target_ids(example: &Example) -> Vec<u32> {
+    let pairs = example.ids.iter().zip(&example.targets);
+    pairs.filter(|(_, &t)| t).map(|(&id, _)| id).collect()
+}
+
+/// Regression: rows like these were encoded as one string, where BPE merges the prompt's trailing
+/// space with the completion (`" CC"`), so training never saw the prompt a client sends, which
+/// ends in a space token; an adapter trained on them answered `Convert 327 to Roman numerals. `
+/// with `327`. The prompt's ids come first, then the completion's, then the eos.
+#[test]
+fn a_prompt_ending_in_a_space_is_trained_on_its_own_ids_then_the_completion() {
+    let tok = tokenizer();
+    let (prompt, completion) = ("Convert 327 to Roman numerals: ", "CCCXXVII");
+    let row = serde_json::json!({"prompt": prompt, "completion": completion}).to_string();
+    let data = load(&[&row], &opts(256)).unwrap();
+    let example = only_example(&data);
+
+    let prompt_ids = lowrank::prompt::text_ids(tok, prompt).unwrap();
+    let completion_ids = tok.encode(completion, false).unwrap();
+    let eos = tok.eos_token_ids()[0];
+    let joined = tok.encode(&format!("{prompt}{completion}"), true).unwrap();
+    assert!(
+        !joined.starts_with(&prompt_ids),
+        "the case must merge across the boundary: {joined:?} vs {prompt_ids:?}"
+    );
+    assert_eq!(
+        example.ids,
+        [prompt_ids.clone(), completion_ids.clone(), vec![eos]].concat()
+    );
+    assert_eq!(target_ids(example), [completion_ids, vec![eos]].concat());
+    assert!(example.targets[..prompt_ids.len()].iter().all(|&t| !t));
+
+    assert_eq!(data.stats.boundary_merges, 1);
+    let hint = data.stats.boundary_hint().expect("a merge gets a hint");
+    assert!(hint.contains("trailing whitespace"), "{hint}");
+    assert!(data.stats.to_string().contains("1 rows encode differently"));
+}
+
+/// A SentencePiece tokenizer puts a space before any text it encodes, so a completion encoded
+/// alone would gain one (`"Say: " + "the"` would read `"Say:  the"`): a row that merges keeps the
+/// joined encoding, and one that does not is the prompt's ids followed by the completion's.
+#[test]
+fn sentencepiece_completions_gain_no_space() {
+    let tok = Tokenizer::from_hf_dir(&fixture_dir().join("../tiny-spm-hf")).unwrap();
+    let eos = tok.eos_token_ids()[0];
+    for (prompt, completion, merges) in [("Say: ", "hello", 0), ("Say: ", "the", 1)] {
+        let row = serde_json::json!({"prompt": prompt, "completion": completion}).to_string();
+        let file = jsonl(&[&row]);
+        let data = load_jsonl(&file.path, &tok, None, &opts(64)).unwrap();
+        let example = only_example(&data);
+        let joined = tok.encode(&format!("{prompt}{completion}"), true).unwrap();
+        assert_eq!(example.ids, [joined, vec![eos]].concat(), "{completion}");
+        assert_eq!(tok.decode(&target_ids(example), true).unwrap().trim_start(), completion);
+        assert_eq!(data.stats.boundary_merges, merges, "{completion}");
+    }
+}
+
+/// Each assistant turn's targets are exactly the tokens a model has to produce after the ids that
+/// `generate --chat` and the server's chat endpoint send for the conversation before it
+/// ([`lowrank::prompt::chat_ids`]), token for token, through the template's end of turn, for each
+/// chat template shipped with its tokenizer among the fixtures. SmolLM2's template closes a turn
+/// with its eos (`<|im_end|>`), where generation stops; the tiny SentencePiece fixture's closes it
+/// with text that is no token of its vocabulary (`<|eot_id|>`), so its last turn gets the eos
+/// appended.
+#[test]
+fn assistant_targets_continue_the_ids_chat_generation_starts_from() {
+    let messages = [
+        Message::new("system", "You answer in one word."),
+        Message::new("user", "Capital of France? "),
+        Message::new("assistant", "Paris"),
+        Message::new("user", "And of Italy?"),
+        Message::new("assistant", "Rome"),
+    ];
+    let row = serde_json::json!({ "messages": messages }).to_string();
+    let spm_dir = fixture_dir().join("../tiny-spm-hf");
+    let spm = Tokenizer::from_hf_dir(&spm_dir).unwrap();
+    let spm_template = ChatTemplate::from_hf_dir(&spm_dir).unwrap().unwrap();
+    for (name, tok, tpl, ends) in [
+        ("smollm2", tokenizer(), template(), [EOS, EOS]),
+        ("tiny-spm", &spm, &spm_template, ["<|eot_id|>", "<|eot_id|></s>"]),
+    ] {
+        let file = jsonl(&[&row]);
+        let data = load_jsonl(&file.path, tok, Some(tpl), &opts(512))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let example = only_example(&data);
+        let mut start = 0;
+        let turns = messages.iter().enumerate().filter(|(_, m)| m.role == "assistant");
+        for ((i, turn), end) in turns.zip(ends) {
+            let prompt = lowrank::prompt::chat_ids(tok, tpl, &messages[..i]).unwrap();
+            assert!(
+                example.ids.starts_with(&prompt),
+                "{name}: turn {i}'s prompt ids are not a prefix of the example"
+            );
+            assert!(!example.targets[start..prompt.len()].iter().any(|&t| t), "{name}: turn {i}");
+            let len = example.targets[prompt.len()..]
+                .iter()
+                .take_while(|&&t| t)
+                .count();
+            let produced = &example.ids[prompt.len()..prompt.len() + len];
+            // Generation stops at the first eos: the span holds one at most, at its end.
+            let eos_at: Vec<usize> = (0..len)
+                .filter(|&t| tok.eos_token_ids().contains(&produced[t]))
+                .collect();
+            assert!(eos_at.is_empty() || eos_at == [len - 1], "{name}: turn {i}: {produced:?}");
+            assert_eq!(
+                tok.decode(produced, false).unwrap(),
+                format!("{}{end}", turn.content),
+                "{name}: turn {i}"
+            );
+            start = prompt.len() + len;
+        }
+    }
 }
 
 #[test]
@@ -513,9 +631,41 @@ fn pack_by_tokens_respects_the_budget_and_places_every_example_once() {
     );
 }
 
+/// The Roman-numeral example: every prompt ends in whitespace, the targets are the numeral and the
+/// eos, and the rows whose boundary BPE merges are counted.
+#[test]
+fn shipped_roman_dataset_trains_on_the_numeral_after_the_prompt_ids() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/roman");
+    let tok = tokenizer();
+    let eos = tok.eos_token_ids()[0];
+    for (name, rows) in [("train.jsonl", 800), ("eval.jsonl", 100)] {
+        let path = dir.join(name);
+        let data = load_jsonl(&path, tok, None, &opts(256)).unwrap();
+        assert_eq!(data.stats.format, Format::PromptCompletion);
+        assert_eq!((data.stats.rows, data.stats.dropped_no_targets), (rows, 0));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut merged = 0;
+        for (line, example) in text.lines().zip(&data.examples) {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (prompt, completion) = (row["prompt"].as_str().unwrap(), row["completion"].as_str().unwrap());
+            assert!(prompt.ends_with([' ', '\n']), "{prompt:?}");
+            assert!(completion.chars().all(|c| "MDCLXVI".contains(c)), "{completion:?}");
+            let prompt_ids = lowrank::prompt::text_ids(tok, prompt).unwrap();
+            assert!(example.ids.starts_with(&prompt_ids));
+            let targets = target_ids(example);
+            assert_eq!(targets.last(), Some(&eos));
+            assert_eq!(tok.decode(&targets, true).unwrap(), completion);
+            let joined = tok.encode(&format!("{prompt}{completion}"), true).unwrap();
+            merged += usize::from(joined != example.ids[..example.len() - 1]);
+        }
+        assert_eq!(data.stats.boundary_merges, merged, "{name}");
+        assert!(merged > rows / 2, "{name}: only {merged} of {rows} rows merge");
+    }
+}
+
 #[test]
 fn shipped_example_dataset_loads_without_drops() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dates");
     let (tok, tpl) = (tokenizer(), template());
     for (name, rows) in [("train.jsonl", 400), ("eval.jsonl", 100)] {
         let data = load_jsonl(&dir.join(name), tok, Some(tpl), &opts(256)).unwrap();

@@ -122,7 +122,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         active.clear();
     }
     let prompt_ids = match &input {
-        Input::Raw(text) => bundle.tokenizer.encode(text, true)?,
+        Input::Raw(text) => lowrank::prompt::text_ids(&bundle.tokenizer, text)?,
         Input::Chat { system, user } => {
             let template = bundle.chat_template.as_ref().context("this model has no chat template; use --prompt instead of --chat")?;
             let mut messages = Vec::new();
@@ -130,8 +130,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 messages.push(Message { role: "system".into(), content: s.clone() });
             }
             messages.push(Message { role: "user".into(), content: user.clone() });
-            // The template writes the special tokens itself.
-            bundle.tokenizer.encode(&template.render(&messages, true)?, false)?
+            lowrank::prompt::chat_ids(&bundle.tokenizer, template, &messages)?
         }
     };
     let mut out = std::io::stdout().lock();

@@ -16,7 +16,7 @@ use lowrank::train::{metrics, AdamWConfig, RunEnd, Schedule, TrainConfig, Traine
 use serde::{Deserialize, Serialize};
 
 use super::common::{load_options, memory, mib, model_path, DeviceArg, QuantizeArg};
-use super::example;
+use super::example::{self, ExampleTask};
 use super::progress::Progress;
 
 #[derive(Args, Debug, Default, Deserialize)]
@@ -32,6 +32,9 @@ pub struct TrainArgs {
     /// Training data, JSONL ({"text"}, {"prompt","completion"} or {"messages"}) [default: the shipped example task]
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Which shipped example task to train on when no --data is given [default: dates]
+    #[arg(long, value_enum, value_name = "NAME", conflicts_with = "data")]
+    example: Option<ExampleTask>,
     /// Held-out JSONL for evaluation
     #[arg(long)]
     eval_data: Option<PathBuf>,
@@ -41,19 +44,19 @@ pub struct TrainArgs {
     /// Output directory (must not exist, or be the run being resumed)
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Optimizer steps (or give --epochs) [default for the example task: 60]
+    /// Optimizer steps (or give --epochs) [default for the example tasks: dates 60, roman 150]
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<usize>,
     /// Passes over the data (instead of --steps)
     #[arg(long)]
     epochs: Option<f64>,
-    /// Sequences per micro-batch [default: 4]
+    /// Sequences per micro-batch [default: 4; 8 for the roman example]
     #[arg(long)]
     batch_size: Option<usize>,
     /// Micro-batches per optimizer step [default: 1]
     #[arg(long)]
     grad_accum: Option<usize>,
-    /// Peak learning rate [default: 2e-4; 1e-3 for the example task]
+    /// Peak learning rate [default: 2e-4; 1e-3 for the example tasks]
     #[arg(long)]
     lr: Option<f64>,
     /// LoRA rank [default: 16]
@@ -98,7 +101,7 @@ pub struct TrainArgs {
     /// Learning-rate schedule [default: cosine]
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
-    /// Linear warmup steps [default: 0; 10 for the example task]
+    /// Linear warmup steps [default: 0; 10 for the example tasks]
     #[arg(long)]
     warmup: Option<usize>,
     /// AdamW weight decay [default: 0]
@@ -172,8 +175,9 @@ pub struct Settings {
     pub device: DeviceArg,
     pub adapter: serde_json::Value,
     pub train: TrainConfig,
-    /// The shipped example task: show before/after answers at the end.
-    pub example: bool,
+    /// The shipped example task trained on, if any: show before/after answers at the end.
+    #[serde(default, deserialize_with = "example::deserialize_task")]
+    pub example: Option<ExampleTask>,
 }
 
 const SETTINGS_FILE: &str = "lowrank_train.json";
@@ -200,20 +204,24 @@ impl Settings {
             return s.overridden_by(args);
         }
         let TrainArgs {
-            config: _, model, data, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
+            config: _, model, data, example, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
             target_modules, rslora, dora, init, lora_plus_ratio, gradient_checkpointing, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
             save_every, eval_every, resume: _, dequantize, quantize, device,
         } = args;
-        // No --data: the shipped example task, on the default model or the one given.
-        let example = data.is_none() && file.data.is_none();
+        // No --data: a shipped example task, on the default model or the one given.
+        let example = match (data.as_ref().or(file.data.as_ref()), example.or(file.example)) {
+            (Some(_), Some(task)) => bail!("--example {} trains on a shipped task; it cannot be combined with --data", task.name()),
+            (Some(_), None) => None,
+            (None, task) => Some(task.unwrap_or_default()),
+        };
         let d = example::defaults(example);
-        let (data, eval_data) = match data.or(file.data) {
-            Some(p) => (p, eval_data.or(file.eval_data)),
-            None => {
+        let (data, eval_data) = match (data.or(file.data), example) {
+            (Some(p), _) => (p, eval_data.or(file.eval_data)),
+            (None, task) => {
                 if eval_data.is_some() || file.eval_data.is_some() {
                     bail!("--eval-data needs --data (the example task brings its own held-out set)");
                 }
-                let (train, eval) = example::write_dataset()?;
+                let (train, eval) = task.unwrap_or_default().write_dataset()?;
                 (train, Some(eval))
             }
         };
@@ -249,7 +257,7 @@ impl Settings {
         }
         let train = TrainConfig {
             steps: steps.or(file.steps).unwrap_or(0),
-            batch_size: batch_size.or(file.batch_size).unwrap_or(4),
+            batch_size: batch_size.or(file.batch_size).unwrap_or(d.batch_size),
             grad_accum: grad_accum.or(file.grad_accum).unwrap_or(1),
             lr: lr.or(file.lr).unwrap_or(d.lr),
             schedule: schedule.or(file.schedule).map(Into::into).unwrap_or(Schedule::Cosine),
@@ -271,8 +279,10 @@ impl Settings {
             eval_split: eval_split.or(file.eval_split),
             output: match output.or(file.output) {
                 Some(o) => o,
-                None if example => example::default_output()?,
-                None => bail!("--output is required"),
+                None => match example {
+                    Some(task) => task.default_output()?,
+                    None => bail!("--output is required"),
+                },
             },
             epochs: epochs.or(file.epochs),
             max_seq_len: max_seq_len.or(file.max_seq_len).unwrap_or(512),
@@ -285,7 +295,7 @@ impl Settings {
             example,
         };
         if !steps_or_epochs {
-            if example {
+            if example.is_some() {
                 s.train.steps = d.steps;
             } else {
                 bail!("give --steps or --epochs");
@@ -311,7 +321,7 @@ impl Settings {
                 bail!("--resume continues in {}; --output cannot change it", self.output.display());
             }
         }
-        let changed = args.model.is_some() || args.data.is_some() || args.steps.is_some() || args.lr.is_some() || args.rank.is_some() || args.dora.is_some() || args.batch_size.is_some() || args.seed.is_some();
+        let changed = args.model.is_some() || args.data.is_some() || args.example.is_some() || args.steps.is_some() || args.lr.is_some() || args.rank.is_some() || args.dora.is_some() || args.batch_size.is_some() || args.seed.is_some();
         if changed {
             bail!("--resume reuses the run's own settings ({}); drop the other training flags", self.output.join(SETTINGS_FILE).display());
         }
@@ -327,7 +337,10 @@ fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Data
         eprintln!(
             "{name}: {} rows ({:?}), {} tokens, {} targets; {} truncated at {}, {} dropped (no target tokens)",
             d.examples.len(), d.stats.format, d.stats.tokens, d.stats.target_tokens, d.stats.truncated, s.max_seq_len, d.stats.dropped_no_targets
-        )
+        );
+        if let Some(hint) = d.stats.boundary_hint() {
+            eprintln!("---> HINT ({name}): {hint}");
+        }
     };
     report("train", &train);
     let (train, eval) = match (&s.eval_data, s.eval_split) {
@@ -366,7 +379,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let settings_json = serde_json::to_vec_pretty(&s)?;
     lowrank::train::checkpoint::write_atomic(&s.output.join(SETTINGS_FILE), &settings_json)?;
 
-    let before = if s.example && resume.is_none() { Some(example::exact_match(&bundle, &[])?) } else { None };
+    let before = match s.example {
+        Some(task) if resume.is_none() => Some(example::exact_match(task, &bundle, &[])?),
+        _ => None,
+    };
     // PiSSA / OLoRA take their initial s·B₀A₀ out of the base (a resumed run redoes it: the init
     // is a function of the weights); the final adapter is converted back to the original base.
     let residual = start.takes_from_base();
@@ -417,10 +433,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eprintln!("peak resident memory {:.0} MiB", mib(peak));
     }
     eprintln!("adapter written to {} (PEFT format); metrics.jsonl, loss.svg and {SETTINGS_FILE} beside it", s.output.display());
-    if s.example {
+    if let Some(task) = s.example {
         // The adapter as written (plain tensors, no training graph), as a user would load it.
         let trained = Adapter::load_peft(&s.output, bundle.model.modules(), bundle.model.device())?;
-        let after = example::exact_match(&bundle, &[ActiveAdapter { adapter: Arc::new(trained), weight: 1.0 }])?;
+        let after = example::exact_match(task, &bundle, &[ActiveAdapter { adapter: Arc::new(trained), weight: 1.0 }])?;
         example::report(before.as_ref(), &after);
     }
     Ok(())

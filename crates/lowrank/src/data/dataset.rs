@@ -35,6 +35,10 @@ pub struct DataStats {
     pub tokens: usize,
     /// Loss targets in the kept examples.
     pub target_tokens: usize,
+    /// Prompt/completion rows whose prompt and completion, encoded apart (as they are trained),
+    /// give other ids than their concatenation encoded in one piece: BPE merged the prompt's end
+    /// with the completion's start, typically a trailing space with the first word.
+    pub boundary_merges: usize,
 }
 
 impl std::fmt::Display for DataStats {
@@ -48,7 +52,32 @@ impl std::fmt::Display for DataStats {
             self.dropped_no_targets,
             self.tokens,
             self.target_tokens
-        )
+        )?;
+        if self.boundary_merges > 0 {
+            write!(
+                f,
+                "; {} rows encode differently apart than joined (the prompt's end merges with the \
+                 completion's start), trained apart as generation sees them",
+                self.boundary_merges
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl DataStats {
+    /// A one-line hint when rows had a boundary merge: the prompts' trailing whitespace is part
+    /// of what the model learns to continue from.
+    pub fn boundary_hint(&self) -> Option<String> {
+        (self.boundary_merges > 0).then(|| {
+            format!(
+                "{} of {} prompt/completion rows end their prompt where the tokenizer would merge \
+                 it with the completion (usually a trailing space before a word); they are trained \
+                 on the prompt's own tokens followed by the completion's, so send prompts exactly \
+                 as written in the data, trailing whitespace included",
+                self.boundary_merges, self.rows
+            )
+        })
     }
 }
 
@@ -81,7 +110,7 @@ pub fn load_jsonl(
 
     let mut examples = Vec::new();
     let mut first: Option<(Format, usize)> = None;
-    let (mut rows, mut truncated, mut dropped) = (0, 0, 0);
+    let (mut rows, mut truncated, mut dropped, mut merges) = (0, 0, 0, 0);
     for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
         let text = std::str::from_utf8(raw)
@@ -112,7 +141,8 @@ pub fn load_jsonl(
             Some(_) => {}
         }
         rows += 1;
-        let mut example = encoder.encode(&row).map_err(|m| error(Some(line), m))?;
+        let (mut example, merged) = encoder.encode(&row).map_err(|m| error(Some(line), m))?;
+        merges += usize::from(merged);
         if example.len() > opts.max_seq_len {
             example.ids.truncate(opts.max_seq_len);
             example.targets.truncate(opts.max_seq_len);
@@ -148,6 +178,7 @@ pub fn load_jsonl(
     stats.rows = rows;
     stats.truncated = truncated;
     stats.dropped_no_targets = dropped;
+    stats.boundary_merges = merges;
     Ok(Dataset { examples, stats })
 }
 
@@ -161,6 +192,7 @@ impl DataStats {
             format,
             tokens: examples.iter().map(Example::len).sum(),
             target_tokens: examples.iter().map(Example::n_targets).sum(),
+            boundary_merges: 0,
         }
     }
 }
@@ -179,9 +211,9 @@ impl Dataset {
     /// Splits off `eval_fraction` of the examples (rounded, at least one) for evaluation, chosen
     /// by a shuffle fixed by `seed`; returns `(train, eval)`, each in the original order.
     ///
-    /// Each part's stats count its own examples and tokens (`rows` = its examples); `truncated`
-    /// and `dropped_no_targets` describe loading, so they stay with the stats read before the
-    /// split and are 0 in the parts. An error when either part would be empty or the fraction is
+    /// Each part's stats count its own examples and tokens (`rows` = its examples); `truncated`,
+    /// `dropped_no_targets` and `boundary_merges` describe loading, so they stay with the stats
+    /// read before the split and are 0 in the parts. An error when either part would be empty or the fraction is
     /// not in (0, 1).
     pub fn split(self, eval_fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
         if !(eval_fraction > 0.0 && eval_fraction < 1.0) {

@@ -2,12 +2,20 @@
 //!
 //! - **text**: `encode(text, add_special_tokens = true)` (bos where the tokenizer adds one); every
 //!   token is a target.
-//! - **prompt + completion**: the two strings are concatenated raw, as TRL's `SFTTrainer` does for
-//!   string prompt/completion rows; no chat template is applied. (A row meant for a chat model is
-//!   written as `messages`: one user and one assistant turn.) The concatenation is encoded once
-//!   with special tokens, and the prompt alone is encoded to find the boundary: tokens past the
-//!   longest common prefix of the two encodings are the completion's, so a token that a BPE merge
-//!   spreads across the boundary counts as completion (trained on) rather than being lost.
+//! - **prompt + completion**: the prompt's ids are exactly those a client's raw prompt gets from
+//!   `generate` or the server's completions endpoint ([`prompt::text_ids`]), and the completion's
+//!   follow them, so the model learns to continue from the state generation starts in; no chat
+//!   template is applied (a row meant for a chat model is written as `messages`). Where the
+//!   concatenated string encodes to the prompt's ids followed by more, those are the ids; where it
+//!   does not, BPE merged across the boundary (the prompt's trailing space with the completion's
+//!   first letters: `"numerals: " + "CM"` → `" CM"`), and the ids are `encode(prompt, true) ++
+//!   encode(completion, false)`. Encoding the concatenation alone (as TRL's `SFTTrainer` does)
+//!   would never show the model a prompt ending in its own space token. Such rows are counted
+//!   ([`DataStats::boundary_merges`](super::DataStats::boundary_merges)) so that the summary can
+//!   say the prompts' trailing whitespace matters. One case keeps the joined encoding (with the
+//!   completion from the first id where it departs from the prompt's): a SentencePiece tokenizer
+//!   that puts a space before any text it encodes, where the completion encoded alone would gain
+//!   a space it does not have (`"Say: " + "the"` would read `"Say:  the"`).
 //! - **messages**: rendered with the chat template (`add_generation_prompt = false`) and encoded
 //!   without special tokens (the template writes them). An assistant turn's tokens are those
 //!   between the encoding of the conversation before it rendered *with* the generation prompt and
@@ -25,6 +33,7 @@
 //! `targets[0]` is always false: nothing predicts the first token.
 
 use crate::chat::{ChatTemplate, Message};
+use crate::prompt;
 use crate::tokenizer::Tokenizer;
 
 use super::format::Row;
@@ -95,19 +104,20 @@ impl<'a> Encoder<'a> {
         })
     }
 
-    /// The full (untruncated) example for `row`.
-    pub(crate) fn encode(&self, row: &Row) -> Result<Example, String> {
-        let mut example = match row {
-            Row::Text(text) => self.text(text)?,
+    /// The full (untruncated) example for `row`, and whether its encoding differs from that of
+    /// the row's text encoded in one piece (a prompt/completion row whose boundary BPE merges).
+    pub(crate) fn encode(&self, row: &Row) -> Result<(Example, bool), String> {
+        let (mut example, merged) = match row {
+            Row::Text(text) => (self.text(text)?, false),
             Row::PromptCompletion { prompt, completion } => {
                 self.prompt_completion(prompt, completion)?
             }
-            Row::Messages(messages) => self.messages(messages)?,
+            Row::Messages(messages) => (self.messages(messages)?, false),
         };
         if let Some(first) = example.targets.first_mut() {
             *first = false;
         }
-        Ok(example)
+        Ok((example, merged))
     }
 
     fn text(&self, text: &str) -> Result<Example, String> {
@@ -116,18 +126,31 @@ impl<'a> Encoder<'a> {
         Ok(self.with_eos(Example { ids, targets }))
     }
 
-    fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<Example, String> {
-        let ids = self.encode_text(&format!("{prompt}{completion}"), true)?;
-        let prompt_ids = self.encode_text(prompt, true)?;
-        let boundary = ids
-            .iter()
-            .zip(&prompt_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
+    fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<(Example, bool), String> {
+        let prompt_ids = prompt::text_ids(self.tokenizer, prompt).map_err(|e| e.to_string())?;
+        let joined = self.encode_text(&format!("{prompt}{completion}"), true)?;
+        let (ids, boundary, merged) = if joined.starts_with(&prompt_ids) {
+            (joined, prompt_ids.len(), false)
+        } else {
+            let mut apart = prompt_ids;
+            let boundary = apart.len();
+            apart.extend(self.encode_text(completion, false)?);
+            if self.decode(&apart)? == self.decode(&joined)? {
+                (apart, boundary, true)
+            } else {
+                // The completion alone gained a leading space (SentencePiece's dummy prefix).
+                let common = joined.iter().zip(&apart).take_while(|(a, b)| a == b).count();
+                (joined, common, true)
+            }
+        };
         let targets = (0..ids.len())
             .map(|t| t >= boundary || self.train_on_prompt)
             .collect();
-        Ok(self.with_eos(Example { ids, targets }))
+        Ok((self.with_eos(Example { ids, targets }), merged))
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer.decode(ids, false).map_err(|e| e.to_string())
     }
 
     fn messages(&self, messages: &[Message]) -> Result<Example, String> {
@@ -169,7 +192,9 @@ impl<'a> Encoder<'a> {
             if !through.starts_with(&before) || !text.starts_with(&through) {
                 return Err(not_prefix_stable(i, "text"));
             }
-            let before_ids = self.encode_text(&before, false)?;
+            // Exactly the ids `generate --chat` and the server's chat endpoint start from.
+            let before_ids = prompt::chat_ids(self.tokenizer, template, &messages[..i])
+                .map_err(|e| e.to_string())?;
             let through_ids = self.encode_text(&through, false)?;
             if !through_ids.starts_with(&before_ids) || !ids.starts_with(&through_ids) {
                 return Err(not_prefix_stable(i, "token ids"));

@@ -91,7 +91,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(v) => return Err(ApiError::bad_request(format!("one prompt per request, not {}", v.len()))),
     };
-    let ids = s.ready()?.tokenizer.encode(&text, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = lowrank::prompt::text_ids(&s.ready()?.tokenizer, &text).map_err(|e| ApiError::bad_request(e.to_string()))?;
     run(s, req.model, ids, req.sampling, Kind::Text, 16).await
 }
 
@@ -103,9 +103,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result
         return Err(ApiError::bad_request("messages is empty"));
     }
     let messages = req.messages.iter().map(|m| m.to_message()).collect::<Result<Vec<_>, _>>()?;
-    let text = template.render(&messages, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // The template writes the special tokens itself.
-    let ids = r.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = lowrank::prompt::chat_ids(&r.tokenizer, template, &messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let room = r.engine.context().saturating_sub(ids.len()) as u64;
     run(s, req.model, ids, req.sampling, Kind::Chat, room).await
 }

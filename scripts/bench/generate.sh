@@ -8,9 +8,8 @@
 #
 # 1. builds and runs `cargo bench -p lowrank --bench generate` (crates/lowrank/benches/generate.rs;
 #    bench profile = release): the GGUF as loaded (Q4_1) and dequantised to f32;
-# 2. runs scripts/bench/transformers_generate.py with $LOWRANK_REF_PYTHON
-#    (default ~/.cache/lowrank-reference/venv/bin/python) on $LOWRANK_REF_MODEL (default
-#    ~/.cache/lowrank-reference/smollm2-hf, the dequantised GGUF weights in f32), if that exists;
+# 2. runs scripts/bench/transformers_generate.py with the reference stack's Python on its f32 HF
+#    form of the default model (scripts/reference/setup.sh, scripts/reference/env.sh), if there;
 # 3. prints both tables and lowrank / transformers for each row.
 #
 # Defaults: prompt 128 tokens, 64 decoded tokens, median of 5 after 1 warm-up, 2 threads, batch 8.
@@ -23,8 +22,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 REPS=${REPS:-5} WARMUP=${WARMUP:-1} PROMPT=${PROMPT:-128} DECODE=${DECODE:-64} BATCH=${BATCH:-8} THREADS=${THREADS:-2}
-REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
+source scripts/reference/env.sh
 args=(--reps "$REPS" --warmup "$WARMUP" --prompt "$PROMPT" --decode "$DECODE" --batch "$BATCH" --threads "$THREADS")
 
 tmp=$(mktemp -d)
@@ -59,7 +57,7 @@ cat "$tmp/lowrank.txt"
 cat "$tmp/load-lowrank.line"
 echo
 if [[ $have_ref == 0 ]]; then
-    echo "# no reference: $REF_PYTHON or $REF_MODEL is missing (set LOWRANK_REF_PYTHON / LOWRANK_REF_MODEL)"
+    echo "# no reference: $REF_PYTHON or $REF_MODEL is missing (run scripts/reference/setup.sh, or set LOWRANK_REFERENCE)"
     exit 0
 fi
 cat "$tmp/reference.txt"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Load test and throughput of `lowrank serve` on the default model; see scripts/bench/serve.py.
 #   scripts/bench/serve.sh [--clients 64] [--requests 256] [--max-tokens 32]
-# Needs a Python with numpy and safetensors ($LOWRANK_REF_PYTHON, default the reference venv);
+# Needs a Python with numpy and safetensors (the reference stack's, scripts/reference/env.sh);
 # llama-cpp-python in it adds the llama.cpp single-stream figure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-py=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
+source scripts/reference/env.sh
+py=$REF_PYTHON
 cargo build -q --release -p lowrank-cli
 gguf=${LOWRANK_HOME:-$HOME/.cache/lowrank}/models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$gguf" ] || ./target/release/lowrank inspect > /dev/null  # fetches the default model

@@ -12,9 +12,8 @@
 # 1. `cargo bench -p lowrank --bench train -- --mode q4_1` (crates/lowrank/benches/train.rs;
 #    bench profile = release): the GGUF as loaded, quantised matmul;
 # 2. the same with `--mode f32`: the GGUF dequantised to f32 at load;
-# 3. the PEFT reference /work/shared/reference/train_bench.py ($LOWRANK_TRAIN_REF) with
-#    $LOWRANK_REF_PYTHON (default ~/.cache/lowrank-reference/venv/bin/python) on
-#    $LOWRANK_REF_MODEL (default ~/.cache/lowrank-reference/smollm2-hf, the GGUF's weights in f32);
+# 3. the PEFT reference scripts/bench/peft_train.py with the reference stack's Python on its f32
+#    HF form of the default model (scripts/reference/setup.sh; found through scripts/reference/env.sh);
 # 4. the same with --bf16 (bf16 autocast).
 # Then one table: tokens/s, median step seconds, peak RSS, and each row over PEFT f32.
 #
@@ -25,9 +24,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 STEPS=${STEPS:-6} BATCH=${BATCH:-4} SEQ=${SEQ:-256} THREADS=${THREADS:-2} ROUNDS=${ROUNDS:-2}
-REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
-REF_SCRIPT=${LOWRANK_TRAIN_REF:-/work/shared/reference/train_bench.py}
+source scripts/reference/env.sh
+REF_SCRIPT=scripts/bench/peft_train.py
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -96,5 +94,5 @@ awk '
 echo "# load average during each run ($(nproc) cores):"
 cat "$tmp/load.lines"
 if [[ $have_ref == 0 ]]; then
-    echo "# no reference: $REF_PYTHON, $REF_MODEL or $REF_SCRIPT is missing (set LOWRANK_REF_PYTHON / LOWRANK_REF_MODEL / LOWRANK_TRAIN_REF)"
+    echo "# no reference: $REF_PYTHON, $REF_MODEL or $REF_SCRIPT is missing (run scripts/reference/setup.sh, or set LOWRANK_REFERENCE)"
 fi

@@ -6,19 +6,16 @@
 #   scripts/bench/train_memory.sh          # knobs: STEPS (default 5) THREADS (default 2)
 #
 # lowrank (crates/lowrank/benches/train.rs): the GGUF dequantised to f32, the GGUF's Q4_1 blocks,
-# the HF directory quantised to NF4 at load (needs $LOWRANK_REF_MODEL, default
-# ~/.cache/lowrank-reference/smollm2-hf) — each without gradient checkpointing, with it on every
+# the reference stack's f32 HF directory quantised to NF4 at load — each without gradient checkpointing, with it on every
 # block (+ckpt) and on every second block (+ckpt/2; the quantized modes) — and
-# DoRA on the Q4_1 base. PEFT (/work/shared/reference/train_bench.py with the reference venv):
+# DoRA on the Q4_1 base. PEFT (scripts/bench/peft_train.py with the reference venv):
 # f32, f32 with gradient checkpointing, DoRA. One table: tokens/s, peak RSS, both over PEFT f32,
 # tokens/s over lowrank's own f32 mode, and resident weight bytes per parameter.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 STEPS=${STEPS:-5} THREADS=${THREADS:-2}
-REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
-REF_SCRIPT=${LOWRANK_TRAIN_REF:-/work/shared/reference/train_bench.py}
-[[ -x "$REF_PYTHON" && -d "$REF_MODEL" && -f "$REF_SCRIPT" ]] || { echo "reference stack not found ($REF_PYTHON, $REF_MODEL, $REF_SCRIPT)"; exit 2; }
+source scripts/reference/env.sh; require_reference
+REF_SCRIPT=scripts/bench/peft_train.py
 
 echo "== building (cargo bench --no-run)" >&2
 cargo bench -p lowrank --bench train --no-run >&2

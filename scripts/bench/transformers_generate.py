@@ -2,8 +2,8 @@
 SmolLM2-135M-Instruct in transformers (f32, CPU), without an adapter and with a PEFT LoRA
 (r=16, alpha=32, all-linear, init_lora_weights=False so B is non-zero).
 
-    ~/.cache/lowrank-reference/venv/bin/python scripts/bench/transformers_generate.py \
-        [--model ~/.cache/lowrank-reference/smollm2-hf] [--reps 5] [--threads 2] ...
+    scripts/reference/python scripts/bench/transformers_generate.py \
+        [--model $LOWRANK_REFERENCE/smollm2-hf] [--reps 5] [--threads 2] ...
 
 The HF directory holds exactly the dequantised GGUF weights, so this is the same model as the
 bench's `gguf-f32` mode. Same procedure as the Rust bench: one repetition is one forward over the
@@ -107,7 +107,7 @@ def fmt_opt(x, digits):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=os.path.expanduser("~/.cache/lowrank-reference/smollm2-hf"))
+    ap.add_argument("--model", default=os.path.join(os.environ.get("LOWRANK_REFERENCE", os.path.expanduser("~/.cache/lowrank-reference")), "smollm2-hf"))
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     ap.add_argument("--prompt", type=int, default=128, help="prompt length")

@@ -12,8 +12,9 @@ any LoRA gradient. Used to check the CPU backend behind PEFT's QLoRA learning fi
 - --after-eval --no-cpu-repack (setting `support_avx512bf16_for_cpu = False` on every layer, the
   workaround learning_peft.py uses): all differences exactly 0 again.
 
-    ~/.cache/lowrank-reference/venv/bin/python scripts/check/bnb_backward.py [MODEL_DIR] [--after-eval] [--no-cpu-repack]
+    scripts/reference/python scripts/check/bnb_backward.py [MODEL_DIR] [--after-eval] [--no-cpu-repack]
 """
+import os
 import sys, warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 args = [x for x in sys.argv[1:] if not x.startswith("--")]
-M = args[0] if args else str(Path.home() / ".cache/lowrank-reference/smollm2-hf")
+M = args[0] if args else str(Path(os.environ.get("LOWRANK_REFERENCE", Path.home() / ".cache/lowrank-reference")) / "smollm2-hf")
 q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
 mq = AutoModelForCausalLM.from_pretrained(M, dtype=torch.float32, quantization_config=q, device_map="cpu")
 md = AutoModelForCausalLM.from_pretrained(M, dtype=torch.float32)

@@ -10,12 +10,13 @@
 # dot products out of the comparison.
 #   scripts/check/llama_cpp.sh ADAPTER_DIR [N]
 # Needs llama-cpp-python: $LOWRANK_LLAMA_PYTHON (default: the reference venv's python) must
-# import llama_cpp (`pip install llama-cpp-python` builds llama.cpp, ~15 min on two cores).
+# import llama_cpp (`scripts/reference/setup.sh --with-llama-cpp` builds it, ~15 min on two cores).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 adapter=$1; n=${2:-10}
-py=${LOWRANK_LLAMA_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-"$py" -c 'import llama_cpp' 2>/dev/null || { echo "llama-cpp-python not found for $py: pip install llama-cpp-python"; exit 2; }
+source scripts/reference/env.sh
+py=${LOWRANK_LLAMA_PYTHON:-$REF_PYTHON}
+"$py" -c 'import llama_cpp' 2>/dev/null || { echo "llama-cpp-python not found for $py: scripts/reference/setup.sh --with-llama-cpp"; exit 2; }
 cargo build -q --release -p lowrank-cli
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 lr=./target/release/lowrank

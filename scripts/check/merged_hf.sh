@@ -4,13 +4,12 @@
 # `lowrank generate --adapter` does on the GGUF (greedy, 16 new tokens), and as lowrank does on
 # the merged directory.
 #   scripts/check/merged_hf.sh ADAPTER_DIR [N]
-# Needs the reference stack (../shared/reference/setup.sh) for transformers:
-# $LOWRANK_REF_PYTHON defaults to ~/.cache/lowrank-reference/venv/bin/python.
+# Needs the reference stack (scripts/reference/setup.sh; found through scripts/reference/env.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 adapter=$1; n=${2:-10}
-py=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-[ -x "$py" ] || { echo "reference stack not found ($py): run ../shared/reference/setup.sh"; exit 2; }
+source scripts/reference/env.sh; require_reference
+py=$REF_PYTHON
 cargo build -q --release -p lowrank-cli
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 ./target/release/lowrank merge --adapter "$adapter" --output "$work/merged"

@@ -1,6 +1,6 @@
 """Greedy answers of transformers (+ PEFT with an adapter that lowrank trained).
 
-    ~/.cache/lowrank-reference/venv/bin/python scripts/check/peft_roundtrip.py ADAPTER_DIR|- MODEL_DIR EVAL_JSONL N
+    scripts/reference/python scripts/check/peft_roundtrip.py ADAPTER_DIR|- MODEL_DIR EVAL_JSONL N
 
 Loads MODEL_DIR (an HF form of the default model, f32) with its own tokenizer files and, unless
 ADAPTER_DIR is `-`, the adapter with `PeftModel.from_pretrained` (any warning about missing or

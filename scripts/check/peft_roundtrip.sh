@@ -4,14 +4,12 @@
 #   scripts/check/peft_roundtrip.sh ADAPTER_DIR [N]
 #   QUANTIZE=nf4 scripts/check/peft_roundtrip.sh ADAPTER_DIR [N]   # a QLoRA adapter: PEFT on the
 #       base loaded in bitsandbytes NF4, lowrank generate --quantize nf4 (needs bitsandbytes)
-# Needs the reference stack (../shared/reference/setup.sh): $LOWRANK_REF_PYTHON and
-# $LOWRANK_REF_MODEL default to ~/.cache/lowrank-reference/{venv/bin/python,smollm2-hf}.
+# Needs the reference stack (scripts/reference/setup.sh; found through scripts/reference/env.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 adapter=$1; n=${2:-10}
-py=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-hf=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
-[ -x "$py" ] && [ -d "$hf" ] || { echo "reference stack not found ($py, $hf): run ../shared/reference/setup.sh"; exit 2; }
+source scripts/reference/env.sh; require_reference
+py=$REF_PYTHON hf=$REF_MODEL
 cargo build -q --release -p lowrank-cli
 ref=$(mktemp); trap 'rm -f "$ref"' EXIT
 quantize=${QUANTIZE:-}

@@ -6,7 +6,7 @@
 //!     cargo bench -p lowrank --bench train -- --mode f32 --steps 6 --batch 4 --seq 256 --threads 2
 //!
 //! `scripts/bench/train.sh` runs both modes and the PEFT reference
-//! (`/work/shared/reference/train_bench.py`, f32 and bf16 autocast) one after another and
+//! (`scripts/bench/peft_train.py`, f32 and bf16 autocast) one after another and
 //! prints them side by side. Peak RSS is per process, so each mode needs its own run.
 //!
 //! One step is what `Trainer::run` does for one micro-batch, without clipping, metrics or

@@ -25,6 +25,7 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::pyjson::{self, Style};
 use crate::tokenizer::Tokenizer;
 
 /// Name of the one template in a [`ChatTemplate`]'s environment (shows in error locations).
@@ -370,7 +371,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let style = JsonStyle {
+    let style = Style {
         ensure_ascii: ensure_ascii.unwrap_or(false),
         indent,
         item_sep,
@@ -378,103 +379,35 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         sort_keys: sort_keys.unwrap_or(false),
     };
     let mut out = String::new();
-    style.write(&mut out, &value, 0)?;
+    write_json(&style, &mut out, &value, 0)?;
     Ok(Value::from_safe_string(out))
 }
 
-/// How [`tojson`] lays out JSON (Python's `json.dumps` options).
-struct JsonStyle {
-    ensure_ascii: bool,
-    indent: Option<String>,
-    item_sep: String,
-    key_sep: String,
-    sort_keys: bool,
-}
-
-impl JsonStyle {
-    fn write(&self, out: &mut String, value: &Value, depth: usize) -> std::result::Result<(), minijinja::Error> {
-        match value.kind() {
-            ValueKind::Undefined | ValueKind::None => out.push_str("null"),
-            ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-            ValueKind::Number => write_python_number(out, value, true),
-            ValueKind::String | ValueKind::Bytes => write_json_string(out, &value.to_string(), self.ensure_ascii),
-            ValueKind::Seq | ValueKind::Iterable => {
-                let items: Vec<Value> = value.try_iter()?.collect();
-                self.write_container(out, depth, '[', ']', &items, |out, item, depth| {
-                    self.write(out, item, depth)
-                })?;
-            }
-            ValueKind::Map => {
-                let mut keys: Vec<Value> = value.try_iter()?.collect();
-                if self.sort_keys {
-                    keys.sort_by_key(|k| k.to_string());
-                }
-                self.write_container(out, depth, '{', '}', &keys, |out, key, depth| {
-                    write_json_string(out, &key.to_string(), self.ensure_ascii);
-                    out.push_str(&self.key_sep);
-                    self.write(out, &value.get_item(key)?, depth)
-                })?;
-            }
-            _ => write_json_string(out, &value.to_string(), self.ensure_ascii),
+/// A template value as `json.dumps` writes it in `style`.
+fn write_json(style: &Style, out: &mut String, value: &Value, depth: usize) -> std::result::Result<(), minijinja::Error> {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => write_python_number(out, value, true),
+        ValueKind::String | ValueKind::Bytes => pyjson::write_string(out, &value.to_string(), style.ensure_ascii),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            style.write_container(out, depth, ['[', ']'], &items, |out, item, depth| write_json(style, out, item, depth))?;
         }
-        Ok(())
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = value.try_iter()?.collect();
+            if style.sort_keys {
+                keys.sort_by_key(|k| k.to_string());
+            }
+            style.write_container(out, depth, ['{', '}'], &keys, |out, key, depth| {
+                pyjson::write_string(out, &key.to_string(), style.ensure_ascii);
+                out.push_str(&style.key_sep);
+                write_json(style, out, &value.get_item(key)?, depth)
+            })?;
+        }
+        _ => pyjson::write_string(out, &value.to_string(), style.ensure_ascii),
     }
-
-    fn write_container(
-        &self,
-        out: &mut String,
-        depth: usize,
-        open: char,
-        close: char,
-        items: &[Value],
-        mut write_item: impl FnMut(&mut String, &Value, usize) -> std::result::Result<(), minijinja::Error>,
-    ) -> std::result::Result<(), minijinja::Error> {
-        out.push(open);
-        if items.is_empty() {
-            out.push(close);
-            return Ok(());
-        }
-        for (i, item) in items.iter().enumerate() {
-            if i > 0 {
-                out.push_str(&self.item_sep);
-            }
-            if let Some(indent) = &self.indent {
-                out.push('\n');
-                out.push_str(&indent.repeat(depth + 1));
-            }
-            write_item(out, item, depth + 1)?;
-        }
-        if let Some(indent) = &self.indent {
-            out.push('\n');
-            out.push_str(&indent.repeat(depth));
-        }
-        out.push(close);
-        Ok(())
-    }
-}
-
-/// A JSON string literal as Python's `json` module writes it.
-fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0C}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (ensure_ascii && !c.is_ascii()) => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    Ok(())
 }
 
 /// A number as Python prints it: ints as is, floats as `repr` (`1.0`, `1e+16`, `1e-05`); in JSON
@@ -491,31 +424,15 @@ fn write_python_number(out: &mut String, value: &Value, json: bool) {
             return;
         }
     };
-    let _ = match (x.is_nan(), x.is_infinite(), json) {
-        (true, _, true) => write!(out, "NaN"),
-        (true, _, false) => write!(out, "nan"),
-        (_, true, true) => write!(out, "{}Infinity", if x < 0.0 { "-" } else { "" }),
-        (_, true, false) => write!(out, "{}inf", if x < 0.0 { "-" } else { "" }),
-        _ => write!(out, "{}", python_float_repr(x)),
-    };
-}
-
-/// Python's `repr(float)`: shortest round-trip digits, positional for exponents in [-4, 16).
-fn python_float_repr(x: f64) -> String {
-    let sci = format!("{x:e}"); // shortest digits, e.g. "1.5e-7"
-    let (mantissa, exponent) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exponent: i32 = exponent.parse().unwrap_or(0);
-    if (-4..16).contains(&exponent) {
-        let plain = format!("{x}");
-        if plain.contains('.') {
-            plain
-        } else {
-            format!("{plain}.0")
-        }
-    } else {
-        let sign = if exponent < 0 { '-' } else { '+' };
-        format!("{mantissa}e{sign}{:02}", exponent.abs())
+    if json {
+        pyjson::write_float(out, x);
+        return;
     }
+    let _ = match (x.is_nan(), x.is_infinite()) {
+        (true, _) => write!(out, "nan"),
+        (_, true) => write!(out, "{}inf", if x < 0.0 { "-" } else { "" }),
+        _ => write!(out, "{}", pyjson::float_repr(x)),
+    };
 }
 
 /// How Jinja2 prints a value with `{{ }}`: Python's `str()`.
@@ -642,15 +559,6 @@ mod tests {
             "[\n  1,\n  {\n    \"x\": []\n  }\n]"
         );
         assert_eq!(render("{{ 'a\\nb' | tojson(ensure_ascii=true) }}"), r#""a\nb""#);
-    }
-
-    #[test]
-    fn float_repr_is_pythons() {
-        assert_eq!(python_float_repr(1.0), "1.0");
-        assert_eq!(python_float_repr(0.0001), "0.0001");
-        assert_eq!(python_float_repr(0.00001), "1e-05");
-        assert_eq!(python_float_repr(1e16), "1e+16");
-        assert_eq!(python_float_repr(123456789012345.6), "123456789012345.6");
     }
 
     #[test]

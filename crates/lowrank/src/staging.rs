@@ -1,10 +1,15 @@
 //! Outputs that are never left half-written: everything goes into a hidden temporary sibling of
 //! the target, is synced, and is renamed into place only when complete. A failure (an error, a
 //! full disk) removes the temporary; the target is untouched until the final rename.
+//!
+//! The one home for durable writes: adapters, merged models, GGUF exports, checkpoints, a run's
+//! settings and metrics, the fetched default model. [`write_atomic`] is the one-call form for a
+//! file whose bytes are in memory; [`Staged`] for a directory or a file written by other code.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result};
 
@@ -48,8 +53,7 @@ impl Staged {
         let parent = parent_of(target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io("creating", &parent, e))?;
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+        let tmp = parent.join(format!(".{name}.tmp-{}", unique_suffix()));
         Ok(Self { tmp, target: target.into(), existing, done: false })
     }
 
@@ -58,9 +62,16 @@ impl Staged {
         &self.tmp
     }
 
-    /// Renames the finished output into place (replacing the old target if allowed).
+    /// Renames the finished output into place (replacing the old target if allowed). A file
+    /// replaces an old file in one rename, so a reader sees the old or the new one, never none.
     pub fn commit(mut self) -> Result<()> {
         check_target(&self.target, self.existing)?;
+        if !self.tmp.is_dir() && !self.target.is_dir() {
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("renaming into place", &self.target, e))?;
+            self.done = true;
+            sync_dir(&parent_of(&self.target));
+            return Ok(());
+        }
         let old = self.target.exists().then(|| self.tmp.with_extension("old"));
         if let Some(old) = &old {
             std::fs::rename(&self.target, old).map_err(|e| Error::io("moving aside", &self.target, e))?;
@@ -75,11 +86,35 @@ impl Staged {
         if let Some(old) = &old {
             let _ = remove(old);
         }
-        if let Ok(d) = File::open(parent_of(&self.target)) {
-            let _ = d.sync_all(); // persist the rename where the platform allows it
-        }
+        sync_dir(&parent_of(&self.target));
         Ok(())
     }
+}
+
+/// Persists a rename in `dir` where the platform allows it.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// A name part no other output (in this process or another) is using.
+pub(crate) fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Writes the file `path` whole or not at all: `bytes` go into a temporary sibling, are synced,
+/// and replace any old file in one rename. A directory at `path` is an error, never replaced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.is_dir() {
+        let e = std::io::Error::new(std::io::ErrorKind::AlreadyExists, "is a directory, not a file");
+        return Err(Error::io("writing", path, e));
+    }
+    let staged = Staged::file(path, Existing::Replace)?;
+    write_synced(staged.path(), bytes)?;
+    staged.commit()
 }
 
 impl Drop for Staged {
@@ -155,5 +190,20 @@ mod tests {
         assert!(out.join("b").exists() && !out.join("a").exists());
         assert_eq!(std::fs::read_dir(&tmp).map_err(|e| Error::io("reading", &tmp, e))?.count(), 1, "old output left behind");
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("removing", &tmp, e))
+    }
+
+    #[test]
+    fn write_atomic_replaces_a_file_and_leaves_no_temporary() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lowrank-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        let file = dir.join("settings.json");
+        write_atomic(&file, b"old")?;
+        write_atomic(&file, b"new")?;
+        assert_eq!(std::fs::read(&file).ok().as_deref(), Some(&b"new"[..]));
+        assert_eq!(std::fs::read_dir(&dir).map_err(|e| Error::io("reading", &dir, e))?.count(), 1);
+        // A directory in the way is an error, and nothing is left behind.
+        assert!(write_atomic(&dir, b"x").is_err());
+        assert_eq!(std::fs::read_dir(&dir).map_err(|e| Error::io("reading", &dir, e))?.count(), 1);
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e))
     }
 }

@@ -65,8 +65,8 @@ impl ExampleTask {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let (train, eval) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
         let (train_rows, eval_rows) = self.files();
-        lowrank::train::checkpoint::write_atomic(&train, train_rows.as_bytes())?;
-        lowrank::train::checkpoint::write_atomic(&eval, eval_rows.as_bytes())?;
+        lowrank::staging::write_atomic(&train, train_rows.as_bytes())?;
+        lowrank::staging::write_atomic(&eval, eval_rows.as_bytes())?;
         Ok((train, eval))
     }
 

@@ -338,11 +338,11 @@ fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Data
             "{name}: {} rows ({:?}), {} tokens, {} targets; {} truncated at {}, {} dropped (no target tokens)",
             d.examples.len(), d.stats.format, d.stats.tokens, d.stats.target_tokens, d.stats.truncated, s.max_seq_len, d.stats.dropped_no_targets
         );
-        if let Some(hint) = d.stats.boundary_hint() {
-            eprintln!("---> HINT ({name}): {hint}");
-        }
     };
     report("train", &train);
+    if let Some(hint) = train.stats.boundary_hint() {
+        eprintln!("---> HINT: {hint}");
+    }
     let (train, eval) = match (&s.eval_data, s.eval_split) {
         (Some(p), _) => {
             let eval = load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?;
@@ -377,7 +377,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let start = Arc::new(Adapter::init("adapter", adapter_cfg, &bundle.model, s.train.seed)?);
     std::fs::create_dir_all(&s.output).with_context(|| format!("creating {}", s.output.display()))?;
     let settings_json = serde_json::to_vec_pretty(&s)?;
-    lowrank::train::checkpoint::write_atomic(&s.output.join(SETTINGS_FILE), &settings_json)?;
+    lowrank::staging::write_atomic(&s.output.join(SETTINGS_FILE), &settings_json)?;
 
     let before = match s.example {
         Some(task) if resume.is_none() => Some(example::exact_match(task, &bundle, &[])?),
@@ -412,7 +412,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let end = trainer.run(&train.examples, eval_examples, &mut progress);
     progress.finish();
     let history = metrics::read(&s.output.join("metrics.jsonl"))?;
-    lowrank::train::checkpoint::write_atomic(&s.output.join("loss.svg"), metrics::loss_svg(&history).as_bytes())?;
+    lowrank::staging::write_atomic(&s.output.join("loss.svg"), metrics::loss_svg(&history).as_bytes())?;
     match end? {
         RunEnd::Stopped => {
             eprintln!("stopped at step {}; checkpoint saved. Continue with: lowrank train --resume {}", trainer.step(), s.output.display());
@@ -428,7 +428,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         trained
     };
-    save_adapter(&trained, &bundle, &s.output)?;
+    trained.save_peft_into(&s.output, bundle.model.modules())?;
     if let Some((_, peak)) = memory() {
         eprintln!("peak resident memory {:.0} MiB", mib(peak));
     }
@@ -439,17 +439,5 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let after = example::exact_match(task, &bundle, &[ActiveAdapter { adapter: Arc::new(trained), weight: 1.0 }])?;
         example::report(before.as_ref(), &after);
     }
-    Ok(())
-}
-
-/// Writes the final adapter's two PEFT files into `out`, each atomically.
-fn save_adapter(adapter: &Adapter, bundle: &ModelBundle, out: &Path) -> Result<()> {
-    let tmp = out.join(format!(".adapter-tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    adapter.save_peft(&tmp, bundle.model.modules())?;
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::rename(tmp.join(f), out.join(f)).with_context(|| format!("moving {f} into {}", out.display()))?;
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }

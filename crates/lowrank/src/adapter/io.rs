@@ -16,6 +16,10 @@ use crate::{Error, Result};
 
 /// Prefix PEFT puts before every module path on disk.
 pub const PEFT_PREFIX: &str = "base_model.model.";
+/// The config file of a PEFT adapter directory.
+pub(crate) const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file of a PEFT adapter directory.
+pub(crate) const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 impl Adapter {
     /// Loads a PEFT LoRA (or DoRA, `use_dora`) adapter directory for a model with modules `table`.
@@ -24,9 +28,9 @@ impl Adapter {
         if !dir.is_dir() {
             return Err(err("not a directory (expected adapter_config.json and adapter_model.safetensors inside)".into()));
         }
-        let config = AdapterConfig::from_file(&dir.join("adapter_config.json"))?;
+        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
         let plans = plan(&config, table, dir)?;
-        let weights_path = dir.join("adapter_model.safetensors");
+        let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.exists() {
             let hint = if dir.join("adapter_model.bin").exists() {
                 " (found adapter_model.bin: pickled PyTorch files are not read; re-save with safe_serialization=True)"

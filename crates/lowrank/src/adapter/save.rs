@@ -20,12 +20,12 @@ use candle_core::DType;
 use serde_json::{Map, Value};
 
 use super::config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
-use super::io::PEFT_PREFIX;
+use super::io::{CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
 use super::target::plan;
 use super::Adapter;
 use crate::model::ModuleTable;
 use crate::export::write_safetensors;
-use crate::staging::{write_synced, Existing, Staged};
+use crate::staging::{write_atomic, write_synced, Existing, Staged};
 use crate::{Error, Result};
 
 /// The PEFT version whose `LoraConfig` key set and defaults [`peft_config_json`] writes. It goes
@@ -165,122 +165,10 @@ fn selector(s: &ModuleSelector) -> Value {
     }
 }
 
-/// `json.dumps(v, indent=2, sort_keys=True)` byte for byte: 2-space indent, `", "`-free item
-/// separators, `": "` after keys, keys sorted by code point, non-ASCII escaped as `\uXXXX`,
-/// floats as Python's `repr` (`0.0`, `1e-05`), `[]`/`{}` when empty, no trailing newline.
+/// `json.dumps(v, indent=2, sort_keys=True)` byte for byte, as PEFT writes `adapter_config.json`
+/// (see [`crate::pyjson`]).
 pub fn json_dumps_sorted(v: &Value) -> String {
-    let mut s = String::new();
-    write_value(&mut s, v, 0);
-    s
-}
-
-fn write_value(s: &mut String, v: &Value, depth: usize) {
-    match v {
-        Value::Null => s.push_str("null"),
-        Value::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => {
-            if n.is_f64() {
-                s.push_str(&py_float_repr(n.as_f64().unwrap_or(f64::NAN)));
-            } else {
-                s.push_str(&n.to_string());
-            }
-        }
-        Value::String(t) => write_string(s, t),
-        Value::Array(a) if a.is_empty() => s.push_str("[]"),
-        Value::Array(a) => {
-            s.push('[');
-            for (i, x) in a.iter().enumerate() {
-                s.push_str(if i == 0 { "\n" } else { ",\n" });
-                indent(s, depth + 1);
-                write_value(s, x, depth + 1);
-            }
-            s.push('\n');
-            indent(s, depth);
-            s.push(']');
-        }
-        Value::Object(o) if o.is_empty() => s.push_str("{}"),
-        Value::Object(o) => {
-            let mut keys: Vec<&String> = o.keys().collect();
-            keys.sort();
-            s.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                s.push_str(if i == 0 { "\n" } else { ",\n" });
-                indent(s, depth + 1);
-                write_string(s, k);
-                s.push_str(": ");
-                write_value(s, &o[k], depth + 1);
-            }
-            s.push('\n');
-            indent(s, depth);
-            s.push('}');
-        }
-    }
-}
-
-fn indent(s: &mut String, depth: usize) {
-    for _ in 0..depth {
-        s.push_str("  ");
-    }
-}
-
-/// Python's `json` string encoding with `ensure_ascii=True`.
-fn write_string(s: &mut String, t: &str) {
-    s.push('"');
-    for c in t.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            '\n' => s.push_str("\\n"),
-            '\r' => s.push_str("\\r"),
-            '\t' => s.push_str("\\t"),
-            '\u{8}' => s.push_str("\\b"),
-            '\u{c}' => s.push_str("\\f"),
-            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    s.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-            c => s.push(c),
-        }
-    }
-    s.push('"');
-}
-
-/// Python's `repr(float)` (what `json.dumps` writes): shortest round-trip digits, scientific
-/// notation when the decimal exponent is below -4 or at least 16 (`1e-05`, `1e+16`), otherwise
-/// fixed with at least one decimal (`8.0`, `0.0001`).
-fn py_float_repr(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
-    }
-    // Rust's `{:e}` gives the shortest round-trip digits, e.g. "-1.25e-5".
-    let e_fmt = format!("{:e}", x.abs());
-    let (mant, exp) = e_fmt.split_once('e').expect("{:e} has an exponent");
-    let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
-    let digits: String = mant.chars().filter(|c| *c != '.').collect();
-    let sign = if x < 0.0 { "-" } else { "" };
-    if !(-4..16).contains(&exp) {
-        let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
-        let esign = if exp < 0 { '-' } else { '+' };
-        return format!("{sign}{first}{frac}e{esign}{:02}", exp.abs());
-    }
-    if exp < 0 {
-        return format!("{sign}0.{}{digits}", "0".repeat((-exp - 1) as usize));
-    }
-    let int_len = exp as usize + 1;
-    if digits.len() <= int_len {
-        format!("{sign}{digits}{}.0", "0".repeat(int_len - digits.len()))
-    } else {
-        format!("{sign}{}.{}", &digits[..int_len], &digits[int_len..])
-    }
+    crate::pyjson::Style::peft().dumps(v)
 }
 
 impl Adapter {
@@ -303,6 +191,33 @@ impl Adapter {
     /// [`Adapter::save_peft`], with [`Existing::Replace`] allowed to replace an existing
     /// directory (only once the new one is complete).
     pub fn save_peft_with(&self, dir: &Path, table: &ModuleTable, existing: Existing) -> Result<()> {
+        let (config_text, tensors) = self.peft_files(dir, table)?;
+        if dir.exists() && existing != Existing::Replace {
+            let empty = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?.next().is_none();
+            if !empty {
+                let message = "already exists and is not an empty directory; choose a new path (adapters are never overwritten)";
+                return Err(Error::Adapter { path: dir.into(), message: message.into() });
+            }
+        }
+        let staged = Staged::dir(dir, existing)?;
+        write_synced(&staged.path().join(CONFIG_FILE), config_text.as_bytes())?;
+        write_safetensors(&staged.path().join(WEIGHTS_FILE), &tensors.iter().collect::<Vec<_>>())?;
+        staged.commit()
+    }
+
+    /// Writes the two PEFT files into the existing directory `dir` (a training run's output,
+    /// which holds other files too), each whole or not at all, replacing earlier ones.
+    pub fn save_peft_into(&self, dir: &Path, table: &ModuleTable) -> Result<()> {
+        let (config_text, tensors) = self.peft_files(dir, table)?;
+        let weights = Staged::file(&dir.join(WEIGHTS_FILE), Existing::Replace)?;
+        write_safetensors(weights.path(), &tensors.iter().collect::<Vec<_>>())?;
+        weights.commit()?;
+        write_atomic(&dir.join(CONFIG_FILE), config_text.as_bytes())
+    }
+
+    /// The text of `adapter_config.json` and the tensors of `adapter_model.safetensors`, checked
+    /// against `table`; `dir` names the output in errors.
+    fn peft_files(&self, dir: &Path, table: &ModuleTable) -> Result<(String, Vec<(String, candle_core::Tensor)>)> {
         let err = |m: String| Error::Adapter { path: dir.into(), message: m };
         if self.layers.len() != table.len() {
             return Err(err(format!(
@@ -343,51 +258,13 @@ impl Adapter {
             }
         }
 
-        // Into a temporary sibling, then renamed into place.
-        if dir.exists() && existing != Existing::Replace {
-            let empty = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?.next().is_none();
-            if !empty {
-                return Err(err("already exists and is not an empty directory; choose a new path (adapters are never overwritten)".into()));
-            }
-        }
-        let staged = Staged::dir(dir, existing)?;
-        write_synced(&staged.path().join("adapter_config.json"), config_text.as_bytes())?;
-        write_safetensors(&staged.path().join("adapter_model.safetensors"), &tensors.iter().collect::<Vec<_>>())?;
-        staged.commit()
+        Ok((config_text, tensors))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_float_repr() {
-        for (x, want) in [
-            (0.0, "0.0"),
-            (8.0, "8.0"),
-            (0.05, "0.05"),
-            (0.0001, "0.0001"),
-            (1e-5, "1e-05"),
-            (1.5e-7, "1.5e-07"),
-            (1e16, "1e+16"),
-            (1.25e17, "1.25e+17"),
-            (123456789012345.6, "123456789012345.6"),
-            (-2.5, "-2.5"),
-            (0.1 + 0.2, "0.30000000000000004"),
-            (100.0, "100.0"),
-            (1e15, "1000000000000000.0"),
-        ] {
-            assert_eq!(py_float_repr(x), want, "{x}");
-        }
-    }
-
-    #[test]
-    fn json_layout_matches_python() {
-        let v: Value = serde_json::from_str(r#"{"b":[1,"x"],"a":{},"c":[],"d":{"z":null,"y":2.0},"e":"é\n"}"#).unwrap();
-        let want = "{\n  \"a\": {},\n  \"b\": [\n    1,\n    \"x\"\n  ],\n  \"c\": [],\n  \"d\": {\n    \"y\": 2.0,\n    \"z\": null\n  },\n  \"e\": \"\\u00e9\\n\"\n}";
-        assert_eq!(json_dumps_sorted(&v), want);
-    }
 
     #[test]
     fn new_config_has_peft_defaults() {

@@ -72,9 +72,10 @@ impl DataStats {
         (self.boundary_merges > 0).then(|| {
             format!(
                 "{} of {} prompt/completion rows end their prompt where the tokenizer would merge \
-                 it with the completion (usually a trailing space before a word); they are trained \
-                 on the prompt's own tokens followed by the completion's, so send prompts exactly \
-                 as written in the data, trailing whitespace included",
+                 it with the completion (usually a trailing space before a word); they are encoded \
+                 as the prompt's own tokens followed by the completion's, the state generation \
+                 starts from, so send prompts exactly as written in the data, trailing whitespace \
+                 included",
                 self.boundary_merges, self.rows
             )
         })

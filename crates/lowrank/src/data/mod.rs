@@ -5,7 +5,7 @@
 //! | shape | row | loss on |
 //! |---|---|---|
 //! | text | `{"text": "..."}` | every token |
-//! | prompt + completion | `{"prompt": "...", "completion": "..."}` | the completion (raw concatenation, no chat template, as TRL) |
+//! | prompt + completion | `{"prompt": "...", "completion": "..."}` | the completion, after the prompt's own ids (no chat template) |
 //! | messages | `{"messages": [{"role": "...", "content": "..."}, ...]}` | the `assistant` turns, via the chat template |
 //!
 //! [`load_jsonl`] reads and tokenizes a file into a [`Dataset`] of [`Example`]s (ids plus a target

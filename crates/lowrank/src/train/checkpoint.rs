@@ -1,9 +1,10 @@
 //! Checkpoints: everything needed to continue a run to the result an uninterrupted run gives.
 //!
 //! `OUT/checkpoints/step-000050/` holds the adapter (a PEFT directory), the optimizer state
-//! (`optimizer.safetensors`) and `state.json` (step, config). Each is written under a temporary
-//! name and renamed; `OUT/checkpoints/latest` names the newest complete one and is itself
-//! replaced atomically, so a crash at any moment leaves the previous checkpoint usable.
+//! (`optimizer.safetensors`) and `state.json` (step, config), written into a temporary sibling
+//! and renamed into place whole ([`crate::staging`]); `OUT/checkpoints/latest` names the newest
+//! complete one and is itself replaced atomically, so a crash at any moment leaves the previous
+//! checkpoint usable.
 //! The data position and the dropout masks are functions of the step, so no RNG state is stored.
 
 use std::collections::HashMap;
@@ -15,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::config::TrainConfig;
 use super::optim::AdamW;
 use crate::adapter::Adapter;
+use crate::export::write_safetensors;
 use crate::model::ModuleTable;
+use crate::staging::{write_atomic, write_synced, Existing, Staged};
 use crate::{Error, Result};
 
 /// `state.json` of a checkpoint.
@@ -27,46 +30,20 @@ pub struct CheckpointState {
     pub config: TrainConfig,
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io("renaming into", path, e)
-    })
-}
-
-fn tmp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
 /// Saves a checkpoint for `step` under `out/checkpoints/` and points `latest` at it.
 pub fn save(out: &Path, state: &CheckpointState, adapter: &Adapter, table: &ModuleTable, opt: &AdamW) -> Result<PathBuf> {
     let root = out.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
     let name = format!("step-{:06}", state.step);
     let dir = root.join(&name);
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
-        adapter.save_peft(&tmp.join("adapter"), table)?;
-        let (tensors, _) = opt.state();
-        let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-        candle_core::safetensors::save(&map, tmp.join("optimizer.safetensors"))?;
-        let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Json { path: tmp.join("state.json"), source: e })?;
-        std::fs::write(tmp.join("state.json"), json).map_err(|e| Error::io("writing", tmp.join("state.json"), e))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io("replacing", &dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| Error::io("renaming into", &dir, e))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    let staged = Staged::dir(&dir, Existing::Replace)?;
+    adapter.save_peft(&staged.path().join("adapter"), table)?;
+    let (tensors, _) = opt.state();
+    write_safetensors(&staged.path().join("optimizer.safetensors"), &tensors.iter().collect::<Vec<_>>())?;
+    let state_path = staged.path().join("state.json");
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Json { path: state_path.clone(), source: e })?;
+    write_synced(&state_path, &json)?;
+    staged.commit()?;
     write_atomic(&root.join("latest"), name.as_bytes())?;
     // Keep the newest two complete checkpoints.
     let mut old: Vec<PathBuf> = std::fs::read_dir(&root)

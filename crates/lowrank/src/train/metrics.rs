@@ -50,7 +50,7 @@ pub fn truncate(path: &Path, step: usize) -> Result<()> {
         text.push_str(&serde_json::to_string(m).map_err(|e| Error::Json { path: path.into(), source: e })?);
         text.push('\n');
     }
-    crate::train::checkpoint::write_atomic(path, text.as_bytes())
+    crate::staging::write_atomic(path, text.as_bytes())
 }
 
 /// Draws training and eval loss against step as an SVG line chart.

@@ -1,0 +1,18 @@
+# The reference stack's paths, for the scripts that compare lowrank with it. Source it:
+#   source scripts/reference/env.sh; require_reference
+# LOWRANK_REFERENCE (default ~/.cache/lowrank-reference) is where scripts/reference/setup.sh put it;
+# LOWRANK_REF_PYTHON / LOWRANK_REF_MODEL override the interpreter / the f32 HF model alone.
+LOWRANK_REFERENCE=${LOWRANK_REFERENCE:-$HOME/.cache/lowrank-reference}
+export LOWRANK_REFERENCE
+REF_PYTHON=${LOWRANK_REF_PYTHON:-$LOWRANK_REFERENCE/venv/bin/python}
+REF_MODEL=${LOWRANK_REF_MODEL:-$LOWRANK_REFERENCE/smollm2-hf}
+REF_GGUF=$LOWRANK_REFERENCE/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+
+# Exits with a hint unless the interpreter and the f32 model are there.
+require_reference() {
+    if [[ ! -x $REF_PYTHON || ! -d $REF_MODEL ]]; then
+        echo "no reference stack: $REF_PYTHON or $REF_MODEL is missing" >&2
+        echo "---> HINT: run scripts/reference/setup.sh (or set LOWRANK_REFERENCE to where it ran)" >&2
+        exit 2
+    fi
+}

@@ -23,7 +23,8 @@ fn merge_args<'a>(model: &'a Path, adapter: &'a str, out: &'a Path) -> Vec<&'a s
 
 /// Entries of `dir`.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -42,7 +43,11 @@ fn merges_into_a_directory_and_refuses_to_overwrite_it_without_force() {
 
     let again = lowrank(&merge_args(&model, &adapter, &out));
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("already exists") && text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("already exists") && text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
     assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), first, "a refused merge touched the output");
 
     let mut forced = merge_args(&model, &adapter, &out);
@@ -59,13 +64,23 @@ fn an_adapter_for_another_model_is_a_clear_error_and_writes_nothing() {
     // Rank 4 on q_proj, for a model with 32-wide hidden states (the fixtures have 64).
     let adapter = tmp.path().join("other");
     std::fs::create_dir(&adapter).unwrap();
-    std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"]}"#).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"]}"#,
+    )
+    .unwrap();
     let dev = candle_core::Device::Cpu;
     let mut t = std::collections::HashMap::new();
     for l in 0..2 {
         let p = format!("base_model.model.model.layers.{l}.self_attn.q_proj");
-        t.insert(format!("{p}.lora_A.weight"), candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &dev).unwrap());
-        t.insert(format!("{p}.lora_B.weight"), candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &dev).unwrap());
+        t.insert(
+            format!("{p}.lora_A.weight"),
+            candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &dev).unwrap(),
+        );
+        t.insert(
+            format!("{p}.lora_B.weight"),
+            candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &dev).unwrap(),
+        );
     }
     candle_core::safetensors::save(&t, adapter.join("adapter_model.safetensors")).unwrap();
     let out = tmp.path().join("merged");
@@ -109,22 +124,33 @@ fn combine_writes_a_peft_adapter_that_merge_accepts() {
     let (qv, all) = (fixture("llama").join("adapters/qv"), fixture("llama").join("adapters/all_linear"));
     let out = tmp.path().join("both");
     let args = |method: &str| {
-        let mut v: Vec<String> = ["combine", "--model", model.to_str().unwrap(), "--method", method].map(String::from).to_vec();
-        v.extend(["--adapter".into(), format!("{}:0.7", qv.display()), "--adapter".into(), format!("{}:-0.4", all.display())]);
+        let mut v: Vec<String> =
+            ["combine", "--model", model.to_str().unwrap(), "--method", method].map(String::from).to_vec();
+        v.extend([
+            "--adapter".into(),
+            format!("{}:0.7", qv.display()),
+            "--adapter".into(),
+            format!("{}:-0.4", all.display()),
+        ]);
         v.extend(["--output".into(), out.to_str().unwrap().into()]);
         v
     };
     let run = |a: Vec<String>| lowrank(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let r = run(args("cat"));
     assert!(r.status.success(), "{}", text(&r.stderr));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(12), Some(12.0)));
 
     let again = run(args("svd"));
     assert!(!again.status.success() && text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
     let linear = run([args("linear"), vec!["--force".into()]].concat());
     assert!(!linear.status.success() && text(&linear.stderr).contains("qv has r=4"), "{}", text(&linear.stderr));
-    assert_eq!(cfg["r"], serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap()["r"]);
+    assert_eq!(
+        cfg["r"],
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap()["r"]
+    );
 
     let merged = tmp.path().join("merged");
     let r = lowrank(&merge_args(&model, out.to_str().unwrap(), &merged));
@@ -134,7 +160,16 @@ fn combine_writes_a_peft_adapter_that_merge_accepts() {
     let rs = fixture("llama").join("adapters/rslora");
     let ties = |extra: &[&str]| {
         let o = tmp.path().join("ties");
-        let mut v = vec!["combine", "--model", model.to_str().unwrap(), "--method", "ties", "--output", o.to_str().unwrap(), "--force"];
+        let mut v = vec![
+            "combine",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            "ties",
+            "--output",
+            o.to_str().unwrap(),
+            "--force",
+        ];
         v.extend(extra);
         let a = [format!("{}:0.7", qv.display()), format!("{}:-0.4", rs.display())];
         lowrank(&[v, vec!["--adapter", &a[0], "--adapter", &a[1]]].concat())
@@ -167,7 +202,19 @@ fn export_to_gguf_and_back_and_gguf_merge_needs_a_tokenizer() {
     assert!(!r.status.success() && text(&r.stderr).contains("no tokenizer.json"), "{}", text(&r.stderr));
     assert!(!out.exists());
     let gguf = fixture("llama").join("gguf/tiny-F32.gguf");
-    let r = lowrank(&["merge", "--model", gguf.to_str().unwrap(), "--adapter", a, "--format", "gguf", "--dtype", "q8_0", "--output", out.to_str().unwrap()]);
+    let r = lowrank(&[
+        "merge",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        a,
+        "--format",
+        "gguf",
+        "--dtype",
+        "q8_0",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(r.status.success(), "{}", text(&r.stderr));
     assert!(out.is_file());
 }

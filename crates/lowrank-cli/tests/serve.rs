@@ -73,7 +73,8 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = raw.split_once("\r\n\r\n").expect("a full response");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
     (status, body)
 }
 
@@ -159,7 +160,12 @@ fn concurrent_requests_for_different_adapters_each_match_generate_alone() {
     assert_eq!(ids, [BASE, "pinned"]);
     assert_eq!(models["data"][1]["parent"], BASE);
 
-    let cases = [(BASE, None, "What is the capital of France?"), ("a1", Some("a1"), "Name a colour."), ("a2", Some("a2"), "What is 2 + 2?"), ("a3", Some("a3"), "Say hello.")];
+    let cases = [
+        (BASE, None, "What is the capital of France?"),
+        ("a1", Some("a1"), "Name a colour."),
+        ("a2", Some("a2"), "What is 2 + 2?"),
+        ("a3", Some("a3"), "Say hello."),
+    ];
     let threads: Vec<_> = cases
         .iter()
         .map(|&(model, _, q)| {
@@ -175,7 +181,10 @@ fn concurrent_requests_for_different_adapters_each_match_generate_alone() {
         let want = generate_alone(adapter.map(|a| dir.join(a)).as_deref(), q, 12);
         assert_eq!(got, want, "{model}");
         assert_eq!(body["model"], *model);
-        assert_eq!(body["usage"]["completion_tokens"].as_u64().unwrap() + body["usage"]["prompt_tokens"].as_u64().unwrap(), body["usage"]["total_tokens"].as_u64().unwrap());
+        assert_eq!(
+            body["usage"]["completion_tokens"].as_u64().unwrap() + body["usage"]["prompt_tokens"].as_u64().unwrap(),
+            body["usage"]["total_tokens"].as_u64().unwrap()
+        );
         texts.push(got.to_string());
     }
     assert!(texts[1..].iter().any(|t| t != &texts[0]), "the adapters should change answers: {texts:?}");
@@ -183,7 +192,11 @@ fn concurrent_requests_for_different_adapters_each_match_generate_alone() {
     let (_, models) = http(&server.addr, "GET", "/v1/models", "");
     assert!(models.contains("\"a2\"") && models.contains("\"a3\""), "{models}");
     let (_, metrics) = http(&server.addr, "GET", "/metrics", "");
-    assert!(metrics.contains("lowrank_requests_total{model=\"a2\",outcome=\"stop\"} 1") || metrics.contains("lowrank_requests_total{model=\"a2\",outcome=\"length\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("lowrank_requests_total{model=\"a2\",outcome=\"stop\"} 1")
+            || metrics.contains("lowrank_requests_total{model=\"a2\",outcome=\"length\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -198,22 +211,39 @@ fn streaming_gives_the_same_text_in_chunks_then_done() {
     let streamed: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["text"].as_str()).collect();
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], 8);
-    let (_, whole) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}));
+    let (_, whole) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"model": BASE, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    );
     assert_eq!(streamed, whole["choices"][0]["text"].as_str().unwrap());
     assert_eq!(whole["choices"][0]["finish_reason"], "length");
     // n = 3 sampled choices: three completions, seeds seed, seed + 1, seed + 2; usage sums them.
-    let (s3, three) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 3}));
+    let (s3, three) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 3}),
+    );
     assert_eq!(s3, 200, "{three}");
     let texts: Vec<&str> = three["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
     assert_eq!((texts.len(), three["choices"][2]["index"].as_u64()), (3, Some(2)));
     assert_eq!(three["usage"]["completion_tokens"], 18);
-    let (_, seed6) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 6}));
+    let (_, seed6) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 6}),
+    );
     assert_eq!(seed6["choices"][0]["text"].as_str(), Some(texts[1]), "choice 1 is seed + 1");
     // Chat: a role delta first, then content deltas, then the finish reason.
     let mut req = chat(BASE, "What is the capital of France?", 24);
     req["stream"] = json!(true);
     let (_, text) = http(&server.addr, "POST", "/v1/chat/completions", &req.to_string());
-    let chunks: Vec<Value> = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(content, "The capital of France is Paris.");
@@ -236,12 +266,19 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     check(s, &b, 400, "invalid request body");
     let (s, b) = http(a, "POST", "/v1/completions", r#"{"model": "x", "prompt": "hi", "max_tokens": "many"}"#);
     check(s, &b, 400, "invalid request body");
-    let (s, b) = http(a, "POST", "/v1/completions", &json!({"model": BASE, "prompt": "hi", "max_tokens": 1_000_000}).to_string());
+    let (s, b) = http(
+        a,
+        "POST",
+        "/v1/completions",
+        &json!({"model": BASE, "prompt": "hi", "max_tokens": 1_000_000}).to_string(),
+    );
     check(s, &b, 400, "maximum context length");
     let long = "word ".repeat(9000);
-    let (s, b) = http(a, "POST", "/v1/completions", &json!({"model": BASE, "prompt": long, "max_tokens": 4}).to_string());
+    let (s, b) =
+        http(a, "POST", "/v1/completions", &json!({"model": BASE, "prompt": long, "max_tokens": 4}).to_string());
     check(s, &b, 400, "maximum context length");
-    let (s, b) = http(a, "POST", "/v1/completions", &json!({"model": BASE, "prompt": "hi", "temperature": 7}).to_string());
+    let (s, b) =
+        http(a, "POST", "/v1/completions", &json!({"model": BASE, "prompt": "hi", "temperature": 7}).to_string());
     check(s, &b, 400, "temperature");
     let (s, b) = http(a, "POST", "/v1/chat/completions", &chat("no-such-adapter", "hi", 4).to_string());
     check(s, &b, 404, "does not exist");
@@ -263,8 +300,14 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 
     // A slow client (reads nothing for a while) still gets its whole stream.
     let mut slow = TcpStream::connect(a).unwrap();
-    let body = json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": true}).to_string();
-    write!(slow, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let body = json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": true})
+        .to_string();
+    write!(
+        slow,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let mut raw = String::new();
     slow.read_to_string(&mut raw).unwrap();
@@ -272,7 +315,8 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 
     // Run-time loading from inside the adapters dir, then unloading.
     let inside = dir.join("a1");
-    let (s, b) = http(a, "POST", "/v1/load_lora_adapter", &json!({"lora_name": "late", "lora_path": inside}).to_string());
+    let (s, b) =
+        http(a, "POST", "/v1/load_lora_adapter", &json!({"lora_name": "late", "lora_path": inside}).to_string());
     assert_eq!(s, 200, "{b}");
     let (s, b) = post(a, "/v1/chat/completions", &chat("late", "What is 2 + 2?", 6));
     assert_eq!(s, 200, "{b}");
@@ -283,7 +327,10 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let (s, b) = post(a, "/v1/chat/completions", &chat(BASE, "What is the capital of France?", 24));
     assert_eq!((s, b["choices"][0]["message"]["content"].as_str()), (200, Some("The capital of France is Paris.")));
     let (_, metrics) = http(a, "GET", "/metrics", "");
-    assert!(metrics.contains("outcome=\"cancelled\"} 1"), "the vanished client's request should be cancelled: {metrics}");
+    assert!(
+        metrics.contains("outcome=\"cancelled\"} 1"),
+        "the vanished client's request should be cancelled: {metrics}"
+    );
 }
 
 #[test]
@@ -292,7 +339,13 @@ fn runtime_adapter_loading_is_off_by_default_and_sigterm_finishes_in_flight_requ
     let (s, b) = http(&server.addr, "POST", "/v1/load_lora_adapter", r#"{"lora_name": "x", "lora_path": "/tmp"}"#);
     assert_eq!(s, 403, "{b}");
     let addr = server.addr.clone();
-    let slow = std::thread::spawn(move || post(&addr, "/v1/completions", &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0})));
+    let slow = std::thread::spawn(move || {
+        post(
+            &addr,
+            "/v1/completions",
+            &json!({"model": BASE, "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0}),
+        )
+    });
     std::thread::sleep(Duration::from_millis(500));
     let pid = server.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -328,12 +381,14 @@ fn the_official_openai_python_client_works() {
     let (_tmp, dir) = adapters_dir(1);
     let server = start(&["--adapters-dir", dir.to_str().unwrap()]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check/openai_client.py");
-    let out = Command::new(&py).arg(&script).arg(format!("http://{}/v1", server.addr)).arg(BASE).arg("a1").output().unwrap();
+    let out =
+        Command::new(&py).arg(&script).arg(format!("http://{}/v1", server.addr)).arg(BASE).arg("a1").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("chat: The capital of France is Paris."), "{stdout}");
     assert!(stdout.contains("stream: The capital of France is Paris."), "{stdout}");
-    let adapter_answer: String = serde_json::from_str(stdout.lines().find_map(|l| l.strip_prefix("adapter: ")).unwrap()).unwrap();
+    let adapter_answer: String =
+        serde_json::from_str(stdout.lines().find_map(|l| l.strip_prefix("adapter: ")).unwrap()).unwrap();
     assert_eq!(adapter_answer, generate_alone(Some(&dir.join("a1")), "What is the capital of France?", 16));
     assert!(stdout.contains("not found: 404"), "{stdout}");
 }
@@ -359,7 +414,10 @@ fn max_rank_refuses_and_the_least_recently_used_idle_adapter_is_evicted() {
 
 #[test]
 fn a_model_that_does_not_load_stops_the_server_with_its_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_lowrank")).args(["serve", "--port", "0", "--model", "/no/such/model.gguf"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(["serve", "--port", "0", "--model", "/no/such/model.gguf"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/no/such/model.gguf") && err.contains("error"), "{err}");
@@ -386,7 +444,20 @@ fn prompts_ending_in_a_space_are_continued_with_the_completion() {
     let out = tmp.path().join("run");
     let train = Command::new(env!("CARGO_BIN_EXE_lowrank"))
         .args(["train", "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()])
-        .args(["--steps", "24", "--batch-size", "8", "--lr", "3e-3", "--schedule", "constant", "--rank", "8", "--save-every", "100"])
+        .args([
+            "--steps",
+            "24",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--schedule",
+            "constant",
+            "--rank",
+            "8",
+            "--save-every",
+            "100",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&train.stderr);
@@ -406,7 +477,11 @@ fn prompts_ending_in_a_space_are_continued_with_the_completion() {
         assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
         let generated = String::from_utf8(g.stdout).unwrap();
         assert!(generated.starts_with(&first), "{prompt:?} → {generated:?}, expected {completion:?}");
-        let (status, body) = post(&server.addr, "/v1/completions", &json!({"model": "roman", "prompt": prompt, "max_tokens": 4, "temperature": 0}));
+        let (status, body) = post(
+            &server.addr,
+            "/v1/completions",
+            &json!({"model": "roman", "prompt": prompt, "max_tokens": 4, "temperature": 0}),
+        );
         assert_eq!(status, 200, "{body}");
         let served = body["choices"][0]["text"].as_str().unwrap();
         assert_eq!(served, generated.trim_end_matches('\n'), "{prompt:?}");

@@ -28,18 +28,44 @@ fn trains_writes_peft_outputs_and_the_adapter_generates() {
     let out = tmp.path().join("run");
     let model = default_gguf();
     let args = [
-        "train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(),
-        "--steps", "2", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--lr", "1e-3",
-        "--save-every", "1", "--eval-split", "0.34",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "1",
+        "--eval-split",
+        "0.34",
     ];
     let r = lowrank(&args);
     assert!(r.status.success(), "{}", text(&r.stderr));
     let err = text(&r.stderr);
     assert!(err.contains("step     2/2") && err.contains("training") && err.contains("parameters"), "{err}");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "lowrank_train.json", "metrics.jsonl", "loss.svg", "checkpoints/latest"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lowrank_train.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "checkpoints/latest",
+    ] {
         assert!(out.join(f).exists(), "missing {f}");
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
@@ -47,7 +73,15 @@ fn trains_writes_peft_outputs_and_the_adapter_generates() {
     // The same output directory again is refused; the adapter generates.
     let again = lowrank(&args);
     assert!(!again.status.success() && text(&again.stderr).contains("already exists"));
-    let g = lowrank(&["generate", "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "8"]);
+    let g = lowrank(&[
+        "generate",
+        "--adapter",
+        out.to_str().unwrap(),
+        "--chat",
+        "Write May 11, 1980 as YYYY-MM-DD.",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(g.status.success(), "{}", text(&g.stderr));
     assert!(!text(&g.stdout).trim().is_empty());
 }
@@ -59,7 +93,17 @@ fn malformed_data_names_file_and_line() {
     std::fs::write(&data, format!("{}{{\"messages\": [oops\n", example_rows(2))).unwrap();
     let out = tmp.path().join("run");
     let model = default_gguf();
-    let r = lowrank(&["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--steps", "1"]);
+    let r = lowrank(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+    ]);
     assert!(!r.status.success());
     let err = text(&r.stderr);
     assert!(err.contains("bad.jsonl:3"), "{err}");
@@ -76,7 +120,19 @@ fn qlora_dora_with_checkpointing_trains_and_a_quantized_gguf_is_refused() {
     let data = tmp.path().join("train.jsonl");
     std::fs::write(&data, example_rows(4)).unwrap();
     let gguf = default_gguf();
-    let bad = lowrank(&["train", "--model", gguf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", tmp.path().join("x").to_str().unwrap(), "--steps", "1", "--quantize", "nf4"]);
+    let bad = lowrank(&[
+        "train",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        tmp.path().join("x").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--quantize",
+        "nf4",
+    ]);
     assert!(!bad.status.success() && text(&bad.stderr).contains("already quantized"), "{}", text(&bad.stderr));
     assert!(!tmp.path().join("x/adapter_model.safetensors").exists());
 
@@ -85,42 +141,129 @@ fn qlora_dora_with_checkpointing_trains_and_a_quantized_gguf_is_refused() {
     assert!(r.status.success(), "{}", text(&r.stderr));
     let out = tmp.path().join("run");
     let r = lowrank(&[
-        "train", "--model", hf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(),
-        "--steps", "2", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--lr", "1e-3",
-        "--quantize", "nf4", "--dora", "--gradient-checkpointing", "--lora-plus-ratio", "4", "--init", "gaussian",
+        "train",
+        "--model",
+        hf.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lr",
+        "1e-3",
+        "--quantize",
+        "nf4",
+        "--dora",
+        "--gradient-checkpointing",
+        "--lora-plus-ratio",
+        "4",
+        "--init",
+        "gaussian",
     ]);
     assert!(r.status.success(), "{}", text(&r.stderr));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["use_dora"], true);
     assert_eq!(cfg["init_lora_weights"], "gaussian");
-    let settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("lowrank_train.json")).unwrap()).unwrap();
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lowrank_train.json")).unwrap()).unwrap();
     assert_eq!(settings["quantize"], "nf4");
     assert_eq!(settings["train"]["gradient_checkpointing"], 1);
     assert_eq!(settings["train"]["lora_plus_ratio"], 4.0);
-    let g = lowrank(&["generate", "--model", hf.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "4"]);
+    let g = lowrank(&[
+        "generate",
+        "--model",
+        hf.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--chat",
+        "Write May 11, 1980 as YYYY-MM-DD.",
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(g.status.success(), "{}", text(&g.stderr));
     // On the 4-bit base it was trained on: the adapter alongside, or merged into the dequantised
     // weights, answers alike.
-    let on_nf4 = ["generate", "--model", hf.to_str().unwrap(), "--quantize", "nf4", "--adapter", out.to_str().unwrap(), "--chat", "Write May 11, 1980 as YYYY-MM-DD.", "--max-new-tokens", "6"];
+    let on_nf4 = [
+        "generate",
+        "--model",
+        hf.to_str().unwrap(),
+        "--quantize",
+        "nf4",
+        "--adapter",
+        out.to_str().unwrap(),
+        "--chat",
+        "Write May 11, 1980 as YYYY-MM-DD.",
+        "--max-new-tokens",
+        "6",
+    ];
     let (q, m) = (lowrank(&on_nf4), lowrank(&[&on_nf4[..], &["--merge"]].concat()));
     assert!(q.status.success() && m.status.success(), "{}{}", text(&q.stderr), text(&m.stderr));
     assert!(!q.stdout.is_empty());
     assert_eq!(text(&q.stdout), text(&m.stdout));
     let bad = lowrank(&["generate", "--model", gguf.to_str().unwrap(), "--quantize", "nf4", "--prompt", "Hi"]);
     assert!(!bad.status.success() && text(&bad.stderr).contains("already quantized"), "{}", text(&bad.stderr));
-    let bad = lowrank(&["train", "--model", hf.to_str().unwrap(), "--eval-data", data.to_str().unwrap(), "--output", tmp.path().join("e").to_str().unwrap()]);
+    let bad = lowrank(&[
+        "train",
+        "--model",
+        hf.to_str().unwrap(),
+        "--eval-data",
+        data.to_str().unwrap(),
+        "--output",
+        tmp.path().join("e").to_str().unwrap(),
+    ]);
     assert!(!bad.status.success() && text(&bad.stderr).contains("--eval-data needs --data"), "{}", text(&bad.stderr));
 
     // OLoRA trains on the residual base and is saved as a plain rank-2r LoRA for the original one.
     let olora = tmp.path().join("olora");
     let r = lowrank(&[
-        "train", "--model", hf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", olora.to_str().unwrap(),
-        "--steps", "1", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--init", "olora",
+        "train",
+        "--model",
+        hf.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        olora.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--init",
+        "olora",
     ]);
     assert!(r.status.success(), "{}", text(&r.stderr));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(olora.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["init_lora_weights"].as_bool()), (Some(8), Some(16.0), Some(true)));
-    let e = lowrank(&["train", "--data", data.to_str().unwrap(), "--output", tmp.path().join("p").to_str().unwrap(), "--steps", "1", "--init", "pissa"]);
-    assert!(!e.status.success() && text(&e.stderr).contains("quantized"), "pissa on the Q4_1 default model: {}", text(&e.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(olora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["init_lora_weights"].as_bool()),
+        (Some(8), Some(16.0), Some(true))
+    );
+    let e = lowrank(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        tmp.path().join("p").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--init",
+        "pissa",
+    ]);
+    assert!(
+        !e.status.success() && text(&e.stderr).contains("quantized"),
+        "pissa on the Q4_1 default model: {}",
+        text(&e.stderr)
+    );
     assert!(!tmp.path().join("p").exists(), "a refused init writes nothing");
 }

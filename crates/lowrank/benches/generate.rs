@@ -77,7 +77,10 @@ impl Settings {
                 _ => bail!("unknown flag {flag} (known: --reps --warmup --prompt --decode --batch --threads --hf-dir)"),
             }
         }
-        ensure!(s.reps > 0 && s.prompt > 0 && s.decode > 0 && s.threads > 0, "reps, prompt, decode and threads must be positive");
+        ensure!(
+            s.reps > 0 && s.prompt > 0 && s.decode > 0 && s.threads > 0,
+            "reps, prompt, decode and threads must be positive"
+        );
         Ok(s)
     }
 }
@@ -108,14 +111,19 @@ fn random_lora(model: &Model, seed: u64, device: &Device) -> Result<Adapter> {
             layers.push(None);
             continue;
         };
-        let mut layer = LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, LoraInit::Kaiming, &mut rng, device)?; // A [r, K]
+        let mut layer =
+            LoraLayer::init(p.r, m.in_features, m.out_features, p.scale, LoraInit::Kaiming, &mut rng, device)?; // A [r, K]
         let bound = 1.0 / (p.r as f32).sqrt();
         let b: Vec<f32> = (0..m.out_features * p.r).map(|_| rng.random_range(-bound..bound)).collect();
         layer.b = Tensor::from_vec(b, (m.out_features, p.r), device)?; // [M, r]
         layers.push(Some(Box::new(layer)));
     }
     let adapter = Adapter::new(LORA_LABEL.into(), config, layers);
-    ensure!(adapter.num_layers() == 7 * model.config().num_layers, "expected 7 adapted projections per block, got {}", adapter.num_layers());
+    ensure!(
+        adapter.num_layers() == 7 * model.config().num_layers,
+        "expected 7 adapted projections per block, got {}",
+        adapter.num_layers()
+    );
     Ok(adapter)
 }
 
@@ -222,7 +230,14 @@ fn print_header(s: &Settings) {
         "# lowrank (candle CPU): prompt {} tokens, decode {} tokens (greedy, EOS ignored), median of {} after {} warm-up, {} threads",
         s.prompt, s.decode, s.reps, s.warmup, s.threads
     );
-    println!("{:<12} {:<14} {:>14} {:>14} {:>20}", "mode", "adapter", "prefill_tok/s", "decode_tok/s", format!("batch{}_decode_tok/s", s.batch));
+    println!(
+        "{:<12} {:<14} {:>14} {:>14} {:>20}",
+        "mode",
+        "adapter",
+        "prefill_tok/s",
+        "decode_tok/s",
+        format!("batch{}_decode_tok/s", s.batch)
+    );
 }
 
 fn fmt_opt(x: Option<f64>, digits: usize) -> String {
@@ -231,7 +246,14 @@ fn fmt_opt(x: Option<f64>, digits: usize) -> String {
 
 fn print_rows(mode: &str, none: &Row, lora: &Row) {
     for (adapter, r) in [("none", none), (LORA_LABEL, lora)] {
-        println!("{:<12} {:<14} {:>14.1} {:>14.2} {:>20}", mode, adapter, r.prefill, r.decode, fmt_opt(r.batch_decode, 2));
+        println!(
+            "{:<12} {:<14} {:>14.1} {:>14.2} {:>20}",
+            mode,
+            adapter,
+            r.prefill,
+            r.decode,
+            fmt_opt(r.batch_decode, 2)
+        );
     }
     let batch_ratio = none.batch_decode.zip(lora.batch_decode).map(|(n, l)| l / n);
     println!(
@@ -261,7 +283,11 @@ fn main() -> Result<()> {
         let adapter = Arc::new(random_lora(&model, 0, &device)?);
         let lora = [ActiveAdapter { adapter, weight: 1.0 }];
         let diff = check_adapter_computes(&model, &lora)?;
-        eprintln!("{mode}: {} ({} weight bytes); adapter changes logits by up to {diff:.3}", path.display(), model.weight_bytes());
+        eprintln!(
+            "{mode}: {} ({} weight bytes); adapter changes logits by up to {diff:.3}",
+            path.display(),
+            model.weight_bytes()
+        );
         let rows = measure(&s, &model, &[("none", &[]), (LORA_LABEL, &lora)])?;
         let [none, with] = <[Row; 2]>::try_from(rows).map_err(|_| anyhow!("two variants give two rows"))?;
         results.push((mode, none, with));

@@ -97,7 +97,18 @@ struct Settings {
 
 impl Settings {
     fn parse(args: impl Iterator<Item = String>) -> Result<Self> {
-        let mut s = Settings { mode: Mode::F32, steps: 6, batch: 4, seq: 256, threads: None, loss_chunk: 512, seed: 0, model: None, checkpoint: 0, dora: false };
+        let mut s = Settings {
+            mode: Mode::F32,
+            steps: 6,
+            batch: 4,
+            seq: 256,
+            threads: None,
+            loss_chunk: 512,
+            seed: 0,
+            model: None,
+            checkpoint: 0,
+            dora: false,
+        };
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             // `cargo bench` appends `--bench`; a filter word may follow. Neither applies here.
@@ -130,9 +141,16 @@ impl Settings {
 /// A field of `/proc/self/status` in MiB (`VmHWM`: peak resident set, `VmRSS`: current).
 fn proc_status_mib(field: &str) -> Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
+    let line =
+        status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
     // `VmHWM:	  123456 kB`
-    let kib: f64 = line[field.len()..].trim_start_matches(':').trim().trim_end_matches("kB").trim().parse().with_context(|| format!("reading `{line}`"))?;
+    let kib: f64 = line[field.len()..]
+        .trim_start_matches(':')
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("reading `{line}`"))?;
     Ok(kib / 1024.0)
 }
 
@@ -162,27 +180,42 @@ fn run(s: &Settings) -> Result<()> {
 
     let gguf = match &s.model {
         Some(p) => p.clone(),
-        None if s.mode == Mode::Nf4 => bail!("--mode nf4 needs --model: a full-precision HF directory (e.g. ~/.cache/lowrank-reference/smollm2-hf)"),
+        None if s.mode == Mode::Nf4 => bail!(
+            "--mode nf4 needs --model: a full-precision HF directory (e.g. ~/.cache/lowrank-reference/smollm2-hf)"
+        ),
         None => lowrank::home::default_model_gguf().context("fetching the default model")?,
     };
     let quantize = (s.mode == Mode::Nf4).then_some(lowrank::model::Quantize::Nf4);
     let opts = LoadOptions { dequantize: s.mode == Mode::F32, quantize, ..Default::default() };
     let model = Model::from_path(&gguf, &opts).with_context(|| format!("loading {}", gguf.display()))?;
-    let lora_config = if s.dora { LORA_CONFIG.replace(r#""peft_type":"LORA""#, r#""peft_type":"LORA","use_dora":true"#) } else { LORA_CONFIG.to_string() };
+    let lora_config = if s.dora {
+        LORA_CONFIG.replace(r#""peft_type":"LORA""#, r#""peft_type":"LORA","use_dora":true"#)
+    } else {
+        LORA_CONFIG.to_string()
+    };
     let config = AdapterConfig::from_json(&lora_config, Path::new("bench-lora"))?;
     let initial = Adapter::init("bench-lora", config, &model, s.seed)?;
-    ensure!(initial.num_layers() == 7 * model.config().num_layers, "expected 7 adapted projections per block, got {}", initial.num_layers());
+    ensure!(
+        initial.num_layers() == 7 * model.config().num_layers,
+        "expected 7 adapted projections per block, got {}",
+        initial.num_layers()
+    );
     let (adapter, named) = initial.to_trainable(model.modules(), None)?;
     let vars: Vec<_> = named.into_iter().map(|(_, v)| v).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
     let load_rss = proc_status_mib("VmRSS")?;
-    let label = format!("{}{}{}", s.mode.label(), if s.dora { "+dora" } else { "" }, match s.checkpoint {
-        0 => String::new(),
-        1 => "+ckpt".into(),
-        k => format!("+ckpt/{k}"),
-    });
+    let label = format!(
+        "{}{}{}",
+        s.mode.label(),
+        if s.dora { "+dora" } else { "" },
+        match s.checkpoint {
+            0 => String::new(),
+            1 => "+ckpt".into(),
+            k => format!("+ckpt/{k}"),
+        }
+    );
     eprintln!(
         "{label}: {} ({} weight bytes), {trainable} trainable parameters, {threads} threads, RSS after load {load_rss:.0} MiB",
         gguf.display(),
@@ -196,7 +229,8 @@ fn run(s: &Settings) -> Result<()> {
     let targets: Vec<bool> = (0..s.seq).map(|t| t > 0).collect(); // [T]
     let mut times = Vec::with_capacity(s.steps);
     for step in 0..s.steps {
-        let ids: Vec<Vec<u32>> = (0..s.batch).map(|_| (0..s.seq).map(|_| rng.random_range(0..vocab)).collect()).collect(); // [B, T]
+        let ids: Vec<Vec<u32>> =
+            (0..s.batch).map(|_| (0..s.seq).map(|_| rng.random_range(0..vocab)).collect()).collect(); // [B, T]
         let seqs: Vec<TrainSeq> = ids.iter().map(|ids| TrainSeq { ids, targets: &targets }).collect();
         let t0 = Instant::now();
         let out = forward_backward(&model, &active, &seqs, s.loss_chunk, 1.0, s.checkpoint)?;
@@ -215,7 +249,18 @@ fn run(s: &Settings) -> Result<()> {
         s.steps - 1
     );
     let bytes_per_param = model.weight_bytes() as f64 / model.config().num_parameters() as f64;
-    println!("{:<16} {:>10} {:>14} {:>14} {:>14} {:>16}", "mode", "tokens/s", "median_step_s", "peak_rss_mib", "load_rss_mib", "weight_bytes/param");
-    println!("{:<16} {:>10.1} {:>14.3} {:>14.0} {:>14.0} {:>16.3}", label, (s.batch * s.seq) as f64 / med, med, peak, load_rss, bytes_per_param);
+    println!(
+        "{:<16} {:>10} {:>14} {:>14} {:>14} {:>16}",
+        "mode", "tokens/s", "median_step_s", "peak_rss_mib", "load_rss_mib", "weight_bytes/param"
+    );
+    println!(
+        "{:<16} {:>10.1} {:>14.3} {:>14.0} {:>14.0} {:>16.3}",
+        label,
+        (s.batch * s.seq) as f64 / med,
+        med,
+        peak,
+        load_rss,
+        bytes_per_param
+    );
     Ok(())
 }

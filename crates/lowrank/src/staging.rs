@@ -127,14 +127,18 @@ impl Drop for Staged {
 
 fn check_target(target: &Path, existing: Existing) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
-    let empty_dir = meta.is_dir() && std::fs::read_dir(target).map_err(|e| Error::io("reading", target, e))?.next().is_none();
+    let empty_dir =
+        meta.is_dir() && std::fs::read_dir(target).map_err(|e| Error::io("reading", target, e))?.next().is_none();
     match existing {
         Existing::Replace => Ok(()),
         Existing::ReplaceEmptyDir if empty_dir => Ok(()),
         _ => Err(Error::io(
             "writing",
             target,
-            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists; choose a new path or pass --force to replace it"),
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; choose a new path or pass --force to replace it",
+            ),
         )),
     }
 }
@@ -175,7 +179,11 @@ mod tests {
             write_synced(&s.path().join("a"), b"1")?;
         } // dropped: a failed write
         assert!(!out.exists());
-        assert_eq!(std::fs::read_dir(&tmp).map_err(|e| Error::io("reading", &tmp, e))?.count(), 0, "temporary left behind");
+        assert_eq!(
+            std::fs::read_dir(&tmp).map_err(|e| Error::io("reading", &tmp, e))?.count(),
+            0,
+            "temporary left behind"
+        );
 
         let s = Staged::dir(&out, Existing::Refuse)?;
         write_synced(&s.path().join("a"), b"1")?;
@@ -188,7 +196,11 @@ mod tests {
         write_synced(&s.path().join("b"), b"2")?;
         s.commit()?;
         assert!(out.join("b").exists() && !out.join("a").exists());
-        assert_eq!(std::fs::read_dir(&tmp).map_err(|e| Error::io("reading", &tmp, e))?.count(), 1, "old output left behind");
+        assert_eq!(
+            std::fs::read_dir(&tmp).map_err(|e| Error::io("reading", &tmp, e))?.count(),
+            1,
+            "old output left behind"
+        );
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("removing", &tmp, e))
     }
 

@@ -85,8 +85,10 @@ fn fixture_adapters_round_trip() {
             let orig = load(&src, &model);
             let out = tmp.path().join(family).join(name);
             orig.save_peft(&out, table).unwrap_or_else(|e| panic!("{what}: save: {e}"));
-            let mut files: Vec<String> =
-                std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            let mut files: Vec<String> = std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
             files.sort();
             assert_eq!(files, ["adapter_config.json", "adapter_model.safetensors"], "{what}");
 
@@ -101,7 +103,11 @@ fn fixture_adapters_round_trip() {
             assert_eq!(md.get("format").map(String::as_str), Some("pt"), "{what}: metadata {md:?}");
             let ours = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
             let peft = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-            assert_eq!(ours.keys().collect::<BTreeSet<_>>(), peft.keys().collect::<BTreeSet<_>>(), "{what}: tensor keys");
+            assert_eq!(
+                ours.keys().collect::<BTreeSet<_>>(),
+                peft.keys().collect::<BTreeSet<_>>(),
+                "{what}: tensor keys"
+            );
             for (k, t) in &ours {
                 assert_eq!(t.dtype(), candle_core::DType::F32, "{what}: {k}");
                 assert!(bits(t) == bits(&peft[k]), "{what}: {k} differs from PEFT's file");
@@ -110,7 +116,8 @@ fn fixture_adapters_round_trip() {
             // adapter_config.json: PEFT's key set; byte-identical unless "all-linear" was resolved.
             let saved_text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
             let peft_text = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
-            let (saved, peft_cfg) = (read_json(&out.join("adapter_config.json")), read_json(&src.join("adapter_config.json")));
+            let (saved, peft_cfg) =
+                (read_json(&out.join("adapter_config.json")), read_json(&src.join("adapter_config.json")));
             assert_eq!(keys(&saved), keys(&peft_cfg), "{what}: key set");
             if peft_cfg["target_modules"] == "all-linear" {
                 // Resolved as PEFT 0.21 saves it: every linear module path of the model.
@@ -175,14 +182,16 @@ fn a_fresh_adapter_is_saved_with_every_peft_key() {
 fn all_linear_is_resolved_like_peft() {
     let model = tiny_model("llama");
     let table = model.modules();
-    let cfg = AdapterConfig::from_json(r#"{"r":2,"lora_alpha":4,"target_modules":"all-linear"}"#, Path::new("x")).unwrap();
+    let cfg =
+        AdapterConfig::from_json(r#"{"r":2,"lora_alpha":4,"target_modules":"all-linear"}"#, Path::new("x")).unwrap();
     let a = Adapter::init("x", cfg, &model, 1).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     a.save_peft(&tmp.path().join("a"), table).unwrap();
     let saved = read_json(&tmp.path().join("a/adapter_config.json"));
     // PEFT's own llama all_linear fixture lists the same module paths.
     let peft = read_json(&fixture_dir("llama", "all_linear").join("adapter_config.json"));
-    let set = |v: &Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<BTreeSet<_>>();
+    let set =
+        |v: &Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<BTreeSet<_>>();
     assert_eq!(set(&saved["target_modules"]), set(&peft["target_modules"]));
     let back = load(&tmp.path().join("a"), &model);
     assert_eq!(back.num_layers(), 14);

@@ -138,7 +138,11 @@ fn gguf_of_an_unsupported_architecture() {
     let path = tmp.path().join("gpt2.gguf");
     let mut f = std::fs::File::create(&path).unwrap();
     let arch = gguf_file::Value::String("gpt2".into());
-    let t = candle_core::quantized::QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), candle_core::quantized::GgmlDType::F32).unwrap();
+    let t = candle_core::quantized::QTensor::quantize(
+        &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
     gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
     drop(f);
     let e = load(&path).to_string();

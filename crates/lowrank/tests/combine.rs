@@ -19,7 +19,8 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
     let model = tiny_model("llama");
     let fix = models_dir().join("llama");
     let want = candle_core::safetensors::load(fix.join("combine.safetensors"), &Device::Cpu).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fix.join("combine.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fix.join("combine.json")).unwrap()).unwrap();
     let mut loaded: HashMap<String, std::sync::Arc<Adapter>> = HashMap::new();
     for case in manifest["cases"].as_array().unwrap() {
         let name = case["case"].as_str().unwrap();
@@ -29,7 +30,10 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
             .iter()
             .map(|a| {
                 let n = a["name"].as_str().unwrap();
-                (loaded.entry(n.into()).or_insert_with(|| adapter(&model, "llama", n)).clone(), a["weight"].as_f64().unwrap())
+                (
+                    loaded.entry(n.into()).or_insert_with(|| adapter(&model, "llama", n)).clone(),
+                    a["weight"].as_f64().unwrap(),
+                )
             })
             .collect();
         let refs: Vec<(&Adapter, f64)> = inputs.iter().map(|(a, w)| (a.as_ref(), *w)).collect();
@@ -38,7 +42,11 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
             "linear" => CombineMethod::Linear,
             "cat" => CombineMethod::Cat,
             "ties" => {
-                let sign = if case["majority_sign_method"] == "frequency" { MajoritySign::Frequency } else { MajoritySign::Total };
+                let sign = if case["majority_sign_method"] == "frequency" {
+                    MajoritySign::Frequency
+                } else {
+                    MajoritySign::Total
+                };
                 CombineMethod::Ties { density, sign }
             }
             "magnitude_prune" => CombineMethod::MagnitudePrune { density },
@@ -48,7 +56,8 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
         assert_eq!(got.config.r as u64, case["r"].as_u64().unwrap(), "{name}: r");
         assert_eq!(got.config.lora_alpha, case["lora_alpha"].as_f64().unwrap(), "{name}: lora_alpha");
         let table = model.modules().modules();
-        let ours: BTreeSet<&str> = (0..table.len()).filter(|&i| got.layer(i).is_some()).map(|i| table[i].path.as_str()).collect();
+        let ours: BTreeSet<&str> =
+            (0..table.len()).filter(|&i| got.layer(i).is_some()).map(|i| table[i].path.as_str()).collect();
         let theirs: BTreeSet<&str> = case["modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
         assert_eq!(ours, theirs, "{name}: adapted modules");
         for (i, m) in table.iter().enumerate() {
@@ -83,8 +92,12 @@ fn linear_of_one_is_itself_and_cat_of_two_is_both_at_once() {
     let one = std::sync::Arc::new(combine(&[(&all, 1.0)], CombineMethod::Linear, model.modules(), "one").unwrap());
     let d = max_diff(&logits(&model, ids, &[active(&one, 1.0)]), &logits(&model, ids, &[active(&all, 1.0)]));
     assert!(d < 1e-5, "linear of one adapter differs from it by {d}");
-    let both = std::sync::Arc::new(combine(&[(&qv, 0.7), (&all, -0.4)], CombineMethod::Cat, model.modules(), "both").unwrap());
-    let d = max_diff(&logits(&model, ids, &[active(&both, 1.0)]), &logits(&model, ids, &[active(&qv, 0.7), active(&all, -0.4)]));
+    let both =
+        std::sync::Arc::new(combine(&[(&qv, 0.7), (&all, -0.4)], CombineMethod::Cat, model.modules(), "both").unwrap());
+    let d = max_diff(
+        &logits(&model, ids, &[active(&both, 1.0)]),
+        &logits(&model, ids, &[active(&qv, 0.7), active(&all, -0.4)]),
+    );
     assert!(d < 1e-4, "cat differs from applying both by {d}");
 }
 
@@ -94,7 +107,9 @@ fn linear_refuses_different_ranks_and_names_them() {
     let (qv, all) = (adapter(&model, "llama", "qv"), adapter(&model, "llama", "all_linear"));
     let e = combine(&[(&qv, 1.0), (&all, 1.0)], CombineMethod::Linear, model.modules(), "x").unwrap_err().to_string();
     assert!(e.contains("qv has r=4") && e.contains("all_linear has r=8") && e.contains("cat or svd"), "{e}");
-    let e = combine(&[(&qv, 1.0), (&qv, 1.0)], CombineMethod::MagnitudePrune { density: 1.5 }, model.modules(), "x").unwrap_err().to_string();
+    let e = combine(&[(&qv, 1.0), (&qv, 1.0)], CombineMethod::MagnitudePrune { density: 1.5 }, model.modules(), "x")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("density"), "{e}");
     let e = combine(&[], CombineMethod::Cat, model.modules(), "x").unwrap_err().to_string();
     assert!(e.contains("no adapters"), "{e}");

@@ -19,9 +19,7 @@ fn fixture_dir() -> PathBuf {
 /// The fixture tokenizer, parsed once for all tests.
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
-    TOKENIZER.get_or_init(|| {
-        Tokenizer::from_hf_dir(&fixture_dir()).expect("loading the SmolLM2 tokenizer fixture")
-    })
+    TOKENIZER.get_or_init(|| Tokenizer::from_hf_dir(&fixture_dir()).expect("loading the SmolLM2 tokenizer fixture"))
 }
 
 fn template() -> &'static ChatTemplate {
@@ -34,10 +32,7 @@ fn template() -> &'static ChatTemplate {
 }
 
 fn opts(max_seq_len: usize) -> DataOptions {
-    DataOptions {
-        max_seq_len,
-        train_on_prompt: false,
-    }
+    DataOptions { max_seq_len, train_on_prompt: false }
 }
 
 /// A temporary JSONL file holding `lines` (joined with `\n`).
@@ -63,13 +58,9 @@ fn load(lines: &[&str], options: &DataOptions) -> lowrank::Result<Dataset> {
 fn load_error(lines: &[&str]) -> (Error, String) {
     let file = jsonl(lines);
     let (tok, tpl) = (tokenizer(), template());
-    let error =
-        load_jsonl(&file.path, tok, Some(tpl), &opts(256)).expect_err("loading should fail");
+    let error = load_jsonl(&file.path, tok, Some(tpl), &opts(256)).expect_err("loading should fail");
     let text = error.to_string();
-    assert!(
-        text.starts_with(&file.path.display().to_string()),
-        "error does not name the file: {text}"
-    );
+    assert!(text.starts_with(&file.path.display().to_string()), "error does not name the file: {text}");
     (error, text)
 }
 
@@ -92,13 +83,7 @@ fn target_spans(tok: &Tokenizer, example: &Example) -> Vec<String> {
 }
 
 fn non_target_text(tok: &Tokenizer, example: &Example) -> String {
-    let ids: Vec<u32> = example
-        .ids
-        .iter()
-        .zip(&example.targets)
-        .filter(|(_, &t)| !t)
-        .map(|(&id, _)| id)
-        .collect();
+    let ids: Vec<u32> = example.ids.iter().zip(&example.targets).filter(|(_, &t)| !t).map(|(&id, _)| id).collect();
     tok.decode(&ids, false).unwrap()
 }
 
@@ -122,15 +107,9 @@ fn text_rows_train_on_every_token_and_end_with_eos() {
     assert!(example.targets[1..].iter().all(|&t| t));
     // Everything but the first token (nothing predicts it) is a target.
     let first = tok.decode(&example.ids[..1], false).unwrap();
-    assert_eq!(
-        target_spans(tok, example),
-        [format!("{}{EOS}", &text[first.len()..])]
-    );
+    assert_eq!(target_spans(tok, example), [format!("{}{EOS}", &text[first.len()..])]);
     assert_eq!(data.stats.format, Format::Text);
-    assert_eq!(
-        (data.stats.tokens, data.stats.target_tokens),
-        (expected.len(), expected.len() - 1)
-    );
+    assert_eq!((data.stats.tokens, data.stats.target_tokens), (expected.len(), expected.len() - 1));
 }
 
 #[test]
@@ -148,10 +127,7 @@ fn prompt_completion_trains_on_the_completion_only() {
     let data = load(&[row], &opts(256)).unwrap();
     let example = only_example(&data);
     assert_eq!(target_spans(tok, example), [format!(" Paris.{EOS}")]);
-    assert_eq!(
-        non_target_text(tok, example),
-        "Question: what is the capital of France?\nAnswer:"
-    );
+    assert_eq!(non_target_text(tok, example), "Question: what is the capital of France?\nAnswer:");
     assert_eq!(data.stats.format, Format::PromptCompletion);
     // "Answer:" + " Paris." splits at the space in one piece too: nothing to report.
     assert_eq!(data.stats.boundary_merges, 0);
@@ -180,14 +156,8 @@ fn a_prompt_ending_in_a_space_is_trained_on_its_own_ids_then_the_completion() {
     let completion_ids = tok.encode(completion, false).unwrap();
     let eos = tok.eos_token_ids()[0];
     let joined = tok.encode(&format!("{prompt}{completion}"), true).unwrap();
-    assert!(
-        !joined.starts_with(&prompt_ids),
-        "the case must merge across the boundary: {joined:?} vs {prompt_ids:?}"
-    );
-    assert_eq!(
-        example.ids,
-        [prompt_ids.clone(), completion_ids.clone(), vec![eos]].concat()
-    );
+    assert!(!joined.starts_with(&prompt_ids), "the case must merge across the boundary: {joined:?} vs {prompt_ids:?}");
+    assert_eq!(example.ids, [prompt_ids.clone(), completion_ids.clone(), vec![eos]].concat());
     assert_eq!(target_ids(example), [completion_ids, vec![eos]].concat());
     assert!(example.targets[..prompt_ids.len()].iter().all(|&t| !t));
 
@@ -241,33 +211,20 @@ fn assistant_targets_continue_the_ids_chat_generation_starts_from() {
         ("tiny-spm", &spm, &spm_template, ["<|eot_id|>", "<|eot_id|></s>"]),
     ] {
         let file = jsonl(&[&row]);
-        let data = load_jsonl(&file.path, tok, Some(tpl), &opts(512))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let data = load_jsonl(&file.path, tok, Some(tpl), &opts(512)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let example = only_example(&data);
         let mut start = 0;
         let turns = messages.iter().enumerate().filter(|(_, m)| m.role == "assistant");
         for ((i, turn), end) in turns.zip(ends) {
             let prompt = lowrank::prompt::chat_ids(tok, tpl, &messages[..i]).unwrap();
-            assert!(
-                example.ids.starts_with(&prompt),
-                "{name}: turn {i}'s prompt ids are not a prefix of the example"
-            );
+            assert!(example.ids.starts_with(&prompt), "{name}: turn {i}'s prompt ids are not a prefix of the example");
             assert!(!example.targets[start..prompt.len()].iter().any(|&t| t), "{name}: turn {i}");
-            let len = example.targets[prompt.len()..]
-                .iter()
-                .take_while(|&&t| t)
-                .count();
+            let len = example.targets[prompt.len()..].iter().take_while(|&&t| t).count();
             let produced = &example.ids[prompt.len()..prompt.len() + len];
             // Generation stops at the first eos: the span holds one at most, at its end.
-            let eos_at: Vec<usize> = (0..len)
-                .filter(|&t| tok.eos_token_ids().contains(&produced[t]))
-                .collect();
+            let eos_at: Vec<usize> = (0..len).filter(|&t| tok.eos_token_ids().contains(&produced[t])).collect();
             assert!(eos_at.is_empty() || eos_at == [len - 1], "{name}: turn {i}: {produced:?}");
-            assert_eq!(
-                tok.decode(produced, false).unwrap(),
-                format!("{}{end}", turn.content),
-                "{name}: turn {i}"
-            );
+            assert_eq!(tok.decode(produced, false).unwrap(), format!("{}{end}", turn.content), "{name}: turn {i}");
             start = prompt.len() + len;
         }
     }
@@ -276,21 +233,11 @@ fn assistant_targets_continue_the_ids_chat_generation_starts_from() {
 #[test]
 fn train_on_prompt_marks_every_token_but_the_first() {
     let tok = tokenizer();
-    let options = DataOptions {
-        max_seq_len: 256,
-        train_on_prompt: true,
-    };
-    let pc = load(
-        &[r#"{"prompt": "Q: 2+2?\nA:", "completion": " 4"}"#],
-        &options,
-    )
-    .unwrap();
+    let options = DataOptions { max_seq_len: 256, train_on_prompt: true };
+    let pc = load(&[r#"{"prompt": "Q: 2+2?\nA:", "completion": " 4"}"#], &options).unwrap();
     let example = only_example(&pc);
     assert!(example.targets[1..].iter().all(|&t| t));
-    assert_eq!(
-        tok.decode(&example.ids, false).unwrap(),
-        format!("Q: 2+2?\nA: 4{EOS}")
-    );
+    assert_eq!(tok.decode(&example.ids, false).unwrap(), format!("Q: 2+2?\nA: 4{EOS}"));
 
     let chat = load(
         &[r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}"#],
@@ -300,15 +247,8 @@ fn train_on_prompt_marks_every_token_but_the_first() {
     let example = only_example(&chat);
     assert!(example.targets[1..].iter().all(|&t| t));
     // The template closes the turn with <|im_end|>, so no eos is appended.
-    let rendered = template()
-        .render(
-            &[
-                Message::new("user", "Hi"),
-                Message::new("assistant", "Hello!"),
-            ],
-            false,
-        )
-        .unwrap();
+    let rendered =
+        template().render(&[Message::new("user", "Hi"), Message::new("assistant", "Hello!")], false).unwrap();
     assert_eq!(example.ids, tok.encode(&rendered, false).unwrap());
 }
 
@@ -325,10 +265,7 @@ fn messages_train_on_the_assistant_turn_and_its_eos() {
     // The ids are the template's text, encoded without special tokens, and nothing more.
     let rendered = template().render(&messages, false).unwrap();
     assert_eq!(example.ids, tok.encode(&rendered, false).unwrap());
-    assert_eq!(
-        target_spans(tok, example),
-        [format!("The capital of France is Paris.{EOS}")]
-    );
+    assert_eq!(target_spans(tok, example), [format!("The capital of France is Paris.{EOS}")]);
     assert_eq!(data.stats.format, Format::Messages);
 }
 
@@ -346,26 +283,11 @@ fn multi_turn_marks_every_assistant_turn_and_no_system_or_user_token() {
         .replace('\n', "");
     let data = load(&[&row], &opts(256)).unwrap();
     let example = only_example(&data);
-    assert_eq!(
-        target_spans(tok, example),
-        [
-            format!("Paris{EOS}"),
-            format!("Rome{EOS}"),
-            format!("Welcome{EOS}")
-        ]
-    );
+    assert_eq!(target_spans(tok, example), [format!("Paris{EOS}"), format!("Rome{EOS}"), format!("Welcome{EOS}")]);
     let prompt = non_target_text(tok, example);
-    for text in [
-        "You answer in one word.",
-        "Capital of France?",
-        "And of Italy?",
-        "Thanks",
-        "<|im_start|>assistant\n",
-    ] {
-        assert!(
-            prompt.contains(text),
-            "{text:?} should not be a target: {prompt:?}"
-        );
+    for text in ["You answer in one word.", "Capital of France?", "And of Italy?", "Thanks", "<|im_start|>assistant\n"]
+    {
+        assert!(prompt.contains(text), "{text:?} should not be a target: {prompt:?}");
     }
 }
 
@@ -385,10 +307,7 @@ fn truncation_is_counted_and_rows_without_targets_are_dropped() {
     assert_eq!(data.examples.len(), 2);
     assert!(data.examples.iter().all(|e| e.len() <= 12));
     assert_eq!(data.examples[1].len(), 12);
-    assert_eq!(
-        data.stats.tokens,
-        data.examples.iter().map(Example::len).sum::<usize>()
-    );
+    assert_eq!(data.stats.tokens, data.examples.iter().map(Example::len).sum::<usize>());
 
     // A conversation without an assistant turn has nothing to train on.
     let chat = load(
@@ -399,22 +318,12 @@ fn truncation_is_counted_and_rows_without_targets_are_dropped() {
         &opts(256),
     )
     .unwrap();
-    assert_eq!(
-        (
-            chat.stats.rows,
-            chat.stats.dropped_no_targets,
-            chat.examples.len()
-        ),
-        (2, 1, 1)
-    );
+    assert_eq!((chat.stats.rows, chat.stats.dropped_no_targets, chat.examples.len()), (2, 1, 1));
 }
 
 #[test]
 fn every_row_dropped_is_an_error() {
-    let long = format!(
-        r#"{{"prompt": "{}", "completion": " x"}}"#,
-        "word ".repeat(50)
-    );
+    let long = format!(r#"{{"prompt": "{}", "completion": " x"}}"#, "word ".repeat(50));
     let file = jsonl(&[&long, &long]);
     let error = load_jsonl(&file.path, tokenizer(), None, &opts(16)).unwrap_err();
     assert!(matches!(error, Error::Data { line: None, .. }), "{error:?}");
@@ -427,28 +336,13 @@ fn malformed_rows_name_file_and_line() {
     let cases: [(&[&str], usize, &str); 5] = [
         (&[good, "", r#"{"text": "unterminated}"#], 3, "invalid JSON"),
         (&[good, r#"{"txt": "typo"}"#], 2, "keys: \"txt\""),
-        (
-            &[good, good, good, r#"{"text": ["a"]}"#],
-            4,
-            "\"text\" must be a string; found a list",
-        ),
-        (
-            &[r#"{"prompt": "only a prompt"}"#],
-            1,
-            "without \"completion\"",
-        ),
-        (
-            &[r#"{"messages": [{"role": "user", "content": 5}]}"#],
-            1,
-            "messages[0].content must be a string",
-        ),
+        (&[good, good, good, r#"{"text": ["a"]}"#], 4, "\"text\" must be a string; found a list"),
+        (&[r#"{"prompt": "only a prompt"}"#], 1, "without \"completion\""),
+        (&[r#"{"messages": [{"role": "user", "content": 5}]}"#], 1, "messages[0].content must be a string"),
     ];
     for (lines, line, message) in cases {
         let (error, text) = load_error(lines);
-        assert!(
-            matches!(error, Error::Data { line: Some(l), .. } if l == line),
-            "{text}"
-        );
+        assert!(matches!(error, Error::Data { line: Some(l), .. } if l == line), "{text}");
         assert!(text.contains(&format!("rows.jsonl:{line}: ")), "{text}");
         assert!(text.contains(message), "{text}");
     }
@@ -456,16 +350,9 @@ fn malformed_rows_name_file_and_line() {
 
 #[test]
 fn mixed_formats_are_an_error_at_the_odd_row() {
-    let (error, text) = load_error(&[
-        r#"{"text": "a"}"#,
-        r#"{"text": "b"}"#,
-        r#"{"prompt": "c", "completion": "d"}"#,
-    ]);
+    let (error, text) = load_error(&[r#"{"text": "a"}"#, r#"{"text": "b"}"#, r#"{"prompt": "c", "completion": "d"}"#]);
     assert!(matches!(error, Error::Data { line: Some(3), .. }), "{text}");
-    assert!(
-        text.contains("prompt-completion") && text.contains("line 1 is a text row"),
-        "{text}"
-    );
+    assert!(text.contains("prompt-completion") && text.contains("line 1 is a text row"), "{text}");
 }
 
 #[test]
@@ -479,24 +366,15 @@ fn empty_file_is_an_error() {
 
 #[test]
 fn byte_order_mark_and_crlf_are_accepted() {
-    let data = load(
-        &["\u{feff}{\"text\": \"a\"}\r", "{\"text\": \"b\"}\r", ""],
-        &opts(256),
-    )
-    .unwrap();
+    let data = load(&["\u{feff}{\"text\": \"a\"}\r", "{\"text\": \"b\"}\r", ""], &opts(256)).unwrap();
     assert_eq!(data.stats.rows, 2);
 }
 
 #[test]
 fn messages_need_a_chat_template() {
-    let file = jsonl(&[
-        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#,
-    ]);
+    let file = jsonl(&[r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#]);
     let error = load_jsonl(&file.path, tokenizer(), None, &opts(256)).unwrap_err();
-    assert!(
-        matches!(error, Error::Data { line: Some(1), .. }),
-        "{error}"
-    );
+    assert!(matches!(error, Error::Data { line: Some(1), .. }), "{error}");
     assert!(error.to_string().contains("chat template"), "{error}");
 }
 
@@ -506,28 +384,18 @@ fn a_template_that_is_not_prefix_stable_is_reported() {
     let source = "{% for m in messages|reverse %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
                   {% if add_generation_prompt %}assistant: {% endif %}";
     let reversed = ChatTemplate::new(source.into(), None, Some(EOS.into())).unwrap();
-    let file = jsonl(&[
-        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#,
-    ]);
+    let file = jsonl(&[r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#]);
     let tok = tokenizer();
     let error = load_jsonl(&file.path, tok, Some(&reversed), &opts(256)).unwrap_err();
-    assert!(
-        matches!(error, Error::Data { line: Some(1), .. }),
-        "{error}"
-    );
+    assert!(matches!(error, Error::Data { line: Some(1), .. }), "{error}");
     assert!(error.to_string().contains("not prefix-stable"), "{error}");
     // Training on every token needs no spans, so it works with such a template.
-    let options = DataOptions {
-        max_seq_len: 256,
-        train_on_prompt: true,
-    };
+    let options = DataOptions { max_seq_len: 256, train_on_prompt: true };
     assert!(load_jsonl(&file.path, tok, Some(&reversed), &options).is_ok());
 }
 
 fn numbered_texts(n: usize) -> Dataset {
-    let rows: Vec<String> = (0..n)
-        .map(|i| format!(r#"{{"text": "row {i}"}}"#))
-        .collect();
+    let rows: Vec<String> = (0..n).map(|i| format!(r#"{{"text": "row {i}"}}"#)).collect();
     let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
     load(&rows, &opts(256)).unwrap()
 }
@@ -541,12 +409,7 @@ fn split_is_deterministic_and_keeps_every_example_once() {
     assert_eq!(train.stats.rows + eval.stats.rows, 50);
     assert_eq!(train.stats.tokens + eval.stats.tokens, data.stats.tokens);
     assert_eq!(train.lengths().iter().sum::<usize>(), train.stats.tokens);
-    let mut union: Vec<Example> = train
-        .examples
-        .iter()
-        .chain(&eval.examples)
-        .cloned()
-        .collect();
+    let mut union: Vec<Example> = train.examples.iter().chain(&eval.examples).cloned().collect();
     let mut expected = all.clone();
     union.sort_by(|a, b| a.ids.cmp(&b.ids));
     expected.sort_by(|a, b| a.ids.cmp(&b.ids));
@@ -599,19 +462,14 @@ fn pack_by_tokens_respects_the_budget_and_places_every_example_once() {
     let mut state = 12345u64;
     let lengths: Vec<usize> = (0..200)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (state >> 33) as usize % 120 + 1
         })
         .collect();
     let budget = 256;
     let batches = pack_by_tokens(&lengths, budget);
     for batch in &batches {
-        assert!(
-            batch.iter().map(|&i| lengths[i]).sum::<usize>() <= budget,
-            "{batch:?}"
-        );
+        assert!(batch.iter().map(|&i| lengths[i]).sum::<usize>() <= budget, "{batch:?}");
     }
     let mut placed: Vec<usize> = batches.iter().flatten().copied().collect();
     placed.sort_unstable();
@@ -619,16 +477,9 @@ fn pack_by_tokens_respects_the_budget_and_places_every_example_once() {
     assert_eq!(pack_by_tokens(&lengths, budget), batches);
     // First-fit decreasing is near the bound here: total / budget, rounded up, plus a little.
     let lower = lengths.iter().sum::<usize>().div_ceil(budget);
-    assert!(
-        batches.len() <= lower + 2,
-        "{} batches, bound {lower}",
-        batches.len()
-    );
+    assert!(batches.len() <= lower + 2, "{} batches, bound {lower}", batches.len());
     // An example over the budget gets a batch of its own.
-    assert_eq!(
-        pack_by_tokens(&[300, 10, 20], budget),
-        vec![vec![0], vec![2, 1]]
-    );
+    assert_eq!(pack_by_tokens(&[300, 10, 20], budget), vec![vec![0], vec![2, 1]]);
 }
 
 /// The Roman-numeral example: every prompt ends in whitespace, the targets are the numeral and the
@@ -671,22 +522,13 @@ fn shipped_example_dataset_loads_without_drops() {
         let data = load_jsonl(&dir.join(name), tok, Some(tpl), &opts(256)).unwrap();
         assert_eq!(data.stats.format, Format::Messages);
         assert_eq!(data.stats.rows, rows, "{name}");
-        assert_eq!(
-            (data.stats.truncated, data.stats.dropped_no_targets),
-            (0, 0),
-            "{name}"
-        );
+        assert_eq!((data.stats.truncated, data.stats.dropped_no_targets), (0, 0), "{name}");
         // The target of every row is the YYYY-MM-DD answer and the eos.
         for example in &data.examples {
             let spans = target_spans(tok, example);
             assert_eq!(spans.len(), 1);
-            let answer = spans[0]
-                .strip_suffix(EOS)
-                .unwrap_or_else(|| panic!("{spans:?}"));
-            assert!(
-                answer.len() == 10 && answer.as_bytes()[4] == b'-' && answer.as_bytes()[7] == b'-',
-                "{answer:?}"
-            );
+            let answer = spans[0].strip_suffix(EOS).unwrap_or_else(|| panic!("{spans:?}"));
+            assert!(answer.len() == 10 && answer.as_bytes()[4] == b'-' && answer.as_bytes()[7] == b'-', "{answer:?}");
             assert!(example.len() <= 128, "{} tokens", example.len());
         }
     }

@@ -6,12 +6,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use common::*;
 use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
-use lowrank::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
-use candle_core::quantized::GgmlDType;
 use lowrank::export::{gguf_metadata_for_hf, write_gguf_model, write_hf_model, HfOptions, TokenizerFiles};
+use lowrank::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
 use lowrank::model::{LoadOptions, Model, SeqInput};
 use lowrank::staging::Existing;
 use serde_json::Value;
@@ -106,7 +106,8 @@ fn hf_directory_matches_transformers_token_for_token() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("smollm2-hf");
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/smollm2-hf");
-    write_hf_model(&gguf, &TokenizerFiles::from_hf_dir(&tok).unwrap(), &dir, &HfOptions::default(), Existing::Refuse).unwrap();
+    write_hf_model(&gguf, &TokenizerFiles::from_hf_dir(&tok).unwrap(), &dir, &HfOptions::default(), Existing::Refuse)
+        .unwrap();
     drop(gguf);
     let bundle = ModelBundle::open(&dir, &LoadOptions::default()).unwrap();
     let prompt = chat_prompt(&bundle);
@@ -129,7 +130,9 @@ fn hf_directory_matches_transformers_token_for_token() {
 fn merged_default_model_equals_base_plus_adapter() {
     use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, AdapterLayer, LoraLayer};
     let mut model = Model::from_path(&default_gguf(), &LoadOptions { dequantize: true, ..Default::default() }).unwrap();
-    let cfg = AdapterConfig::from_json(r#"{"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}"#, Path::new("test")).unwrap();
+    let cfg =
+        AdapterConfig::from_json(r#"{"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}"#, Path::new("test"))
+            .unwrap();
     let dev = candle_core::Device::Cpu;
     let layers: Vec<Option<Box<dyn AdapterLayer>>> = model
         .modules()
@@ -138,12 +141,14 @@ fn merged_default_model_equals_base_plus_adapter() {
         .map(|m| {
             let a = candle_core::Tensor::randn(0f32, 0.05, (8, m.in_features), &dev).unwrap();
             let b = candle_core::Tensor::randn(0f32, 0.05, (m.out_features, 8), &dev).unwrap();
-            (m.path != "lm_head").then(|| Box::new(LoraLayer { a, b, scale: 2.0, dropout: None }) as Box<dyn AdapterLayer>)
+            (m.path != "lm_head")
+                .then(|| Box::new(LoraLayer { a, b, scale: 2.0, dropout: None }) as Box<dyn AdapterLayer>)
         })
         .collect();
     let set = [ActiveAdapter { adapter: std::sync::Arc::new(Adapter::new("random".into(), cfg, layers)), weight: 1.0 }];
     let prompt = ids_of(&fixture()["prompt_ids"]);
-    let run = |m: &Model, a: &[ActiveAdapter]| m.forward_last(&[SeqInput { tokens: &prompt, adapters: a }], None).unwrap();
+    let run =
+        |m: &Model, a: &[ActiveAdapter]| m.forward_last(&[SeqInput { tokens: &prompt, adapters: a }], None).unwrap();
     let (base, adapted) = (run(&model, &[]), run(&model, &set));
     let moved = (&adapted - &base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(moved > 0.1, "the adapter should change the logits (moved {moved})");

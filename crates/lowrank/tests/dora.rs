@@ -96,7 +96,12 @@ fn merged_weights_match_peft_and_unmerge_restores_the_base() {
         let dora = load(&model, family, "init");
         let (ids, _) = batch(family);
         let unmerged = logits(&model, &ids[1], &[active(&dora, 1.0)]);
-        let base_weights: Vec<Tensor> = model.blocks().iter().flat_map(|b| b.projections()).map(|p| p.base().weight().to_dense().unwrap()).collect();
+        let base_weights: Vec<Tensor> = model
+            .blocks()
+            .iter()
+            .flat_map(|b| b.projections())
+            .map(|p| p.base().weight().to_dense().unwrap())
+            .collect();
         model.merge(&[active(&dora, 1.0)]).unwrap();
         let want = safetensors(dir(family).join("merged.safetensors"));
         let mut checked = 0;
@@ -111,7 +116,12 @@ fn merged_weights_match_peft_and_unmerge_restores_the_base() {
         let d = max_diff(&logits(&model, &ids[1], &[]), &unmerged);
         assert!(d < 1e-4, "{family}: merged logits differ from base + DoRA by {d}");
         model.unmerge(&[active(&dora, 1.0)]).unwrap();
-        let restored: Vec<Tensor> = model.blocks().iter().flat_map(|b| b.projections()).map(|p| p.base().weight().to_dense().unwrap()).collect();
+        let restored: Vec<Tensor> = model
+            .blocks()
+            .iter()
+            .flat_map(|b| b.projections())
+            .map(|p| p.base().weight().to_dense().unwrap())
+            .collect();
         for (a, b) in base_weights.iter().zip(&restored) {
             assert!(max_diff(a, b) < 1e-5, "{family}: unmerge left a difference of {}", max_diff(a, b));
         }
@@ -122,7 +132,11 @@ fn merged_weights_match_peft_and_unmerge_restores_the_base() {
 #[test]
 fn fresh_dora_adapter_is_the_identity_and_saves_like_peft() {
     let model = tiny_model("qwen2");
-    let cfg = AdapterConfig::from_json(r#"{"r":4,"lora_alpha":8,"use_dora":true,"target_modules":"all-linear"}"#, "d".as_ref()).unwrap();
+    let cfg = AdapterConfig::from_json(
+        r#"{"r":4,"lora_alpha":8,"use_dora":true,"target_modules":"all-linear"}"#,
+        "d".as_ref(),
+    )
+    .unwrap();
     let fresh = Arc::new(Adapter::init("d", cfg, &model, 3).unwrap());
     let (ids, _) = batch("qwen2");
     let d = max_diff(&logits(&model, &ids[0], &[active(&fresh, 1.0)]), &logits(&model, &ids[0], &[]));
@@ -138,7 +152,8 @@ fn fresh_dora_adapter_is_the_identity_and_saves_like_peft() {
     a.sort();
     b.sort();
     assert_eq!(a, b, "the same tensor names as PEFT's DoRA adapter");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["use_dora"], true);
     let back = Adapter::load_peft(&out, model.modules(), &Device::Cpu).unwrap();
     for id in 0..model.modules().len() {
@@ -178,14 +193,32 @@ fn dora_is_refused_where_it_has_no_meaning() {
     let model = tiny_model("llama");
     let dora = load(&model, "llama", "init");
     let lora = adapter(&model, "llama", "all_linear");
-    let e = lowrank::adapter::combine(&[(&dora, 1.0), (&lora, 1.0)], lowrank::adapter::CombineMethod::Linear, model.modules(), "c").unwrap_err();
+    let e = lowrank::adapter::combine(
+        &[(&dora, 1.0), (&lora, 1.0)],
+        lowrank::adapter::CombineMethod::Linear,
+        model.modules(),
+        "c",
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("DoRA"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
-    let e = dora.save_gguf(&tmp.path().join("x.gguf"), model.modules(), model.config(), "llama", lowrank::staging::Existing::Refuse).unwrap_err();
+    let e = dora
+        .save_gguf(
+            &tmp.path().join("x.gguf"),
+            model.modules(),
+            model.config(),
+            "llama",
+            lowrank::staging::Existing::Refuse,
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("DoRA"), "{e}");
     assert!(!tmp.path().join("x.gguf").exists());
     // DoRA on a layer lowrank does not adapt (embeddings, the LM head) is named as such.
-    let cfg = AdapterConfig::from_json(r#"{"r":4,"use_dora":true,"target_modules":["embed_tokens","lm_head"]}"#, "e".as_ref()).unwrap();
+    let cfg = AdapterConfig::from_json(
+        r#"{"r":4,"use_dora":true,"target_modules":["embed_tokens","lm_head"]}"#,
+        "e".as_ref(),
+    )
+    .unwrap();
     let e = Adapter::init("e", cfg, &model, 0).unwrap_err().to_string();
     assert!(e.contains("DoRA on embeddings") && e.contains("q_proj"), "{e}");
 }

@@ -23,13 +23,15 @@ fn merged_directory_reloads_to_base_plus_adapter_logits_across_shards() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
         let opts = HfOptions { max_shard_bytes: 40_000, ..Default::default() };
-        let written = write_hf_model(&model, &TokenizerFiles::from_hf_dir(&src).unwrap(), &out, &opts, Existing::Refuse).unwrap();
+        let written =
+            write_hf_model(&model, &TokenizerFiles::from_hf_dir(&src).unwrap(), &out, &opts, Existing::Refuse).unwrap();
         let shards = written.files.iter().filter(|f| f.ends_with(".safetensors")).count();
         assert!(shards > 1, "{family}: 40 kB shards of a ~300 kB model: {:?}", written.files);
         for f in ["model.safetensors.index.json", "config.json", "generation_config.json"] {
             assert!(out.join(f).is_file(), "{family}: no {f}");
         }
-        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
         assert_eq!(index["weight_map"].as_object().unwrap().len(), written.tensors);
         assert_eq!(index["metadata"]["total_size"].as_u64(), Some(written.bytes));
 
@@ -51,7 +53,8 @@ fn bf16_export_holds_the_merged_weights_rounded_to_bf16() {
     let opts = HfOptions { dtype: DType::BF16, ..Default::default() };
     write_hf_model(&model, &TokenizerFiles::none(), &out, &opts, Existing::Refuse).unwrap();
     let stored = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
     for (name, w) in model.named_weights().unwrap() {
         let s = &stored[&name];
@@ -109,7 +112,8 @@ fn merged_gguf_reloads_to_base_plus_adapter_logits() {
         write_gguf_model(&model, source.metadata(), &out, ty, true, Existing::Refuse).unwrap();
         let back = GgufFile::open(&out, &candle_core::Device::Cpu, false).unwrap();
         assert_eq!(back.architecture().unwrap(), "llama");
-        let types: std::collections::HashMap<String, GgmlDType> = back.tensor_infos().into_iter().map(|(n, t, _)| (n, t)).collect();
+        let types: std::collections::HashMap<String, GgmlDType> =
+            back.tensor_infos().into_iter().map(|(n, t, _)| (n, t)).collect();
         assert_eq!(types["blk.0.attn_q.weight"], ty);
         assert_eq!(types["blk.0.attn_norm.weight"], GgmlDType::F32, "norms stay f32");
         let reloaded = Model::from_path(&out, &LoadOptions::default()).unwrap();

@@ -12,7 +12,9 @@ use common::*;
 use lowrank::adapter::{Adapter, AdapterConfig, AdapterLayer};
 
 fn config(init: &str) -> AdapterConfig {
-    let json = format!(r#"{{"r":4,"lora_alpha":8,"init_lora_weights":"{init}","target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}}"#);
+    let json = format!(
+        r#"{{"r":4,"lora_alpha":8,"init_lora_weights":"{init}","target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}}"#
+    );
     AdapterConfig::from_json(&json, init.as_ref()).unwrap()
 }
 
@@ -40,7 +42,8 @@ fn pissa_and_olora_match_peft_and_leave_the_model_unchanged() {
                 let row = |t: &Tensor| t.get(j).unwrap();
                 let col = |t: &Tensor| t.narrow(1, j, 1).unwrap();
                 let same = max_diff(&row(&a), &row(wa)).max(max_diff(&col(&b), &col(wb)));
-                let flipped = max_diff(&row(&a), &row(wa).neg().unwrap()).max(max_diff(&col(&b), &col(wb).neg().unwrap()));
+                let flipped =
+                    max_diff(&row(&a), &row(wa).neg().unwrap()).max(max_diff(&col(&b), &col(wb).neg().unwrap()));
                 assert!(same.min(flipped) < 1e-4, "{init} {} component {j}: differs by {}", m.path, same.min(flipped));
             }
         }
@@ -66,7 +69,17 @@ fn a_trained_residual_adapter_converts_to_plain_lora_on_the_original_base() {
     let tmp = tempfile::tempdir().unwrap();
     start.save_peft(&tmp.path().join("s"), original.modules()).unwrap();
     let st = tmp.path().join("s/adapter_model.safetensors");
-    let moved: HashMap<String, Tensor> = safetensors(st.clone()).into_iter().map(|(k, t)| if k.contains("lora_B") { let t = (&t * 1.3).unwrap(); (k, t) } else { (k, t) }).collect();
+    let moved: HashMap<String, Tensor> = safetensors(st.clone())
+        .into_iter()
+        .map(|(k, t)| {
+            if k.contains("lora_B") {
+                let t = (&t * 1.3).unwrap();
+                (k, t)
+            } else {
+                (k, t)
+            }
+        })
+        .collect();
     candle_core::safetensors::save(&moved, &st).unwrap();
     let trained = Arc::new(Adapter::load_peft(&tmp.path().join("s"), original.modules(), &Device::Cpu).unwrap());
     let plain = Arc::new(trained.relative_to_original(&start, original.modules()).unwrap());
@@ -75,7 +88,11 @@ fn a_trained_residual_adapter_converts_to_plain_lora_on_the_original_base() {
     let ids = &ids("llama")[1];
     let want = logits(&residual_model, ids, &[active(&trained, 1.0)]);
     let got = logits(&original, ids, &[active(&plain, 1.0)]);
-    assert!(max_diff(&got, &want) < 1e-4, "converted adapter on the original base differs by {}", max_diff(&got, &want));
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "converted adapter on the original base differs by {}",
+        max_diff(&got, &want)
+    );
     assert!(max_diff(&got, &logits(&original, ids, &[])) > 1e-3, "the training change shows");
     // It round-trips as a PEFT directory.
     plain.save_peft(&tmp.path().join("plain"), original.modules()).unwrap();
@@ -85,9 +102,14 @@ fn a_trained_residual_adapter_converts_to_plain_lora_on_the_original_base() {
 
 #[test]
 fn pissa_on_a_quantized_base_is_refused() {
-    let gguf = lowrank::model::Model::from_path(&models_dir().join("llama/gguf/tiny-Q8_0.gguf"), &Default::default()).unwrap();
+    let gguf =
+        lowrank::model::Model::from_path(&models_dir().join("llama/gguf/tiny-Q8_0.gguf"), &Default::default()).unwrap();
     let e = Adapter::init("s", config("pissa"), &gguf, 0).unwrap_err().to_string();
     assert!(e.contains("quantized") && e.contains("q8_0"), "{e}");
-    let dora = AdapterConfig::from_json(r#"{"r":4,"init_lora_weights":"olora","use_dora":true,"target_modules":["q_proj"]}"#, "d".as_ref()).unwrap();
+    let dora = AdapterConfig::from_json(
+        r#"{"r":4,"init_lora_weights":"olora","use_dora":true,"target_modules":["q_proj"]}"#,
+        "d".as_ref(),
+    )
+    .unwrap();
     assert!(Adapter::init("d", dora, &tiny_model("llama"), 0).unwrap_err().to_string().contains("DoRA"));
 }

@@ -48,7 +48,8 @@ fn weighted_adapters_add_linearly_in_every_projection() {
             let run = |adapters: &[ActiveAdapter]| p.forward(&x, &[AdapterRun { rows: 0..5, adapters }]).unwrap();
             let base = run(&[]);
             let both = run(&[active(&qv, w1), active(&all, w2)]);
-            let sep = ((run(&[active(&qv, w1)]) - &base).unwrap() + (run(&[active(&all, w2)]) - &base).unwrap()).unwrap();
+            let sep =
+                ((run(&[active(&qv, w1)]) - &base).unwrap() + (run(&[active(&all, w2)]) - &base).unwrap()).unwrap();
             let d = max_diff(&(both - &base).unwrap(), &sep);
             assert!(d < 1e-5, "module {}: Δ = {d}", p.id());
         }
@@ -109,7 +110,11 @@ fn merged_model_equals_base_plus_adapters_and_unmerge_restores_it() {
         let set = [active(&qv, 0.7), active(&all, -0.4)];
         let ids = &ids(family)[0];
         let (base, adapted) = (logits(&model, ids, &[]), logits(&model, ids, &set));
-        let before: Vec<Tensor> = model.blocks().iter().flat_map(|b| b.projections().map(|p| p.base().weight().to_dense().unwrap())).collect();
+        let before: Vec<Tensor> = model
+            .blocks()
+            .iter()
+            .flat_map(|b| b.projections().map(|p| p.base().weight().to_dense().unwrap()))
+            .collect();
         model.merge(&set).unwrap();
         let d = max_diff(&logits(&model, ids, &[]), &adapted);
         assert!(d < 1e-4, "{family}: merged model differs from base + adapters by {d}");

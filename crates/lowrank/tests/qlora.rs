@@ -22,7 +22,8 @@ fn nf4_model(family: &str) -> Model {
 /// `B = 0` writes `W + 0` as dense f32).
 fn dequantised(family: &str) -> Model {
     let mut m = nf4_model(family);
-    let cfg = AdapterConfig::from_json(r#"{"r":1,"lora_alpha":1,"target_modules":"all-linear"}"#, "zero".as_ref()).unwrap();
+    let cfg =
+        AdapterConfig::from_json(r#"{"r":1,"lora_alpha":1,"target_modules":"all-linear"}"#, "zero".as_ref()).unwrap();
     let zero = Arc::new(Adapter::init("zero", cfg, &m, 0).unwrap());
     m.merge(&[active(&zero, 1.0)]).unwrap();
     m
@@ -36,7 +37,9 @@ fn norm(t: &candle_core::Tensor) -> f32 {
 fn projections_are_held_in_about_four_bits() {
     let full = tiny_model("llama");
     let q = nf4_model("llama");
-    for (p, f) in q.blocks().iter().flat_map(|b| b.projections()).zip(full.blocks().iter().flat_map(|b| b.projections())) {
+    for (p, f) in
+        q.blocks().iter().flat_map(|b| b.projections()).zip(full.blocks().iter().flat_map(|b| b.projections()))
+    {
         assert_eq!(p.base().weight().dtype_name(), "nf4");
         let (m, k) = p.base().weight().dims().unwrap();
         let bits = 8.0 * p.base().weight().size_in_bytes() as f64 / (m * k) as f64;
@@ -89,7 +92,11 @@ fn gradients_through_the_4bit_base_equal_those_through_its_dequantised_weights()
             assert!(d < 1e-5, "{family}: gradients differ by {d}");
             nonzero += (a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0) as usize;
         }
-        assert!(nonzero >= g1.len() / 2, "{family}: the adapter's gradients reach through the 4-bit base ({nonzero} of {})", g1.len());
+        assert!(
+            nonzero >= g1.len() / 2,
+            "{family}: the adapter's gradients reach through the 4-bit base ({nonzero} of {})",
+            g1.len()
+        );
     }
 }
 
@@ -113,16 +120,36 @@ fn an_already_quantized_gguf_is_refused() {
 fn nf4_quantisation_is_bitsandbytes_byte_for_byte() {
     let fx = safetensors(models_dir().join("../nf4/nf4.safetensors"));
     let get = |case: &str, field: &str| &fx[&format!("{case}.{field}")];
-    let f32_bits = |t: &candle_core::Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect() };
+    let f32_bits = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    };
     let mut cases: Vec<&str> = fx.keys().filter_map(|k| k.strip_suffix(".weight")).collect();
     cases.sort();
     assert_eq!(cases, ["edge", "multi", "odd", "ragged", "single", "smollm2_q_proj", "tiny"]);
     for case in cases {
         let q = Nf4Tensor::quantize(get(case, "weight")).unwrap();
         assert_eq!(q.packed(), get(case, "packed").to_vec1::<u8>().unwrap(), "{case}: packed levels");
-        assert_eq!(q.absmax_indices(), get(case, "absmax_q").to_vec1::<u8>().unwrap(), "{case}: quantised block maxima");
-        assert_eq!(q.absmax2().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f32_bits(get(case, "absmax2")), "{case}: nested scales");
-        assert_eq!(vec![q.offset().to_bits()], f32_bits(get(case, "offset")), "{case}: offset {} vs {}", q.offset(), get(case, "offset"));
-        assert_eq!(f32_bits(&q.dequantize(&Device::Cpu).unwrap()), f32_bits(get(case, "dequantized")), "{case}: dequantised");
+        assert_eq!(
+            q.absmax_indices(),
+            get(case, "absmax_q").to_vec1::<u8>().unwrap(),
+            "{case}: quantised block maxima"
+        );
+        assert_eq!(
+            q.absmax2().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            f32_bits(get(case, "absmax2")),
+            "{case}: nested scales"
+        );
+        assert_eq!(
+            vec![q.offset().to_bits()],
+            f32_bits(get(case, "offset")),
+            "{case}: offset {} vs {}",
+            q.offset(),
+            get(case, "offset")
+        );
+        assert_eq!(
+            f32_bits(&q.dequantize(&Device::Cpu).unwrap()),
+            f32_bits(get(case, "dequantized")),
+            "{case}: dequantised"
+        );
     }
 }

@@ -24,7 +24,11 @@ fn bundle() -> ModelBundle {
 
 /// A random q/v adapter, strong enough to change greedy answers.
 fn random_adapter(table: &ModuleTable, seed: u64) -> Arc<Adapter> {
-    let cfg = AdapterConfig::from_json(r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#, Path::new("t")).unwrap();
+    let cfg = AdapterConfig::from_json(
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#,
+        Path::new("t"),
+    )
+    .unwrap();
     let dev = Device::Cpu;
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut noise = |n: usize| -> Vec<f32> {
@@ -74,7 +78,12 @@ fn collect(rx: mpsc::Receiver<Event>) -> (String, FinishReason, usize) {
 #[test]
 fn mixed_adapter_batch_equals_each_adapter_alone() {
     let b = bundle();
-    let adapters = [None, Some(random_adapter(b.model.modules(), 1)), Some(random_adapter(b.model.modules(), 2)), Some(random_adapter(b.model.modules(), 3))];
+    let adapters = [
+        None,
+        Some(random_adapter(b.model.modules(), 1)),
+        Some(random_adapter(b.model.modules(), 2)),
+        Some(random_adapter(b.model.modules(), 3)),
+    ];
     let questions = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello."];
     let opts = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::greedy(), stop: vec![] };
     let mut alone = Vec::new();
@@ -118,7 +127,12 @@ fn mixed_adapter_batch_equals_each_adapter_alone() {
 fn a_full_queue_refuses_and_a_bad_prompt_is_an_error_event() {
     let b = bundle();
     let ctx = b.model.config().max_position_embeddings;
-    let (engine, _thread) = Engine::start(b, EngineConfig { max_batch: 1, max_queue: 1, kv_budget_tokens: 1 << 20 }, Arc::new(Metrics::default())).unwrap();
+    let (engine, _thread) = Engine::start(
+        b,
+        EngineConfig { max_batch: 1, max_queue: 1, kv_budget_tokens: 1 << 20 },
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
     let (tx, rx) = mpsc::channel();
     engine.submit(job(vec![1; ctx + 5], vec![], 4, tx)).unwrap();
     match rx.recv().unwrap() {

@@ -58,30 +58,15 @@ struct Case {
 /// Every id list and decode equals transformers'; all mismatches are reported at once.
 fn assert_matches(tokenizer: &Tokenizer, reference: &Reference, label: &str) {
     assert_eq!(tokenizer.bos_token_id(), reference.bos_token_id, "{label}: bos id");
-    assert_eq!(
-        tokenizer.eos_token_ids().first().copied(),
-        reference.eos_token_id,
-        "{label}: eos id"
-    );
-    assert_eq!(
-        tokenizer.bos_token(),
-        reference.bos_token.as_deref(),
-        "{label}: bos token"
-    );
-    assert_eq!(
-        tokenizer.eos_token(),
-        reference.eos_token.as_deref(),
-        "{label}: eos token"
-    );
+    assert_eq!(tokenizer.eos_token_ids().first().copied(), reference.eos_token_id, "{label}: eos id");
+    assert_eq!(tokenizer.bos_token(), reference.bos_token.as_deref(), "{label}: bos token");
+    assert_eq!(tokenizer.eos_token(), reference.eos_token.as_deref(), "{label}: eos token");
     assert_eq!(tokenizer.vocab_size(), reference.vocab_size, "{label}: vocab size");
     let mut failures = Vec::new();
     for case in &reference.cases {
         let ids = tokenizer.encode(&case.text, false).unwrap();
         if ids != case.ids {
-            failures.push(format!(
-                "encode {:?}\n   ours {ids:?}\n  theirs {:?}",
-                case.text, case.ids
-            ));
+            failures.push(format!("encode {:?}\n   ours {ids:?}\n  theirs {:?}", case.text, case.ids));
         }
         let ids_special = tokenizer.encode(&case.text, true).unwrap();
         if ids_special != case.ids_special {
@@ -92,25 +77,14 @@ fn assert_matches(tokenizer: &Tokenizer, reference: &Reference, label: &str) {
         }
         let decoded = tokenizer.decode(&case.ids_special, false).unwrap();
         if decoded != case.decode {
-            failures.push(format!(
-                "decode {:?}: ours {decoded:?}, theirs {:?}",
-                case.text, case.decode
-            ));
+            failures.push(format!("decode {:?}: ours {decoded:?}, theirs {:?}", case.text, case.decode));
         }
         let skipped = tokenizer.decode(&case.ids_special, true).unwrap();
         if skipped != case.decode_skip {
-            failures.push(format!(
-                "decode skip {:?}: ours {skipped:?}, theirs {:?}",
-                case.text, case.decode_skip
-            ));
+            failures.push(format!("decode skip {:?}: ours {skipped:?}, theirs {:?}", case.text, case.decode_skip));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{label}: {} mismatches with transformers:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{label}: {} mismatches with transformers:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[derive(Deserialize)]
@@ -153,9 +127,7 @@ fn smollm2_gguf_matches_transformers() {
     assert_eq!(tokenizer.eos_token_ids(), &[2]);
 
     // The GGUF's chat template renders as the HF dir's does.
-    let template = ChatTemplate::from_gguf(&content.metadata, &tokenizer)
-        .unwrap()
-        .expect("the GGUF has a template");
+    let template = ChatTemplate::from_gguf(&content.metadata, &tokenizer).unwrap().expect("the GGUF has a template");
     for (name, case) in &reference.chat {
         let rendered = template.render(&case.messages, case.add_generation_prompt).unwrap();
         assert_eq!(rendered, case.rendered, "GGUF chat template, {name}");
@@ -165,20 +137,14 @@ fn smollm2_gguf_matches_transformers() {
 #[test]
 fn smollm2_chat_template_matches_transformers() {
     let reference: Smollm2 = read_json("smollm2.json");
-    let template = ChatTemplate::from_hf_dir(&smollm2_hf_dir())
-        .unwrap()
-        .expect("the HF dir has a template");
+    let template = ChatTemplate::from_hf_dir(&smollm2_hf_dir()).unwrap().expect("the HF dir has a template");
     let tokenizer = Tokenizer::from_hf_dir(&smollm2_hf_dir()).unwrap();
     assert_eq!(template.bos_token(), Some("<|im_start|>"));
     assert!(!reference.chat.is_empty());
     for (name, case) in &reference.chat {
         let rendered = template.render(&case.messages, case.add_generation_prompt).unwrap();
         assert_eq!(rendered, case.rendered, "{name}");
-        assert_eq!(
-            tokenizer.encode(&rendered, false).unwrap(),
-            case.ids,
-            "{name}: ids of the rendered text"
-        );
+        assert_eq!(tokenizer.encode(&rendered, false).unwrap(), case.ids, "{name}: ids of the rendered text");
     }
 }
 
@@ -190,14 +156,8 @@ fn sentencepiece_gguf_matches_transformers() {
     let tokenizer = Tokenizer::from_gguf(&content.metadata, &path).unwrap();
     assert_matches(&tokenizer, &reference, "tiny SentencePiece GGUF");
     // add_bos_token: the bos comes first with special tokens, not without.
-    assert_eq!(
-        tokenizer.encode("hi", true).unwrap().first().copied(),
-        tokenizer.bos_token_id()
-    );
-    assert_eq!(
-        tokenizer.token_to_id("<0x41>").map(|id| tokenizer.id_to_token(id)),
-        Some(Some("<0x41>".into()))
-    );
+    assert_eq!(tokenizer.encode("hi", true).unwrap().first().copied(), tokenizer.bos_token_id());
+    assert_eq!(tokenizer.token_to_id("<0x41>").map(|id| tokenizer.id_to_token(id)), Some(Some("<0x41>".into())));
 }
 
 #[derive(Deserialize)]
@@ -225,10 +185,7 @@ fn sentencepiece_hf_dir_matches_transformers() {
     assert_matches(&tokenizer, &fixture.reference, "tiny SentencePiece HF dir");
     assert_eq!(tokenizer.eos_token_ids(), &[2, 4]);
     let template = ChatTemplate::from_hf_dir(&dir).unwrap().expect("chat_template.jinja");
-    assert_eq!(
-        template.render(&fixture.chat.messages, true).unwrap(),
-        fixture.chat.rendered
-    );
+    assert_eq!(template.render(&fixture.chat.messages, true).unwrap(), fixture.chat.rendered);
 }
 
 /// `tokenizer.ggml.add_space_prefix = false` turns the SentencePiece prefix space off (llama.cpp's
@@ -245,10 +202,7 @@ fn sentencepiece_gguf_honours_add_space_prefix() {
         with_prefix.encode(&format!(" {text}"), false).unwrap(),
         without.encode(&format!(" {text}"), false).unwrap()[..]
     );
-    assert_ne!(
-        with_prefix.encode(text, false).unwrap(),
-        without.encode(text, false).unwrap()
-    );
+    assert_ne!(with_prefix.encode(text, false).unwrap(), without.encode(text, false).unwrap());
     let ids = without.encode(text, false).unwrap();
     assert_eq!(without.decode(&ids, false).unwrap(), text);
 }
@@ -262,11 +216,7 @@ fn byte_level_gguf_matches_transformers_for_each_pre_tokenizer() {
     for pre in ["llama-bpe", "qwen2", "smollm", "default"] {
         metadata.insert("tokenizer.ggml.pre".into(), gguf_file::Value::String(pre.into()));
         let tokenizer = Tokenizer::from_gguf(&metadata, &path).unwrap();
-        assert_matches(
-            &tokenizer,
-            &references[pre],
-            &format!("tiny byte-level GGUF, pre={pre}"),
-        );
+        assert_matches(&tokenizer, &references[pre], &format!("tiny byte-level GGUF, pre={pre}"));
     }
     // The pre-tokenizers differ where they should: Qwen2 splits digits one by one.
     let qwen2 = &references["qwen2"].cases;
@@ -296,10 +246,7 @@ struct TemplateCase {
 fn chat_templates_follow_transformers_conventions() {
     let fixture: ChatFixture = read_json("chat.json");
     for case in &fixture.cases {
-        let label = format!(
-            "{} / {} / gen={}",
-            case.template, case.conversation, case.add_generation_prompt
-        );
+        let label = format!("{} / {} / gen={}", case.template, case.conversation, case.add_generation_prompt);
         let template = ChatTemplate::new(
             fixture.templates[&case.template].clone(),
             Some(case.bos_token.clone()),
@@ -310,15 +257,9 @@ fn chat_templates_follow_transformers_conventions() {
         match (&case.rendered, &case.error, result) {
             (Some(expected), _, Ok(rendered)) => assert_eq!(&rendered, expected, "{label}"),
             (_, Some(message), Err(Error::ChatTemplate(ours))) => {
-                assert!(
-                    ours.contains(message.as_str()),
-                    "{label}: error {ours:?} lacks {message:?}"
-                )
+                assert!(ours.contains(message.as_str()), "{label}: error {ours:?} lacks {message:?}")
             }
-            (_, _, other) => panic!(
-                "{label}: expected {:?} / {:?}, got {other:?}",
-                case.rendered, case.error
-            ),
+            (_, _, other) => panic!("{label}: expected {:?} / {:?}, got {other:?}", case.rendered, case.error),
         }
     }
 }
@@ -331,11 +272,7 @@ fn stream(tokenizer: &Tokenizer, ids: &[u32], skip_special_tokens: bool) -> Vec<
     for &id in ids {
         chunks.push(stream.push(id).unwrap());
         // Nothing shown is ever taken back.
-        assert!(
-            full.starts_with(stream.text()),
-            "{:?} is not a prefix of {full:?}",
-            stream.text()
-        );
+        assert!(full.starts_with(stream.text()), "{:?} is not a prefix of {full:?}", stream.text());
     }
     chunks.push(stream.finish().unwrap());
     assert_eq!(chunks.concat(), full, "chunks of {ids:?}");
@@ -364,25 +301,15 @@ fn text_stream_yields_exactly_the_full_decode() {
     let text = "日本語 🤗 café";
     let ids = hf.encode(text, false).unwrap();
     let chunks = stream(&hf, &ids, true);
-    assert!(
-        chunks.len() > ids.len() / 2 && chunks.iter().any(String::is_empty),
-        "{chunks:?}"
-    );
-    assert!(
-        chunks.iter().all(|chunk| !chunk.contains(char::REPLACEMENT_CHARACTER)),
-        "{chunks:?}"
-    );
+    assert!(chunks.len() > ids.len() / 2 && chunks.iter().any(String::is_empty), "{chunks:?}");
+    assert!(chunks.iter().all(|chunk| !chunk.contains(char::REPLACEMENT_CHARACTER)), "{chunks:?}");
     assert_eq!(chunks.concat(), text);
 
     // A cut-off character: finish() shows it as the full decode does.
     let truncated = &ids[..ids.len() - 1];
     let mut cut = &ids[..1];
     for end in 1..ids.len() {
-        if hf
-            .decode(&ids[..end], true)
-            .unwrap()
-            .ends_with(char::REPLACEMENT_CHARACTER)
-        {
+        if hf.decode(&ids[..end], true).unwrap().ends_with(char::REPLACEMENT_CHARACTER) {
             cut = &ids[..end];
             break;
         }
@@ -402,31 +329,18 @@ fn bad_inputs_are_errors_not_panics() {
     std::fs::write(dir.path().join("tokenizer.json"), r#"{"model": 3}"#).unwrap();
     assert!(matches!(Tokenizer::from_hf_dir(dir.path()), Err(Error::Json { .. })));
     // A broken tokenizer_config.json next to a good tokenizer.json.
-    std::fs::copy(
-        smollm2_hf_dir().join("tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
+    std::fs::copy(smollm2_hf_dir().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
     std::fs::write(dir.path().join("tokenizer_config.json"), "[1, 2").unwrap();
     assert!(matches!(Tokenizer::from_hf_dir(dir.path()), Err(Error::Json { .. })));
     assert!(matches!(ChatTemplate::from_hf_dir(dir.path()), Err(Error::Json { .. })));
     // Several templates, none named default.
-    std::fs::write(
-        dir.path().join("tokenizer_config.json"),
-        r#"{"chat_template": [{"name": "a", "template": "x"}]}"#,
-    )
-    .unwrap();
-    assert!(matches!(
-        ChatTemplate::from_hf_dir(dir.path()),
-        Err(Error::ChatTemplate(_))
-    ));
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": [{"name": "a", "template": "x"}]}"#)
+        .unwrap();
+    assert!(matches!(ChatTemplate::from_hf_dir(dir.path()), Err(Error::ChatTemplate(_))));
     std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
     assert!(ChatTemplate::from_hf_dir(dir.path()).unwrap().is_none());
     // A template that does not compile.
-    assert!(matches!(
-        ChatTemplate::new("{% if %}".into(), None, None),
-        Err(Error::ChatTemplate(_))
-    ));
+    assert!(matches!(ChatTemplate::new("{% if %}".into(), None, None), Err(Error::ChatTemplate(_))));
 
     // GGUF metadata: tokens missing, of the wrong type, ids out of range, unknown model.
     // Each case sets `key` to a value, or removes it (None).
@@ -438,29 +352,13 @@ fn bad_inputs_are_errors_not_panics() {
         ("no tokens", "tokenizer.ggml.tokens", None),
         ("no model", "tokenizer.ggml.model", None),
         ("empty tokens", "tokenizer.ggml.tokens", Some(V::Array(vec![]))),
-        (
-            "tokens not strings",
-            "tokenizer.ggml.tokens",
-            Some(V::Array(vec![V::U32(1)])),
-        ),
-        (
-            "tokens not an array",
-            "tokenizer.ggml.tokens",
-            Some(V::String("a".into())),
-        ),
+        ("tokens not strings", "tokenizer.ggml.tokens", Some(V::Array(vec![V::U32(1)]))),
+        ("tokens not an array", "tokenizer.ggml.tokens", Some(V::String("a".into()))),
         ("bos out of range", "tokenizer.ggml.bos_token_id", Some(V::U32(1 << 30))),
-        (
-            "bos not an int",
-            "tokenizer.ggml.bos_token_id",
-            Some(V::String("1".into())),
-        ),
+        ("bos not an int", "tokenizer.ggml.bos_token_id", Some(V::String("1".into()))),
         ("unknown model", "tokenizer.ggml.model", Some(V::String("rwkv".into()))),
         ("bad merge", "tokenizer.ggml.merges", Some(strings(&["abc"]))),
-        (
-            "merge of unknown tokens",
-            "tokenizer.ggml.merges",
-            Some(strings(&["☃ ☄"])),
-        ),
+        ("merge of unknown tokens", "tokenizer.ggml.merges", Some(strings(&["☃ ☄"]))),
         ("no merges, no scores", "tokenizer.ggml.merges", None),
     ];
     for (label, key, value) in cases {
@@ -491,7 +389,8 @@ fn hf_tokenizer_converts_back_to_gguf_metadata_with_the_same_ids() {
         let dir = tempfile::tempdir().unwrap();
         TokenizerFiles::from_tokenizer(&original, None, 256).unwrap().write_into(dir.path()).unwrap();
         let vocab = original.vocab_size();
-        let back: HashMap<String, gguf_file::Value> = gguf_tokenizer_metadata(dir.path(), vocab, Some("{{ x }}")).unwrap().into_iter().collect();
+        let back: HashMap<String, gguf_file::Value> =
+            gguf_tokenizer_metadata(dir.path(), vocab, Some("{{ x }}")).unwrap().into_iter().collect();
         assert_eq!(back["tokenizer.ggml.model"].to_string().unwrap(), "gpt2");
         assert_eq!(back["tokenizer.chat_template"].to_string().unwrap(), "{{ x }}");
         let rebuilt = Tokenizer::from_gguf(&back, &path).unwrap();

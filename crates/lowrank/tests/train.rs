@@ -31,7 +31,13 @@ fn examples() -> Vec<Example> {
 }
 
 fn config(dropout: f64) -> AdapterConfig {
-    AdapterConfig::from_json(&format!(r#"{{"r":4,"lora_alpha":8,"lora_dropout":{dropout},"target_modules":["q_proj","v_proj","down_proj"]}}"#), Path::new("test")).unwrap()
+    AdapterConfig::from_json(
+        &format!(
+            r#"{{"r":4,"lora_alpha":8,"lora_dropout":{dropout},"target_modules":["q_proj","v_proj","down_proj"]}}"#
+        ),
+        Path::new("test"),
+    )
+    .unwrap()
 }
 
 fn train_config(steps: usize) -> TrainConfig {
@@ -66,7 +72,10 @@ impl Observer for StopAt {
 
 fn tensors(t: &Trainer) -> Vec<Vec<f32>> {
     let a = t.adapter();
-    (0..64).filter_map(|id| a.layer(id)).flat_map(|l| l.tensors().into_iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    (0..64)
+        .filter_map(|id| a.layer(id))
+        .flat_map(|l| l.tensors().into_iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
 }
 
 fn run(model: &Model, out: &Path, dropout: f64, stop_at: usize) -> (RunEnd, Vec<Vec<f32>>) {
@@ -147,7 +156,13 @@ fn non_finite_update_stops_and_keeps_the_last_checkpoint() {
     let latest = std::fs::read_to_string(tmp.path().join("checkpoints/latest")).unwrap();
     assert_eq!(latest, "step-000000");
     let ck = lowrank::train::checkpoint::load(tmp.path(), model.modules(), &Device::Cpu).unwrap();
-    assert!(ck.adapter.layer(0).unwrap().tensors().iter().all(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())));
+    assert!(ck.adapter.layer(0).unwrap().tensors().iter().all(|(_, t)| t
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite())));
 }
 
 /// LoRA+: one AdamW step from the same init moves `A` exactly as plain LoRA does and `B` by
@@ -159,11 +174,15 @@ fn lora_plus_scales_the_learning_rate_of_b_only() {
     let init = Adapter::init("a", config(0.0), &model, 1).unwrap();
     let run = |ratio: Option<f64>, dir: &Path| {
         let mut cfg = train_config(1);
-        (cfg.warmup, cfg.schedule, cfg.max_grad_norm, cfg.adamw.weight_decay, cfg.lora_plus_ratio) = (0, Schedule::Constant, None, 0.0, ratio);
+        (cfg.warmup, cfg.schedule, cfg.max_grad_norm, cfg.adamw.weight_decay, cfg.lora_plus_ratio) =
+            (0, Schedule::Constant, None, 0.0, ratio);
         let mut t = Trainer::new(&model, &init, cfg, dir).unwrap();
         t.run(&data[..6], &[], &mut StopAt(usize::MAX, 0)).unwrap();
         let a = t.adapter();
-        (0..model.modules().len()).filter_map(|id| a.layer(id)).flat_map(|l| l.tensors().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))).collect::<Vec<_>>()
+        (0..model.modules().len())
+            .filter_map(|id| a.layer(id))
+            .flat_map(|l| l.tensors().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())))
+            .collect::<Vec<_>>()
     };
     let tmp = tempfile::tempdir().unwrap();
     let plain = run(None, &tmp.path().join("plain"));
@@ -188,16 +207,26 @@ fn lora_plus_scales_the_learning_rate_of_b_only() {
 #[test]
 fn gaussian_init_draws_a_with_std_one_over_r() {
     let model = tiny_model("llama");
-    let cfg = AdapterConfig::from_json(r#"{"r":4,"lora_alpha":8,"init_lora_weights":"gaussian","target_modules":"all-linear"}"#, Path::new("g")).unwrap();
+    let cfg = AdapterConfig::from_json(
+        r#"{"r":4,"lora_alpha":8,"init_lora_weights":"gaussian","target_modules":"all-linear"}"#,
+        Path::new("g"),
+    )
+    .unwrap();
     let a = Adapter::init("g", cfg, &model, 3).unwrap();
-    let values: Vec<f32> = (0..model.modules().len()).flat_map(|id| a.layer(id).unwrap().tensors()[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+    let values: Vec<f32> = (0..model.modules().len())
+        .flat_map(|id| a.layer(id).unwrap().tensors()[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
     let n = values.len() as f32;
     let mean = values.iter().sum::<f32>() / n;
     let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n).sqrt();
     assert!(mean.abs() < 0.01 && (std - 0.25).abs() < 0.01, "mean {mean}, std {std} (want 0, 1/4 over {n} values)");
     let ids = &ids("llama")[0];
     assert_eq!(max_diff(&logits(&model, ids, &[active(&std::sync::Arc::new(a), 1.0)]), &logits(&model, ids, &[])), 0.0);
-    let bad = AdapterConfig::from_json(r#"{"r":4,"init_lora_weights":"loftq","target_modules":"all-linear"}"#, Path::new("p")).unwrap();
+    let bad = AdapterConfig::from_json(
+        r#"{"r":4,"init_lora_weights":"loftq","target_modules":"all-linear"}"#,
+        Path::new("p"),
+    )
+    .unwrap();
     let e = Adapter::init("p", bad, &model, 3).unwrap_err().to_string();
     assert!(e.contains("loftq"), "{e}");
 }

@@ -34,7 +34,8 @@ fn loss_and_adapter_gradients_match_peft() {
         assert!((out.loss - want).abs() < 1e-5, "{family}: loss {} vs {want}", out.loss);
         assert_eq!(out.targets, 17);
 
-        let want: HashMap<String, Tensor> = candle_core::safetensors::load(dir(family).join("grads.safetensors"), &Device::Cpu).unwrap();
+        let want: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir(family).join("grads.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(want.len(), vars.len());
         let got = collect_grads(&out.grads, &vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()).unwrap();
         for ((key, _), g) in vars.iter().zip(&got) {
@@ -79,7 +80,8 @@ fn checkpointed_gradients_match_peft_and_the_plain_run() {
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
         let b = TrainBatch::load(family);
         let seqs = b.seqs();
-        let want: HashMap<String, Tensor> = candle_core::safetensors::load(dir(family).join("grads.safetensors"), &Device::Cpu).unwrap();
+        let want: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir(family).join("grads.safetensors"), &Device::Cpu).unwrap();
         let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
         let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
         let out = forward_backward(&model, &active, &seqs, 4, 1.0, 1).unwrap();
@@ -103,7 +105,11 @@ fn checkpointed_gradients_match_peft_and_the_plain_run() {
             let ckpt = forward_backward(&model, &active, &seqs, 4, 1.0, every).unwrap();
             assert_eq!(plain.loss, ckpt.loss, "{family}: the same dropout masks give the same loss");
             for (p, c) in plain_grads.iter().zip(&collect_grads(&ckpt.grads, &vars).unwrap()) {
-                assert!(max_diff(p, c) < 1e-6, "{family}: with dropout, checkpointing every {every} moved a gradient by {}", max_diff(p, c));
+                assert!(
+                    max_diff(p, c) < 1e-6,
+                    "{family}: with dropout, checkpointing every {every} moved a gradient by {}",
+                    max_diff(p, c)
+                );
             }
         }
     }

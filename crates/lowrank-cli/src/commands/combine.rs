@@ -64,7 +64,9 @@ pub fn run(args: CombineArgs) -> Result<()> {
     let pruning = matches!(method, Method::Ties | Method::MagnitudePrune);
     let density = match (pruning, density) {
         (true, Some(d)) => d,
-        (true, None) => anyhow::bail!("--method ties and magnitude-prune need --density (the fraction of entries kept, e.g. 0.5)"),
+        (true, None) => {
+            anyhow::bail!("--method ties and magnitude-prune need --density (the fraction of entries kept, e.g. 0.5)")
+        }
         (false, Some(_)) => anyhow::bail!("--density applies to --method ties and magnitude-prune only"),
         (false, None) => 1.0,
     };
@@ -72,7 +74,8 @@ pub fn run(args: CombineArgs) -> Result<()> {
         anyhow::bail!("{} already exists; choose a new path or pass --force to replace it", output.display());
     }
     let path = model_path(model.as_deref())?;
-    let model = Model::from_path(&path, &LoadOptions::default()).with_context(|| format!("loading model {}", path.display()))?;
+    let model = Model::from_path(&path, &LoadOptions::default())
+        .with_context(|| format!("loading model {}", path.display()))?;
     let active = load_adapters(&adapters, model.modules(), model.device())?;
     let inputs: Vec<_> = active.iter().map(|a| (a.adapter.as_ref(), a.weight)).collect();
     let sign = match majority_sign {
@@ -90,7 +93,9 @@ pub fn run(args: CombineArgs) -> Result<()> {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "combined".into());
     let combined = combine(&inputs, method, model.modules(), &name)?;
     let existing = if force { Existing::Replace } else { Existing::Refuse };
-    combined.save_peft_with(&output, model.modules(), existing).with_context(|| format!("writing {}", output.display()))?;
+    combined
+        .save_peft_with(&output, model.modules(), existing)
+        .with_context(|| format!("writing {}", output.display()))?;
     eprintln!(
         "combined {} adapters ({label}) into {}: rank {}, {} modules, {} parameters",
         active.len(),

@@ -24,7 +24,9 @@ impl DeviceArg {
     pub fn device(self) -> Result<Device> {
         match self {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => Device::new_cuda(0).context("opening CUDA device 0 (is this build made with --features cuda?)"),
+            DeviceArg::Cuda => {
+                Device::new_cuda(0).context("opening CUDA device 0 (is this build made with --features cuda?)")
+            }
         }
     }
 }
@@ -80,7 +82,8 @@ pub fn load_adapters(specs: &[AdapterSpec], table: &ModuleTable, device: &Device
     specs
         .iter()
         .map(|s| {
-            let a = Adapter::load_peft(&s.dir, table, device).with_context(|| format!("loading adapter {}", s.dir.display()))?;
+            let a = Adapter::load_peft(&s.dir, table, device)
+                .with_context(|| format!("loading adapter {}", s.dir.display()))?;
             Ok(ActiveAdapter { adapter: Arc::new(a), weight: s.weight })
         })
         .collect()

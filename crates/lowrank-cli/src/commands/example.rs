@@ -54,8 +54,14 @@ impl ExampleTask {
     /// The (train, eval) JSONL files, built into the binary.
     fn files(self) -> (&'static str, &'static str) {
         match self {
-            ExampleTask::Dates => (include_str!("../../../../examples/dates/train.jsonl"), include_str!("../../../../examples/dates/eval.jsonl")),
-            ExampleTask::Roman => (include_str!("../../../../examples/roman/train.jsonl"), include_str!("../../../../examples/roman/eval.jsonl")),
+            ExampleTask::Dates => (
+                include_str!("../../../../examples/dates/train.jsonl"),
+                include_str!("../../../../examples/dates/eval.jsonl"),
+            ),
+            ExampleTask::Roman => (
+                include_str!("../../../../examples/roman/train.jsonl"),
+                include_str!("../../../../examples/roman/eval.jsonl"),
+            ),
         }
     }
 
@@ -116,7 +122,8 @@ pub fn exact_match(task: ExampleTask, bundle: &ModelBundle, adapters: &[ActiveAd
     let mut prompts = Vec::new();
     let mut rows = Vec::new();
     for (i, line) in task.files().1.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-        let row: EvalRow = serde_json::from_str(line).with_context(|| format!("{} eval line {}", task.name(), i + 1))?;
+        let row: EvalRow =
+            serde_json::from_str(line).with_context(|| format!("{} eval line {}", task.name(), i + 1))?;
         let (ids, question, reference) = match row {
             EvalRow::Chat { mut messages } => {
                 let template = bundle.chat_template.as_ref().context("the model has no chat template")?;
@@ -149,7 +156,15 @@ pub fn exact_match(task: ExampleTask, bundle: &ModelBundle, adapters: &[ActiveAd
 pub fn report(before: Option<&ExactMatch>, after: &ExactMatch) {
     let pct = |m: &ExactMatch| 100.0 * m.correct as f64 / m.total.max(1) as f64;
     if let Some(b) = before {
-        println!("held-out exact match: before {}/{} ({:.0}%), after {}/{} ({:.0}%)", b.correct, b.total, pct(b), after.correct, after.total, pct(after));
+        println!(
+            "held-out exact match: before {}/{} ({:.0}%), after {}/{} ({:.0}%)",
+            b.correct,
+            b.total,
+            pct(b),
+            after.correct,
+            after.total,
+            pct(after)
+        );
     } else {
         println!("held-out exact match after training: {}/{} ({:.0}%)", after.correct, after.total, pct(after));
     }

@@ -47,7 +47,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     let existing = if force { Existing::Replace } else { Existing::Refuse };
     let path = model_path(model.as_deref())?;
-    let base = Model::from_path(&path, &LoadOptions::default()).with_context(|| format!("loading model {}", path.display()))?;
+    let base = Model::from_path(&path, &LoadOptions::default())
+        .with_context(|| format!("loading model {}", path.display()))?;
     match (adapter, from_gguf) {
         (Some(dir), None) => {
             // The architecture llama.cpp will see: the GGUF's own, or the converter's for the family.
@@ -55,13 +56,17 @@ pub fn run(args: ExportArgs) -> Result<()> {
                 ModelFormat::Gguf => GgufFile::open(&path, base.device(), false)?.architecture()?,
                 ModelFormat::HfDir => gguf_names::architecture(base.config().family).to_string(),
             };
-            let a = Adapter::load_peft(&dir, base.modules(), base.device()).with_context(|| format!("loading adapter {}", dir.display()))?;
-            a.save_gguf(&output, base.modules(), base.config(), &arch, existing).with_context(|| format!("writing {}", output.display()))?;
+            let a = Adapter::load_peft(&dir, base.modules(), base.device())
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            a.save_gguf(&output, base.modules(), base.config(), &arch, existing)
+                .with_context(|| format!("writing {}", output.display()))?;
             eprintln!("wrote {} ({arch}, {} modules, alpha {})", output.display(), a.num_layers(), a.config.lora_alpha);
         }
         (None, Some(file)) => {
-            let a = Adapter::load_gguf(&file, base.modules(), base.config(), base.device()).with_context(|| format!("reading {}", file.display()))?;
-            a.save_peft_with(&output, base.modules(), existing).with_context(|| format!("writing {}", output.display()))?;
+            let a = Adapter::load_gguf(&file, base.modules(), base.config(), base.device())
+                .with_context(|| format!("reading {}", file.display()))?;
+            a.save_peft_with(&output, base.modules(), existing)
+                .with_context(|| format!("writing {}", output.display()))?;
             eprintln!("wrote {} (PEFT, r {}, {} modules)", output.display(), a.config.r, a.num_layers());
         }
         _ => bail!("give exactly one of --adapter (export) and --from-gguf (import)"),

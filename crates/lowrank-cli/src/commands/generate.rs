@@ -85,7 +85,24 @@ enum Input {
 
 impl Settings {
     fn resolve(args: GenerateArgs) -> Result<Self> {
-        let GenerateArgs { model, adapters, prompt, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, device, dequantize, quantize, merge, verbose } = args;
+        let GenerateArgs {
+            model,
+            adapters,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            device,
+            dequantize,
+            quantize,
+            merge,
+            verbose,
+        } = args;
         let input = match (prompt, chat) {
             (Some(p), None) => Input::Raw(p),
             (None, Some(user)) => Input::Chat { system, user },
@@ -95,7 +112,11 @@ impl Settings {
             model: model_path(model.as_deref())?,
             adapters,
             input,
-            options: GenerateOptions { max_new_tokens, sampling: SamplingParams { temperature, top_k, top_p, seed }, stop },
+            options: GenerateOptions {
+                max_new_tokens,
+                sampling: SamplingParams { temperature, top_k, top_p, seed },
+                stop,
+            },
             device,
             dequantize,
             quantize,
@@ -106,15 +127,27 @@ impl Settings {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let Settings { model, adapters, input, options, device, dequantize, quantize, merge, verbose } = Settings::resolve(args)?;
+    let Settings { model, adapters, input, options, device, dequantize, quantize, merge, verbose } =
+        Settings::resolve(args)?;
     let opts = load_options(device, dequantize, quantize)?;
     let mut bundle = ModelBundle::open(&model, &opts).with_context(|| format!("loading model {}", model.display()))?;
     let mut active = load_adapters(&adapters, bundle.model.modules(), &opts.device)?;
     if verbose {
         let rss = memory().map(|(r, _)| format!(", resident {:.0} MiB", mib(r))).unwrap_or_default();
-        eprintln!("loaded {} in {:.2}s (weights {:.0} MiB{rss})", model.display(), bundle.load_secs, mib(bundle.model.weight_bytes() as u64));
+        eprintln!(
+            "loaded {} in {:.2}s (weights {:.0} MiB{rss})",
+            model.display(),
+            bundle.load_secs,
+            mib(bundle.model.weight_bytes() as u64)
+        );
         for a in &active {
-            eprintln!("adapter {} (weight {}): {} modules, {} parameters", a.adapter.name, a.weight, a.adapter.num_layers(), a.adapter.num_parameters());
+            eprintln!(
+                "adapter {} (weight {}): {} modules, {} parameters",
+                a.adapter.name,
+                a.weight,
+                a.adapter.num_layers(),
+                a.adapter.num_parameters()
+            );
         }
     }
     if merge {
@@ -124,7 +157,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt_ids = match &input {
         Input::Raw(text) => lowrank::prompt::text_ids(&bundle.tokenizer, text)?,
         Input::Chat { system, user } => {
-            let template = bundle.chat_template.as_ref().context("this model has no chat template; use --prompt instead of --chat")?;
+            let template = bundle
+                .chat_template
+                .as_ref()
+                .context("this model has no chat template; use --prompt instead of --chat")?;
             let mut messages = Vec::new();
             if let Some(s) = system {
                 messages.push(Message { role: "system".into(), content: s.clone() });
@@ -135,7 +171,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let g = generate(&bundle.model, &bundle.tokenizer, &active, &prompt_ids, &options, |piece| {
-        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).map_err(|e| lowrank::Error::io("writing", "stdout", e))
+        out.write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| lowrank::Error::io("writing", "stdout", e))
     })?;
     writeln!(out)?;
     if verbose {

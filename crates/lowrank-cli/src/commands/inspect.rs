@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{Device, quantized::gguf_file::Value};
+use candle_core::{quantized::gguf_file::Value, Device};
 use clap::Args;
 use lowrank::adapter::{AdapterConfig, ModuleSelector};
 use lowrank::model::{detect_format, GgufFile, ModelConfig, ModelFormat, SafetensorsDir};

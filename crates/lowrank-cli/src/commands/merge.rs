@@ -101,9 +101,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
         Out::Gguf(ty) => {
             let metadata = match &gguf {
                 Some(g) => g.metadata().clone(),
-                None => gguf_metadata_for_hf(model.config(), &path).context("building GGUF metadata from the HF directory")?,
+                None => gguf_metadata_for_hf(model.config(), &path)
+                    .context("building GGUF metadata from the HF directory")?,
             };
-            write_gguf_model(&model, &metadata, &output, ty, safe, existing).with_context(|| format!("writing {}", output.display()))?;
+            write_gguf_model(&model, &metadata, &output, ty, safe, existing)
+                .with_context(|| format!("writing {}", output.display()))?;
             let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             eprintln!("wrote {}: {:.1} MiB, matrices {ty:?}", output.display(), mib(size));
         }
@@ -117,7 +119,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
                 }
             };
             let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe };
-            let written = write_hf_model(&model, &tokenizer, &output, &hf, existing).with_context(|| format!("writing {}", output.display()))?;
+            let written = write_hf_model(&model, &tokenizer, &output, &hf, existing)
+                .with_context(|| format!("writing {}", output.display()))?;
             if !written.files.iter().any(|f| f == "tokenizer.json" || f == "tokenizer.model") {
                 eprintln!("note: the base has no tokenizer files; {} holds weights and config only", output.display());
             }

@@ -57,11 +57,15 @@ pub fn hint(e: &anyhow::Error) -> Option<String> {
     use lowrank::Error;
     e.chain().find_map(|c| match c.downcast_ref::<Error>()? {
         Error::Fetch(_) => Some("pass --model PATH to use a model you already have".into()),
-        Error::ShapeMismatch { .. } => Some("the adapter was trained for a model of another size; check `lowrank inspect` on both".into()),
+        Error::ShapeMismatch { .. } => {
+            Some("the adapter was trained for a model of another size; check `lowrank inspect` on both".into())
+        }
         Error::Adapter { message, .. } if message.contains("has no module") => {
             Some("the adapter targets modules this model does not have; was it trained on another architecture?".into())
         }
-        Error::Safetensors { .. } => Some("the file may be truncated or not safetensors; re-download or re-save it".into()),
+        Error::Safetensors { .. } => {
+            Some("the file may be truncated or not safetensors; re-download or re-save it".into())
+        }
         _ => None,
     })
 }

@@ -43,7 +43,12 @@ impl Observer for Progress {
         let eval = m.eval_loss.map(|e| format!("  eval {e:.4}")).unwrap_or_default();
         let stats = format!(
             "step {:>5}/{total}  loss {:.4}{eval}  lr {:.2e}  |g| {:.3}  {:.0} tok/s  eta {}",
-            m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s, clock(eta)
+            m.step,
+            m.loss,
+            m.lr,
+            m.grad_norm,
+            m.tokens_per_s,
+            clock(eta)
         );
         if !self.tty {
             eprintln!("{stats}");

@@ -195,7 +195,9 @@ impl Settings {
         let saved: Option<Settings> = match &args.resume {
             Some(dir) => {
                 let p = dir.join(SETTINGS_FILE);
-                let text = std::fs::read_to_string(&p).with_context(|| format!("reading {} (is {} a lowrank train output?)", p.display(), dir.display()))?;
+                let text = std::fs::read_to_string(&p).with_context(|| {
+                    format!("reading {} (is {} a lowrank train output?)", p.display(), dir.display())
+                })?;
                 Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?)
             }
             None => None,
@@ -204,13 +206,46 @@ impl Settings {
             return s.overridden_by(args);
         }
         let TrainArgs {
-            config: _, model, data, example, eval_data, eval_split, output, steps, epochs, batch_size, grad_accum, lr, rank, alpha, dropout,
-            target_modules, rslora, dora, init, lora_plus_ratio, gradient_checkpointing, max_seq_len, train_on_prompt, seed, schedule, warmup, weight_decay, max_grad_norm,
-            save_every, eval_every, resume: _, dequantize, quantize, device,
+            config: _,
+            model,
+            data,
+            example,
+            eval_data,
+            eval_split,
+            output,
+            steps,
+            epochs,
+            batch_size,
+            grad_accum,
+            lr,
+            rank,
+            alpha,
+            dropout,
+            target_modules,
+            rslora,
+            dora,
+            init,
+            lora_plus_ratio,
+            gradient_checkpointing,
+            max_seq_len,
+            train_on_prompt,
+            seed,
+            schedule,
+            warmup,
+            weight_decay,
+            max_grad_norm,
+            save_every,
+            eval_every,
+            resume: _,
+            dequantize,
+            quantize,
+            device,
         } = args;
         // No --data: a shipped example task, on the default model or the one given.
         let example = match (data.as_ref().or(file.data.as_ref()), example.or(file.example)) {
-            (Some(_), Some(task)) => bail!("--example {} trains on a shipped task; it cannot be combined with --data", task.name()),
+            (Some(_), Some(task)) => {
+                bail!("--example {} trains on a shipped task; it cannot be combined with --data", task.name())
+            }
             (Some(_), None) => None,
             (None, task) => Some(task.unwrap_or_default()),
         };
@@ -262,7 +297,10 @@ impl Settings {
             lr: lr.or(file.lr).unwrap_or(d.lr),
             schedule: schedule.or(file.schedule).map(Into::into).unwrap_or(Schedule::Cosine),
             warmup: warmup.or(file.warmup).unwrap_or(d.warmup),
-            adamw: AdamWConfig { weight_decay: weight_decay.or(file.weight_decay).unwrap_or(0.0), ..Default::default() },
+            adamw: AdamWConfig {
+                weight_decay: weight_decay.or(file.weight_decay).unwrap_or(0.0),
+                ..Default::default()
+            },
             max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
             seed: seed.or(file.seed).unwrap_or(0),
             save_every: Some(save_every.or(file.save_every).unwrap_or(50)),
@@ -321,9 +359,20 @@ impl Settings {
                 bail!("--resume continues in {}; --output cannot change it", self.output.display());
             }
         }
-        let changed = args.model.is_some() || args.data.is_some() || args.example.is_some() || args.steps.is_some() || args.lr.is_some() || args.rank.is_some() || args.dora.is_some() || args.batch_size.is_some() || args.seed.is_some();
+        let changed = args.model.is_some()
+            || args.data.is_some()
+            || args.example.is_some()
+            || args.steps.is_some()
+            || args.lr.is_some()
+            || args.rank.is_some()
+            || args.dora.is_some()
+            || args.batch_size.is_some()
+            || args.seed.is_some();
         if changed {
-            bail!("--resume reuses the run's own settings ({}); drop the other training flags", self.output.join(SETTINGS_FILE).display());
+            bail!(
+                "--resume reuses the run's own settings ({}); drop the other training flags",
+                self.output.join(SETTINGS_FILE).display()
+            );
         }
         Ok(self)
     }
@@ -332,11 +381,18 @@ impl Settings {
 fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Dataset>)> {
     let opts = DataOptions { max_seq_len: s.max_seq_len, train_on_prompt: s.train_on_prompt };
     let tpl = bundle.chat_template.as_ref();
-    let train = load_jsonl(&s.data, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", s.data.display()))?;
+    let train =
+        load_jsonl(&s.data, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", s.data.display()))?;
     let report = |name: &str, d: &Dataset| {
         eprintln!(
             "{name}: {} rows ({:?}), {} tokens, {} targets; {} truncated at {}, {} dropped (no target tokens)",
-            d.examples.len(), d.stats.format, d.stats.tokens, d.stats.target_tokens, d.stats.truncated, s.max_seq_len, d.stats.dropped_no_targets
+            d.examples.len(),
+            d.stats.format,
+            d.stats.tokens,
+            d.stats.target_tokens,
+            d.stats.truncated,
+            s.max_seq_len,
+            d.stats.dropped_no_targets
         );
     };
     report("train", &train);
@@ -345,7 +401,8 @@ fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Data
     }
     let (train, eval) = match (&s.eval_data, s.eval_split) {
         (Some(p), _) => {
-            let eval = load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?;
+            let eval =
+                load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?;
             report("eval", &eval);
             (train, Some(eval))
         }
@@ -362,11 +419,18 @@ fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Data
 pub fn run(args: TrainArgs) -> Result<()> {
     let resume = args.resume.clone();
     let mut s = Settings::resolve(args)?;
-    if resume.is_none() && s.output.exists() && std::fs::read_dir(&s.output).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("output directory {} already exists and is not empty (use --resume {0} to continue it)", s.output.display());
+    if resume.is_none()
+        && s.output.exists()
+        && std::fs::read_dir(&s.output).map(|mut d| d.next().is_some()).unwrap_or(true)
+    {
+        bail!(
+            "output directory {} already exists and is not empty (use --resume {0} to continue it)",
+            s.output.display()
+        );
     }
     let opts = load_options(s.device, s.dequantize, s.quantize)?;
-    let mut bundle = ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
+    let mut bundle =
+        ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
     let (train, eval) = load_data(&s, &bundle)?;
     if let Some(epochs) = s.epochs {
         let per_epoch = train.examples.len().div_ceil(s.train.batch_size * s.train.grad_accum);
@@ -387,7 +451,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // is a function of the weights); the final adapter is converted back to the original base.
     let residual = start.takes_from_base();
     if residual {
-        bundle.model.unmerge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }]).context("writing the residual base")?;
+        bundle
+            .model
+            .unmerge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }])
+            .context("writing the residual base")?;
     }
     let model = &bundle.model;
     let mut trainer = match &resume {
@@ -398,8 +465,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let total = model.config().num_parameters();
     eprintln!(
         "training {} of {} parameters ({:.3}%): rank {}, {} modules; {} steps of {} × {} sequences{}",
-        trainable, total, 100.0 * trainable as f64 / total as f64, s.adapter["r"], trainer.adapter().num_layers(),
-        s.train.steps, s.train.batch_size, s.train.grad_accum,
+        trainable,
+        total,
+        100.0 * trainable as f64 / total as f64,
+        s.adapter["r"],
+        trainer.adapter().num_layers(),
+        s.train.steps,
+        s.train.batch_size,
+        s.train.grad_accum,
         if trainer.step() > 0 { format!(", resuming at step {}", trainer.step()) } else { String::new() }
     );
 
@@ -415,7 +488,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     lowrank::staging::write_atomic(&s.output.join("loss.svg"), metrics::loss_svg(&history).as_bytes())?;
     match end? {
         RunEnd::Stopped => {
-            eprintln!("stopped at step {}; checkpoint saved. Continue with: lowrank train --resume {}", trainer.step(), s.output.display());
+            eprintln!(
+                "stopped at step {}; checkpoint saved. Continue with: lowrank train --resume {}",
+                trainer.step(),
+                s.output.display()
+            );
             return Ok(());
         }
         RunEnd::Finished => {}
@@ -423,7 +500,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let trained = trainer.adapter().clone();
     drop(trainer);
     let trained = if residual {
-        bundle.model.merge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }]).context("restoring the original base")?;
+        bundle
+            .model
+            .merge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }])
+            .context("restoring the original base")?;
         Arc::new(trained.relative_to_original(&start, bundle.model.modules())?)
     } else {
         trained
@@ -432,7 +512,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some((_, peak)) = memory() {
         eprintln!("peak resident memory {:.0} MiB", mib(peak));
     }
-    eprintln!("adapter written to {} (PEFT format); metrics.jsonl, loss.svg and {SETTINGS_FILE} beside it", s.output.display());
+    eprintln!(
+        "adapter written to {} (PEFT format); metrics.jsonl, loss.svg and {SETTINGS_FILE} beside it",
+        s.output.display()
+    );
     if let Some(task) = s.example {
         // The adapter as written (plain tensors, no training graph), as a user would load it.
         let trained = Adapter::load_peft(&s.output, bundle.model.modules(), bundle.model.device())?;

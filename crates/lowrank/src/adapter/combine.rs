@@ -90,7 +90,8 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
     }
     // PEFT: with a single adapter, `cat` is the same update as `linear`.
     let method = if inputs.len() == 1 && method == CombineMethod::Cat { CombineMethod::Linear } else { method };
-    let ranks: Vec<usize> = inputs.iter().map(|(a, _)| a.config.rank_pattern.values().copied().fold(a.config.r, usize::max)).collect();
+    let ranks: Vec<usize> =
+        inputs.iter().map(|(a, _)| a.config.rank_pattern.values().copied().fold(a.config.r, usize::max)).collect();
     let factor_merge = match method {
         CombineMethod::Ties { density, sign } => Some(FactorMerge::Ties(density, sign)),
         CombineMethod::MagnitudePrune { density } => Some(FactorMerge::Prune(density)),
@@ -105,8 +106,13 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
     let new_rank = match method {
         CombineMethod::Linear | CombineMethod::Ties { .. } | CombineMethod::MagnitudePrune { .. } => {
             if ranks.iter().any(|&r| r != ranks[0]) {
-                let list: Vec<String> = inputs.iter().zip(&ranks).map(|((a, _), r)| format!("{} has r={r}", a.name)).collect();
-                return Err(err(format!("{} needs adapters of one rank ({}); use --method cat or svd", method.name(), list.join(", "))));
+                let list: Vec<String> =
+                    inputs.iter().zip(&ranks).map(|((a, _), r)| format!("{} has r={r}", a.name)).collect();
+                return Err(err(format!(
+                    "{} needs adapters of one rank ({}); use --method cat or svd",
+                    method.name(),
+                    list.join(", ")
+                )));
             }
             ranks[0]
         }
@@ -122,7 +128,9 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
         let mut parts = Vec::new(); // (A [r, K], B [M, r], wᵢ·sᵢ)
         for (a, w) in inputs {
             let Some(layer) = a.layer(id) else { continue };
-            let lr = layer.low_rank().ok_or_else(|| err(format!("{}: `{}` is not a plain LoRA layer", a.name, module.path)))?;
+            let lr = layer
+                .low_rank()
+                .ok_or_else(|| err(format!("{}: `{}` is not a plain LoRA layer", a.name, module.path)))?;
             parts.push((lr.a.clone(), lr.b.clone(), w * lr.scale));
         }
         if parts.is_empty() {
@@ -159,7 +167,8 @@ fn factors(parts: &[(Tensor, Tensor, f64)], how: FactorMerge) -> Result<(Tensor,
     }
     let wa: Vec<f64> = parts.iter().map(|(_, _, c)| c.abs().sqrt() * c.signum()).collect();
     let wb: Vec<f64> = parts.iter().map(|(_, _, c)| c.abs().sqrt()).collect();
-    let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?) };
+    let values =
+        |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?) };
     let a: Vec<Vec<f32>> = parts.iter().map(|(a, _, _)| values(a)).collect::<Result<_>>()?;
     let b: Vec<Vec<f32>> = parts.iter().map(|(_, b, _)| values(b)).collect::<Result<_>>()?;
     let dev = a0.device();
@@ -229,7 +238,10 @@ fn cat(parts: &[(Tensor, Tensor, f64)], rank: usize) -> Result<(Tensor, Tensor)>
     if used < rank {
         let k = a.dim(1)?;
         let m = b.dim(0)?;
-        let (a0, b0) = (Tensor::zeros((rank - used, k), a.dtype(), a.device())?, Tensor::zeros((m, rank - used), b.dtype(), b.device())?);
+        let (a0, b0) = (
+            Tensor::zeros((rank - used, k), a.dtype(), a.device())?,
+            Tensor::zeros((m, rank - used), b.dtype(), b.device())?,
+        );
         a = Tensor::cat(&[&a, &a0], 0)?;
         b = Tensor::cat(&[&b, &b0], 1)?;
     }
@@ -260,7 +272,12 @@ fn union_of_targets(inputs: &[(&Adapter, f64)], table: &ModuleTable) -> Result<M
             }
             Some(ModuleSelector::Pattern(p)) => patterns.push(p.clone()),
             Some(ModuleSelector::List(l)) => lists.push(l.clone()),
-            None => return Err(Error::Adapter { path: a.path.clone().unwrap_or_default(), message: "target_modules is missing".into() }),
+            None => {
+                return Err(Error::Adapter {
+                    path: a.path.clone().unwrap_or_default(),
+                    message: "target_modules is missing".into(),
+                })
+            }
         }
     }
     match (lists.is_empty(), patterns.is_empty()) {

@@ -191,7 +191,11 @@ mod tests {
     #[test]
     fn parses_list_regex_and_rejects_unsupported() {
         let p = Path::new("adapter_config.json");
-        let c = AdapterConfig::from_json(r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"new_key":1}"#, p).unwrap();
+        let c = AdapterConfig::from_json(
+            r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"new_key":1}"#,
+            p,
+        )
+        .unwrap();
         assert_eq!(c.target_modules, Some(ModuleSelector::List(vec!["q_proj".into()])));
         assert!(c.raw.contains_key("new_key"), "unknown keys are kept");
         let c = AdapterConfig::from_json(r#"{"r":4,"target_modules":".*q_proj"}"#, p).unwrap();

@@ -55,12 +55,26 @@ impl Clone for DoraLayer {
 impl DoraLayer {
     /// A layer from its factors and magnitude.
     pub fn new(lora: LoraLayer, magnitude: Tensor, trainable: bool) -> Self {
-        Self { lora, magnitude, trainable, weight_sq: Mutex::new(None), norm: Mutex::new(None), merged_norm: Mutex::new(None) }
+        Self {
+            lora,
+            magnitude,
+            trainable,
+            weight_sq: Mutex::new(None),
+            norm: Mutex::new(None),
+            merged_norm: Mutex::new(None),
+        }
     }
 
     /// PEFT's init for `base`: LoRA's (`B = 0`), and `m = ‖W‖` per row, so the adapted layer
     /// equals the base at step 0.
-    pub fn init(r: usize, base: &FrozenLinear, scale: f64, init: LoraInit, rng: &mut StdRng, device: &Device) -> Result<Self> {
+    pub fn init(
+        r: usize,
+        base: &FrozenLinear,
+        scale: f64,
+        init: LoraInit,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Self> {
         let (m, k) = base.weight().dims()?;
         let lora = LoraLayer::init(r, k, m, scale, init, rng, device)?;
         let magnitude = weight_sq(base)?.sqrt()?;
@@ -147,7 +161,8 @@ impl AdapterLayer for DoraLayer {
     }
 
     fn merge_parts(&self, w: Option<&Tensor>) -> Result<MergeParts> {
-        let mut slot = self.merged_norm.lock().map_err(|_| Error::InvalidArgument("DoRA merge state poisoned".into()))?;
+        let mut slot =
+            self.merged_norm.lock().map_err(|_| Error::InvalidArgument("DoRA merge state poisoned".into()))?;
         let norm = match w {
             // PEFT's get_weight_norm on the unmerged weight: ‖W + s·B A‖ formed densely.
             Some(w) => {
@@ -155,10 +170,15 @@ impl AdapterLayer for DoraLayer {
                 *slot = Some(n.clone());
                 n
             }
-            None => slot.take().ok_or_else(|| Error::InvalidArgument("this DoRA adapter is not merged, so it cannot be unmerged".into()))?,
+            None => slot.take().ok_or_else(|| {
+                Error::InvalidArgument("this DoRA adapter is not merged, so it cannot be unmerged".into())
+            })?,
         };
         let g = (&self.magnitude / norm)?; // [M]
-        Ok(MergeParts { row_factor: Some((&g - 1.0)?), add: self.lora.delta_weight()?.broadcast_mul(&g.unsqueeze(1)?)? })
+        Ok(MergeParts {
+            row_factor: Some((&g - 1.0)?),
+            add: self.lora.delta_weight()?.broadcast_mul(&g.unsqueeze(1)?)?,
+        })
     }
 
     fn rank(&self) -> usize {
@@ -203,7 +223,12 @@ mod tests {
         let q = FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?));
         for weight in [FrozenWeight::Dense(w.clone()), q] {
             let base = FrozenLinear::new(weight, None);
-            let lora = LoraLayer { a: Tensor::randn(0f32, 1.0, (r, k), &dev)?, b: Tensor::randn(0f32, 0.3, (m, r), &dev)?, scale: s, dropout: None };
+            let lora = LoraLayer {
+                a: Tensor::randn(0f32, 1.0, (r, k), &dev)?,
+                b: Tensor::randn(0f32, 0.3, (m, r), &dev)?,
+                scale: s,
+                dropout: None,
+            };
             let want = (base.weight().to_dense()? + lora.delta_weight()?)?.sqr()?.sum(D::Minus1)?.sqrt()?;
             let layer = DoraLayer::new(lora, Tensor::ones(m, candle_core::DType::F32, &dev)?, false);
             let got = layer.weight_norm(&base)?;

@@ -26,7 +26,14 @@ impl Adapter {
     /// Writes the adapter as a llama.cpp LoRA GGUF for a model of architecture `arch` (its
     /// `general.architecture`) with configuration `cfg`. DoRA and `modules_to_save` adapters are
     /// refused: llama.cpp has no way to represent them.
-    pub fn save_gguf(&self, path: &Path, table: &ModuleTable, cfg: &ModelConfig, arch: &str, existing: Existing) -> Result<()> {
+    pub fn save_gguf(
+        &self,
+        path: &Path,
+        table: &ModuleTable,
+        cfg: &ModelConfig,
+        arch: &str,
+        existing: Existing,
+    ) -> Result<()> {
         let refuse = |what: &str| {
             Err(Error::Export(format!(
                 "{}: {what}, which a llama.cpp LoRA adapter cannot represent; `lowrank merge` can fold it into the model instead",
@@ -46,15 +53,22 @@ impl Adapter {
             let Some(layer) = self.layer(id) else { continue };
             let Some(lr) = layer.low_rank() else { return refuse(&format!("`{}` is not a plain LoRA layer", m.path)) };
             let weight = format!("{}.weight", m.path);
-            let (name, qk) = to_gguf(&weight).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{weight}`")))?;
+            let (name, qk) = to_gguf(&weight)
+                .ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{weight}`")))?;
             let r = lr.a.dim(0)?;
             let fold = lr.scale * r as f64 / alpha; // llama.cpp's alpha/r times this = our scale
             let mut b = if (fold - 1.0).abs() > 1e-12 { (lr.b * fold)? } else { lr.b.clone() };
             if let Some(qk) = qk.filter(|_| permutes_qk(arch)) {
                 b = permute_rows(&b, qk.heads(cfg))?;
             }
-            tensors.push((format!("{name}.lora_a"), QTensor::quantize(&lr.a.to_dtype(DType::F32)?, candle_core::quantized::GgmlDType::F32)?));
-            tensors.push((format!("{name}.lora_b"), QTensor::quantize(&b.to_dtype(DType::F32)?, candle_core::quantized::GgmlDType::F32)?));
+            tensors.push((
+                format!("{name}.lora_a"),
+                QTensor::quantize(&lr.a.to_dtype(DType::F32)?, candle_core::quantized::GgmlDType::F32)?,
+            ));
+            tensors.push((
+                format!("{name}.lora_b"),
+                QTensor::quantize(&b.to_dtype(DType::F32)?, candle_core::quantized::GgmlDType::F32)?,
+            ));
         }
         if tensors.is_empty() {
             return Err(Error::Export(format!("{}: the adapter has no layers for this model", self.name)));
@@ -83,8 +97,11 @@ impl Adapter {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         };
-        if meta_str("general.type").as_deref() != Some("adapter") || meta_str("adapter.type").as_deref() != Some("lora") {
-            return Err(err("not a llama.cpp LoRA adapter (general.type must be `adapter`, adapter.type `lora`)".into()));
+        if meta_str("general.type").as_deref() != Some("adapter") || meta_str("adapter.type").as_deref() != Some("lora")
+        {
+            return Err(err(
+                "not a llama.cpp LoRA adapter (general.type must be `adapter`, adapter.type `lora`)".into()
+            ));
         }
         let arch = meta_str("general.architecture").ok_or_else(|| err("general.architecture is missing".into()))?;
         let alpha = match content.metadata.get("adapter.lora.alpha") {
@@ -100,8 +117,13 @@ impl Adapter {
             };
             let (hf, qk) = to_hf(base).ok_or_else(|| err(format!("tensor `{name}`: no HF module for `{base}`")))?;
             let module = hf.strip_suffix(".weight").unwrap_or(&hf);
-            let id = table.id(module).ok_or_else(|| err(format!("tensor `{name}`: the model has no module `{module}` (an adapter for another model?)")))?;
-            let mut t = content.tensor(&mut f, name, device).and_then(|q| q.dequantize(device)).map_err(|e| err(format!("reading `{name}`: {e}")))?;
+            let id = table.id(module).ok_or_else(|| {
+                err(format!("tensor `{name}`: the model has no module `{module}` (an adapter for another model?)"))
+            })?;
+            let mut t = content
+                .tensor(&mut f, name, device)
+                .and_then(|q| q.dequantize(device))
+                .map_err(|e| err(format!("reading `{name}`: {e}")))?;
             t = t.to_dtype(DType::F32)?;
             if let Some(qk) = qk.filter(|_| !is_a && permutes_qk(&arch)) {
                 t = unpermute_rows(&t, qk.heads(cfg))?;
@@ -117,7 +139,9 @@ impl Adapter {
         let mut ranks: BTreeMap<String, usize> = BTreeMap::new();
         for (id, (a, b)) in pairs {
             let m = &table.modules()[id];
-            let (Some(a), Some(b)) = (a, b) else { return Err(err(format!("`{}`: lora_a or lora_b is missing", m.path))) };
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(err(format!("`{}`: lora_a or lora_b is missing", m.path)));
+            };
             let r = a.dim(0)?;
             crate::model::check_shape(&format!("{}.lora_a", m.path), &[r, m.in_features], a.dims())?;
             crate::model::check_shape(&format!("{}.lora_b", m.path), &[m.out_features, r], b.dims())?;

@@ -26,7 +26,9 @@ impl Adapter {
     pub fn load_peft(dir: &Path, table: &ModuleTable, device: &Device) -> Result<Self> {
         let err = |m: String| Error::Adapter { path: dir.into(), message: m };
         if !dir.is_dir() {
-            return Err(err("not a directory (expected adapter_config.json and adapter_model.safetensors inside)".into()));
+            return Err(err(
+                "not a directory (expected adapter_config.json and adapter_model.safetensors inside)".into()
+            ));
         }
         let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
         let plans = plan(&config, table, dir)?;
@@ -44,7 +46,9 @@ impl Adapter {
         // module id -> (A, B, DoRA magnitude) as found in the file
         let mut found: BTreeMap<usize, [Option<Tensor>; 3]> = BTreeMap::new();
         for key in st.names() {
-            let path = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| err(format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")))?;
+            let path = key
+                .strip_prefix(PEFT_PREFIX)
+                .ok_or_else(|| err(format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")))?;
             let (module, slot) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
                 (m, 0)
             } else if let Some(m) = path.strip_suffix(".lora_B.weight") {
@@ -52,12 +56,20 @@ impl Adapter {
             } else if let Some(m) = path.strip_suffix(".lora_magnitude_vector").filter(|_| config.use_dora) {
                 (m, 2)
             } else {
-                let what = if path.ends_with(".lora_magnitude_vector") { " (a DoRA magnitude, but adapter_config.json has use_dora false)" } else { " (embedding LoRA, biases and modules_to_save are not supported yet)" };
+                let what = if path.ends_with(".lora_magnitude_vector") {
+                    " (a DoRA magnitude, but adapter_config.json has use_dora false)"
+                } else {
+                    " (embedding LoRA, biases and modules_to_save are not supported yet)"
+                };
                 return Err(err(format!("tensor `{key}` is not a LoRA A/B weight{what}")));
             };
-            let id = table.id(module).ok_or_else(|| err(format!("tensor `{key}`: the model has no module `{module}` (is this adapter for another model?)")))?;
+            let id = table.id(module).ok_or_else(|| {
+                err(format!("tensor `{key}`: the model has no module `{module}` (is this adapter for another model?)"))
+            })?;
             if plans[id].is_none() {
-                return Err(err(format!("tensor `{key}` adapts `{module}`, which adapter_config.json does not target")));
+                return Err(err(format!(
+                    "tensor `{key}` adapts `{module}`, which adapter_config.json does not target"
+                )));
             }
             found.entry(id).or_default()[slot] = Some(st.load(&key)?);
         }
@@ -70,7 +82,13 @@ impl Adapter {
             };
             let [a, b, magnitude] = found.remove(&id).unwrap_or_default();
             let key = |s: &str| format!("{PEFT_PREFIX}{}.{s}", m.path);
-            let missing = |s: &str| err(format!("adapter_config.json targets `{}` but adapter_model.safetensors has no `{}`", m.path, key(s)));
+            let missing = |s: &str| {
+                err(format!(
+                    "adapter_config.json targets `{}` but adapter_model.safetensors has no `{}`",
+                    m.path,
+                    key(s)
+                ))
+            };
             let a = a.ok_or_else(|| missing("lora_A.weight"))?;
             let b = b.ok_or_else(|| missing("lora_B.weight"))?;
             crate::model::check_shape(&key("lora_A.weight"), &[p.r, m.in_features], a.dims())?;

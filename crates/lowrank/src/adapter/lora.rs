@@ -54,7 +54,15 @@ impl LoraInit {
 
 impl LoraLayer {
     /// PEFT's init: `A` as `init` says, `B = 0`.
-    pub fn init(r: usize, in_features: usize, out_features: usize, scale: f64, init: LoraInit, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Self> {
+    pub fn init(
+        r: usize,
+        in_features: usize,
+        out_features: usize,
+        scale: f64,
+        init: LoraInit,
+        rng: &mut rand::rngs::StdRng,
+        device: &Device,
+    ) -> Result<Self> {
         let a: Vec<f32> = match init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_features as f32).sqrt();
@@ -62,7 +70,9 @@ impl LoraLayer {
             }
             LoraInit::Gaussian => (0..r * in_features).map(|_| standard_normal(rng) / r as f32).collect(),
             LoraInit::Pissa | LoraInit::Olora => {
-                return Err(crate::Error::InvalidArgument("pissa and olora start from the base weight: use LoraLayer::from_weight".into()))
+                return Err(crate::Error::InvalidArgument(
+                    "pissa and olora start from the base weight: use LoraLayer::from_weight".into(),
+                ))
             }
         };
         Ok(Self {
@@ -85,7 +95,11 @@ impl LoraLayer {
         let (b, a) = match init {
             // B = V_r sqrt(S_r / s), A = sqrt(S_r / s) U_rᵀ (PEFT names W's SVD V S Uᵀ).
             LoraInit::Pissa => {
-                let (u, sv, vt) = if m.min(k) <= EXACT_SVD_MAX { crate::ops::top_svd(&wv, m, k, r) } else { randomized_top_svd(w, r)? };
+                let (u, sv, vt) = if m.min(k) <= EXACT_SVD_MAX {
+                    crate::ops::top_svd(&wv, m, k, r)
+                } else {
+                    randomized_top_svd(w, r)?
+                };
                 let root: Vec<f64> = sv.iter().map(|x| (x / scale).sqrt()).collect();
                 let b: Vec<f64> = (0..m * r).map(|i| u[i] * root[i % r]).collect();
                 let a: Vec<f64> = (0..r * k).map(|i| vt[i] * root[i / k]).collect();
@@ -98,7 +112,12 @@ impl LoraLayer {
         };
         let dev = w.device();
         let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        Ok(Self { a: Tensor::from_vec(f32s(a), (r, k), dev)?, b: Tensor::from_vec(f32s(b), (m, r), dev)?, scale, dropout: None })
+        Ok(Self {
+            a: Tensor::from_vec(f32s(a), (r, k), dev)?,
+            b: Tensor::from_vec(f32s(b), (m, r), dev)?,
+            scale,
+            dropout: None,
+        })
     }
 
     /// A seeded RNG for [`LoraLayer::init`].
@@ -124,7 +143,9 @@ fn randomized_top_svd(w: &Tensor, r: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f
     let dev = w.device();
     let w = w.to_dtype(DType::F32)?;
     let wt = w.t()?.contiguous()?;
-    let to_t = |v: &[f64], rows: usize, cols: usize| -> Result<Tensor> { Ok(Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (rows, cols), dev)?) };
+    let to_t = |v: &[f64], rows: usize, cols: usize| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (rows, cols), dev)?)
+    };
     let to_v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
     // A fixed start (a function of the shape): the init is reproducible.
     let mut rng = rand::rngs::StdRng::seed_from_u64((m * 1_000_003 + k) as u64);
@@ -201,14 +222,19 @@ mod tests {
         let u = crate::ops::orthonormal_columns(&gauss(m * k), m, k);
         let v = crate::ops::orthonormal_columns(&gauss(k * k), k, k);
         let sigma: Vec<f64> = (0..k).map(|j| 10.0 / (1.0 + j as f64).powf(0.7) + 0.05).collect();
-        let w: Vec<f32> = (0..m * k).map(|idx| (0..k).map(|t| u[(idx / k) * k + t] * sigma[t] * v[(idx % k) * k + t]).sum::<f64>() as f32).collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|idx| (0..k).map(|t| u[(idx / k) * k + t] * sigma[t] * v[(idx % k) * k + t]).sum::<f64>() as f32)
+            .collect();
         let wt = Tensor::from_vec(w, (m, k), &Device::Cpu)?;
         let (ru, rs, rvt) = randomized_top_svd(&wt, r)?;
         for j in 0..r {
             assert!((rs[j] - sigma[j]).abs() < 1e-4 * sigma[j], "σ{j}: {} vs {}", rs[j], sigma[j]);
             let dot_u: f64 = (0..m).map(|i| ru[i * r + j] * u[i * k + j]).sum();
             let dot_v: f64 = (0..k).map(|i| rvt[j * k + i] * v[i * k + j]).sum();
-            assert!(dot_u.abs() > 1.0 - 1e-5 && (dot_u * dot_v - 1.0).abs() < 1e-5, "component {j}: |u·u'| {dot_u}, v·v' {dot_v}");
+            assert!(
+                dot_u.abs() > 1.0 - 1e-5 && (dot_u * dot_v - 1.0).abs() < 1e-5,
+                "component {j}: |u·u'| {dot_u}, v·v' {dot_v}"
+            );
         }
         Ok(())
     }

@@ -104,7 +104,13 @@ impl Adapter {
         let plans = plan(&config, table, std::path::Path::new(name))?;
         if plans.iter().all(Option::is_none) {
             let kind = if config.use_dora { "DoRA" } else { "LoRA" };
-            let names: Vec<&str> = table.modules().iter().map(|m| m.name()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let names: Vec<&str> = table
+                .modules()
+                .iter()
+                .map(|m| m.name())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
             return Err(crate::Error::InvalidArgument(format!(
                 "target_modules matches none of the model's linear projections ({}); {kind} on embeddings or the LM head is not supported",
                 names.join(", ")
@@ -119,7 +125,12 @@ impl Adapter {
                 layers.push(None);
                 continue;
             };
-            let base = || model.projection(id).map(|p| p.base()).ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)));
+            let base = || {
+                model
+                    .projection(id)
+                    .map(|p| p.base())
+                    .ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)))
+            };
             layers.push(Some(if matches!(init, LoraInit::Pissa | LoraInit::Olora) {
                 if config.use_dora {
                     return Err(crate::Error::InvalidArgument("pissa and olora inits are for LoRA, not DoRA".into()));
@@ -147,7 +158,11 @@ impl Adapter {
     /// A copy with trainable variables, and those variables under their PEFT keys
     /// (`base_model.model.<module>.lora_A.weight`), in module order.
     /// Dropout (`lora_dropout` of the config) is driven by `dropout`.
-    pub fn to_trainable(&self, table: &ModuleTable, dropout: Option<&Arc<DropoutControl>>) -> Result<(Adapter, Vec<(String, Var)>)> {
+    pub fn to_trainable(
+        &self,
+        table: &ModuleTable,
+        dropout: Option<&Arc<DropoutControl>>,
+    ) -> Result<(Adapter, Vec<(String, Var)>)> {
         let mut vars = Vec::new();
         let mut layers = Vec::with_capacity(self.layers.len());
         for (id, (m, l)) in table.modules().iter().zip(&self.layers).enumerate() {

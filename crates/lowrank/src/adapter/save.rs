@@ -23,8 +23,8 @@ use super::config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
 use super::io::{CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
 use super::target::plan;
 use super::Adapter;
-use crate::model::ModuleTable;
 use crate::export::write_safetensors;
+use crate::model::ModuleTable;
 use crate::staging::{write_atomic, write_synced, Existing, Staged};
 use crate::{Error, Result};
 
@@ -71,7 +71,8 @@ const PEFT_DEFAULTS: &str = r#"{
 /// `target_modules = "all-linear"` is kept literally here (PEFT reads it); [`Adapter::save_peft`]
 /// replaces it with the resolved module paths, as PEFT's own `save_pretrained` does.
 pub fn peft_config_json(cfg: &AdapterConfig) -> Value {
-    let Value::Object(mut out) = serde_json::from_str::<Value>(PEFT_DEFAULTS).expect("PEFT_DEFAULTS is valid JSON") else {
+    let Value::Object(mut out) = serde_json::from_str::<Value>(PEFT_DEFAULTS).expect("PEFT_DEFAULTS is valid JSON")
+    else {
         unreachable!("PEFT_DEFAULTS is an object")
     };
     out.insert("peft_version".into(), Value::String(PEFT_VERSION.into()));
@@ -139,7 +140,9 @@ fn equivalent(a: &Value, b: &Value) -> bool {
             y.dedup();
             x == y
         }
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| equivalent(v, w))),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| equivalent(v, w)))
+        }
         _ => a == b,
     }
 }
@@ -193,9 +196,11 @@ impl Adapter {
     pub fn save_peft_with(&self, dir: &Path, table: &ModuleTable, existing: Existing) -> Result<()> {
         let (config_text, tensors) = self.peft_files(dir, table)?;
         if dir.exists() && existing != Existing::Replace {
-            let empty = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?.next().is_none();
+            let empty =
+                dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?.next().is_none();
             if !empty {
-                let message = "already exists and is not an empty directory; choose a new path (adapters are never overwritten)";
+                let message =
+                    "already exists and is not an empty directory; choose a new path (adapters are never overwritten)";
                 return Err(Error::Adapter { path: dir.into(), message: message.into() });
             }
         }
@@ -241,10 +246,22 @@ impl Adapter {
                 (None, None) => {}
                 (Some(p), Some(l)) if p.r == l.rank() => {}
                 (Some(p), Some(l)) => {
-                    return Err(err(format!("`{}`: the config gives rank {} but the layer has rank {}", m.path, p.r, l.rank())))
+                    return Err(err(format!(
+                        "`{}`: the config gives rank {} but the layer has rank {}",
+                        m.path,
+                        p.r,
+                        l.rank()
+                    )))
                 }
-                (Some(_), None) => return Err(err(format!("the config targets `{}` but the adapter has no layer for it", m.path))),
-                (None, Some(_)) => return Err(err(format!("the adapter has a layer for `{}` but the config does not target it", m.path))),
+                (Some(_), None) => {
+                    return Err(err(format!("the config targets `{}` but the adapter has no layer for it", m.path)))
+                }
+                (None, Some(_)) => {
+                    return Err(err(format!(
+                        "the adapter has a layer for `{}` but the config does not target it",
+                        m.path
+                    )))
+                }
             }
         }
         let config_text = json_dumps_sorted(&peft_config_json(&cfg));
@@ -268,7 +285,11 @@ mod tests {
 
     #[test]
     fn new_config_has_peft_defaults() {
-        let cfg = AdapterConfig::from_json(r#"{"r":4,"lora_alpha":8.0,"target_modules":["v_proj","q_proj"]}"#, Path::new("x")).unwrap();
+        let cfg = AdapterConfig::from_json(
+            r#"{"r":4,"lora_alpha":8.0,"target_modules":["v_proj","q_proj"]}"#,
+            Path::new("x"),
+        )
+        .unwrap();
         let mut cfg2 = cfg.clone();
         cfg2.raw.clear();
         let v = peft_config_json(&cfg2);

@@ -38,7 +38,11 @@ pub fn plan(cfg: &AdapterConfig, table: &ModuleTable, path: &Path) -> Result<Vec
     let layer_re = layer_regexes(cfg).map_err(|e| err(format!("bad layers_pattern: {e}")))?;
     let pattern = |keys: Vec<&String>| -> Result<Vec<(String, Regex)>> {
         keys.into_iter()
-            .map(|k| Regex::new(&format!("^(.*\\.)?({k})$")).map(|r| (k.clone(), r)).map_err(|e| err(format!("bad pattern key `{k}`: {e}"))))
+            .map(|k| {
+                Regex::new(&format!("^(.*\\.)?({k})$"))
+                    .map(|r| (k.clone(), r))
+                    .map_err(|e| err(format!("bad pattern key `{k}`: {e}")))
+            })
             .collect()
     };
     let rank_keys = pattern(cfg.rank_pattern.keys().collect())?;
@@ -52,7 +56,10 @@ pub fn plan(cfg: &AdapterConfig, table: &ModuleTable, path: &Path) -> Result<Vec
         // PEFT applies layers_to_transform only to list targets, not to a regex string.
         if found && matches!(target, Matcher::Names(_)) {
             if let Some(sel) = &cfg.layers_to_transform {
-                let idx = layer_re.iter().find_map(|re| re.captures(key)).and_then(|c| c.get(1)?.as_str().parse::<usize>().ok());
+                let idx = layer_re
+                    .iter()
+                    .find_map(|re| re.captures(key))
+                    .and_then(|c| c.get(1)?.as_str().parse::<usize>().ok());
                 found = match (idx, sel) {
                     (None, _) => false,
                     (Some(i), LayerSelector::One(l)) => i == *l,
@@ -83,7 +90,9 @@ impl Matcher {
         match self {
             Matcher::All => true,
             Matcher::Regex(r) => r.is_match(key),
-            Matcher::Names(names) => names.iter().any(|n| key == n || key.strip_suffix(n.as_str()).is_some_and(|p| p.ends_with('.'))),
+            Matcher::Names(names) => {
+                names.iter().any(|n| key == n || key.strip_suffix(n.as_str()).is_some_and(|p| p.ends_with('.')))
+            }
         }
     }
 }

@@ -20,10 +20,7 @@ pub struct BatchPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     /// Consecutive runs of `batch_size` in a per-epoch permutation of `0..n_examples`.
-    Fixed {
-        n_examples: usize,
-        batch_size: usize,
-    },
+    Fixed { n_examples: usize, batch_size: usize },
     /// Fixed batches (from [`pack_by_tokens`]) visited in a per-epoch order.
     Packed(Vec<Vec<usize>>),
 }
@@ -33,32 +30,20 @@ impl BatchPlan {
     /// permutation of `0..n_examples` each epoch, so every example is seen once per epoch.
     /// A `batch_size` of 0 is taken as 1.
     pub fn new(n_examples: usize, batch_size: usize, seed: u64) -> Self {
-        BatchPlan {
-            seed,
-            kind: Kind::Fixed {
-                n_examples,
-                batch_size: batch_size.max(1),
-            },
-        }
+        BatchPlan { seed, kind: Kind::Fixed { n_examples, batch_size: batch_size.max(1) } }
     }
 
     /// The given batches (say from [`pack_by_tokens`]), their contents fixed and their order
     /// reshuffled every epoch. Empty batches are left out.
     pub fn packed(batches: Vec<Vec<usize>>, seed: u64) -> Self {
         let batches = batches.into_iter().filter(|b| !b.is_empty()).collect();
-        BatchPlan {
-            seed,
-            kind: Kind::Packed(batches),
-        }
+        BatchPlan { seed, kind: Kind::Packed(batches) }
     }
 
     /// Number of batches in one epoch (0 for no examples).
     pub fn batches_per_epoch(&self) -> usize {
         match &self.kind {
-            Kind::Fixed {
-                n_examples,
-                batch_size,
-            } => n_examples.div_ceil(*batch_size),
+            Kind::Fixed { n_examples, batch_size } => n_examples.div_ceil(*batch_size),
             Kind::Packed(batches) => batches.len(),
         }
     }
@@ -80,10 +65,7 @@ impl BatchPlan {
         }
         let (epoch, index) = (step / per_epoch, step % per_epoch);
         match &self.kind {
-            Kind::Fixed {
-                n_examples,
-                batch_size,
-            } => {
+            Kind::Fixed { n_examples, batch_size } => {
                 let order = permutation(*n_examples, self.seed, epoch as u64);
                 let start = index * batch_size;
                 let end = (start + batch_size).min(*n_examples);
@@ -148,10 +130,7 @@ mod tests {
     #[test]
     fn first_fit_decreasing() {
         // Sorted: 6(0) 5(2) 4(1) 3(3) 2(4) 1(5); budget 8.
-        assert_eq!(
-            pack_by_tokens(&[6, 4, 5, 3, 2, 1], 8),
-            vec![vec![0, 4], vec![2, 3], vec![1, 5]]
-        );
+        assert_eq!(pack_by_tokens(&[6, 4, 5, 3, 2, 1], 8), vec![vec![0, 4], vec![2, 3], vec![1, 5]]);
         assert_eq!(pack_by_tokens(&[9, 1], 4), vec![vec![0], vec![1]]);
         assert!(pack_by_tokens(&[], 4).is_empty());
     }

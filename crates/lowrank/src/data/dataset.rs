@@ -46,12 +46,7 @@ impl std::fmt::Display for DataStats {
         write!(
             f,
             "{} rows ({}), {} truncated, {} dropped without targets; {} tokens, {} targets",
-            self.rows,
-            self.format,
-            self.truncated,
-            self.dropped_no_targets,
-            self.tokens,
-            self.target_tokens
+            self.rows, self.format, self.truncated, self.dropped_no_targets, self.tokens, self.target_tokens
         )?;
         if self.boundary_merges > 0 {
             write!(
@@ -100,27 +95,17 @@ pub fn load_jsonl(
             opts.max_seq_len
         )));
     }
-    let error = |line: Option<usize>, message: String| Error::Data {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
+    let error = |line: Option<usize>, message: String| Error::Data { path: path.to_path_buf(), line, message };
     let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
-    let encoder =
-        Encoder::new(tokenizer, template, opts.train_on_prompt).map_err(|m| error(None, m))?;
+    let encoder = Encoder::new(tokenizer, template, opts.train_on_prompt).map_err(|m| error(None, m))?;
 
     let mut examples = Vec::new();
     let mut first: Option<(Format, usize)> = None;
     let (mut rows, mut truncated, mut dropped, mut merges) = (0, 0, 0, 0);
     for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
-        let text = std::str::from_utf8(raw)
-            .map_err(|e| error(Some(line), format!("not UTF-8 text: {e}")))?;
-        let text = if index == 0 {
-            text.trim_start_matches('\u{feff}')
-        } else {
-            text
-        };
+        let text = std::str::from_utf8(raw).map_err(|e| error(Some(line), format!("not UTF-8 text: {e}")))?;
+        let text = if index == 0 { text.trim_start_matches('\u{feff}') } else { text };
         if text.trim().is_empty() {
             continue;
         }
@@ -161,19 +146,13 @@ pub fn load_jsonl(
     };
     if examples.is_empty() {
         let hint = if truncated > 0 {
-            format!(
-                "; max_seq_len {} cuts off every target, raise it",
-                opts.max_seq_len
-            )
+            format!("; max_seq_len {} cuts off every target, raise it", opts.max_seq_len)
         } else if format == Format::Messages {
             "; is there an assistant turn?".into()
         } else {
             String::new()
         };
-        return Err(error(
-            None,
-            format!("no row has a loss target left ({rows} rows, all dropped){hint}"),
-        ));
+        return Err(error(None, format!("no row has a loss target left ({rows} rows, all dropped){hint}")));
     }
     let mut stats = DataStats::count(&examples, format);
     stats.rows = rows;
@@ -239,14 +218,8 @@ impl Dataset {
         }
         let format = self.stats.format;
         Ok((
-            Dataset {
-                stats: DataStats::count(&train, format),
-                examples: train,
-            },
-            Dataset {
-                stats: DataStats::count(&eval, format),
-                examples: eval,
-            },
+            Dataset { stats: DataStats::count(&train, format), examples: train },
+            Dataset { stats: DataStats::count(&eval, format), examples: eval },
         ))
     }
 }

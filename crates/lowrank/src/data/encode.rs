@@ -96,12 +96,7 @@ impl<'a> Encoder<'a> {
             .eos_token_ids()
             .first()
             .ok_or("the tokenizer has no eos token, which every example ends with")?;
-        Ok(Encoder {
-            tokenizer,
-            template,
-            train_on_prompt,
-            eos,
-        })
+        Ok(Encoder { tokenizer, template, train_on_prompt, eos })
     }
 
     /// The full (untruncated) example for `row`, and whether its encoding differs from that of
@@ -109,9 +104,7 @@ impl<'a> Encoder<'a> {
     pub(crate) fn encode(&self, row: &Row) -> Result<(Example, bool), String> {
         let (mut example, merged) = match row {
             Row::Text(text) => (self.text(text)?, false),
-            Row::PromptCompletion { prompt, completion } => {
-                self.prompt_completion(prompt, completion)?
-            }
+            Row::PromptCompletion { prompt, completion } => self.prompt_completion(prompt, completion)?,
             Row::Messages(messages) => (self.messages(messages)?, false),
         };
         if let Some(first) = example.targets.first_mut() {
@@ -143,9 +136,7 @@ impl<'a> Encoder<'a> {
                 (joined, common, true)
             }
         };
-        let targets = (0..ids.len())
-            .map(|t| t >= boundary || self.train_on_prompt)
-            .collect();
+        let targets = (0..ids.len()).map(|t| t >= boundary || self.train_on_prompt).collect();
         Ok((self.with_eos(Example { ids, targets }), merged))
     }
 
@@ -159,19 +150,14 @@ impl<'a> Encoder<'a> {
              write the rows as \"text\" or \"prompt\" + \"completion\"",
         )?;
         let render = |messages: &[Message], generation_prompt: bool| {
-            template
-                .render(messages, generation_prompt)
-                .map_err(|e| e.to_string())
+            template.render(messages, generation_prompt).map_err(|e| e.to_string())
         };
         let text = render(messages, false)?;
         let ids = self.encode_text(&text, false)?;
         let ends_with_assistant = messages.last().is_some_and(|m| m.role == "assistant");
 
         if self.train_on_prompt {
-            let mut example = Example {
-                targets: vec![true; ids.len()],
-                ids,
-            };
+            let mut example = Example { targets: vec![true; ids.len()], ids };
             let template_has_eos = example.ids.iter().any(|id| self.is_eos(*id));
             if ends_with_assistant && !template_has_eos {
                 example.ids.push(self.eos);
@@ -182,30 +168,21 @@ impl<'a> Encoder<'a> {
 
         let mut targets = vec![false; ids.len()];
         let mut last_turn_closed = false;
-        for (i, _) in messages
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.role == "assistant")
-        {
+        for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
             let before = render(&messages[..i], true)?;
             let through = render(&messages[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {
                 return Err(not_prefix_stable(i, "text"));
             }
             // Exactly the ids `generate --chat` and the server's chat endpoint start from.
-            let before_ids = prompt::chat_ids(self.tokenizer, template, &messages[..i])
-                .map_err(|e| e.to_string())?;
+            let before_ids = prompt::chat_ids(self.tokenizer, template, &messages[..i]).map_err(|e| e.to_string())?;
             let through_ids = self.encode_text(&through, false)?;
             if !through_ids.starts_with(&before_ids) || !ids.starts_with(&through_ids) {
                 return Err(not_prefix_stable(i, "token ids"));
             }
             let span = before_ids.len()..through_ids.len();
             // Stop after the turn's last eos id; what follows is layout between turns.
-            let end = span
-                .clone()
-                .rev()
-                .find(|&t| self.is_eos(ids[t]))
-                .map_or(span.end, |t| t + 1);
+            let end = span.clone().rev().find(|&t| self.is_eos(ids[t])).map_or(span.end, |t| t + 1);
             targets[span.start..end].fill(true);
             last_turn_closed = end > span.start && self.is_eos(ids[end - 1]);
         }
@@ -231,9 +208,7 @@ impl<'a> Encoder<'a> {
     }
 
     fn encode_text(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
-        self.tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| e.to_string())
+        self.tokenizer.encode(text, add_special_tokens).map_err(|e| e.to_string())
     }
 }
 

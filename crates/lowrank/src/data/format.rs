@@ -103,20 +103,12 @@ fn shape_of(object: &Map<String, Value>) -> Result<Format, String> {
             Format::Messages.keys(),
             key_list(object)
         )),
-        [Format::PromptCompletion] if !has("prompt") => {
-            Err("\"completion\" without \"prompt\"".into())
-        }
-        [Format::PromptCompletion] if !has("completion") => {
-            Err("\"prompt\" without \"completion\"".into())
-        }
+        [Format::PromptCompletion] if !has("prompt") => Err("\"completion\" without \"prompt\"".into()),
+        [Format::PromptCompletion] if !has("completion") => Err("\"prompt\" without \"completion\"".into()),
         [one] => Ok(*one),
         several => Err(format!(
             "ambiguous row: it has the keys of several formats ({}); keep one",
-            several
-                .iter()
-                .map(|f| f.keys())
-                .collect::<Vec<_>>()
-                .join(", ")
+            several.iter().map(|f| f.keys()).collect::<Vec<_>>().join(", ")
         )),
     }
 }
@@ -124,9 +116,7 @@ fn shape_of(object: &Map<String, Value>) -> Result<Format, String> {
 fn parse_messages(object: &Map<String, Value>) -> Result<Vec<Message>, String> {
     let Some(Value::Array(items)) = object.get("messages") else {
         let found = object.get("messages").map(kind).unwrap_or("nothing");
-        return Err(format!(
-            "\"messages\" must be a list of {{\"role\", \"content\"}} objects; found {found}"
-        ));
+        return Err(format!("\"messages\" must be a list of {{\"role\", \"content\"}} objects; found {found}"));
     };
     if items.is_empty() {
         return Err("\"messages\" is empty".into());
@@ -136,17 +126,11 @@ fn parse_messages(object: &Map<String, Value>) -> Result<Vec<Message>, String> {
         .enumerate()
         .map(|(i, item)| {
             let Value::Object(message) = item else {
-                return Err(format!(
-                    "messages[{i}] must be an object; found {}",
-                    kind(item)
-                ));
+                return Err(format!("messages[{i}] must be an object; found {}", kind(item)));
             };
             let field = |key: &str| match message.get(key) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(format!(
-                    "messages[{i}].{key} must be a string; found {}",
-                    kind(other)
-                )),
+                Some(other) => Err(format!("messages[{i}].{key} must be a string; found {}", kind(other))),
                 None => Err(format!("messages[{i}] has no \"{key}\"")),
             };
             Ok(Message::new(field("role")?, field("content")?))
@@ -166,11 +150,7 @@ fn key_list(object: &Map<String, Value>) -> String {
     if object.is_empty() {
         return "none".into();
     }
-    object
-        .keys()
-        .map(|k| format!("\"{k}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
+    object.keys().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ")
 }
 
 /// A JSON value's kind, for messages.
@@ -191,16 +171,10 @@ mod tests {
 
     #[test]
     fn parses_each_shape_and_ignores_extra_keys() {
-        assert_eq!(
-            parse_row(r#"{"text": "hi", "id": 3}"#),
-            Ok(Row::Text("hi".into()))
-        );
+        assert_eq!(parse_row(r#"{"text": "hi", "id": 3}"#), Ok(Row::Text("hi".into())));
         assert_eq!(
             parse_row(r#"{"prompt": "a", "completion": "b"}"#),
-            Ok(Row::PromptCompletion {
-                prompt: "a".into(),
-                completion: "b".into()
-            })
+            Ok(Row::PromptCompletion { prompt: "a".into(), completion: "b".into() })
         );
         assert_eq!(
             parse_row(r#"{"messages": [{"role": "user", "content": "q"}]}"#),
@@ -214,22 +188,13 @@ mod tests {
             (r#"{"text": "a""#, "invalid JSON"),
             (r#"[1, 2]"#, "expected a JSON object"),
             (r#"{"body": "x"}"#, "keys: \"body\""),
-            (
-                r#"{"text": 3}"#,
-                "\"text\" must be a string; found a number",
-            ),
+            (r#"{"text": 3}"#, "\"text\" must be a string; found a number"),
             (r#"{"prompt": "a"}"#, "\"prompt\" without \"completion\""),
             (r#"{"text": "a", "messages": []}"#, "ambiguous"),
             (r#"{"messages": "hi"}"#, "must be a list"),
             (r#"{"messages": []}"#, "is empty"),
-            (
-                r#"{"messages": [{"role": "user"}]}"#,
-                "messages[0] has no \"content\"",
-            ),
-            (
-                r#"{"messages": [{"role": "user", "content": null}]}"#,
-                "messages[0].content must be a string",
-            ),
+            (r#"{"messages": [{"role": "user"}]}"#, "messages[0] has no \"content\""),
+            (r#"{"messages": [{"role": "user", "content": null}]}"#, "messages[0].content must be a string"),
         ];
         for (line, expected) in cases {
             let error = parse_row(line).unwrap_err();

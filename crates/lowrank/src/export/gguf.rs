@@ -10,25 +10,36 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use super::hf::check_finite;
-use crate::model::gguf_names::{permute_rows, permutes_qk, to_gguf};
 use crate::chat::ChatTemplate;
 use crate::model::gguf_names::architecture;
+use crate::model::gguf_names::{permute_rows, permutes_qk, to_gguf};
 use crate::model::{Model, ModelConfig};
 use crate::ops::RopeScaling;
-use crate::tokenizer::gguf_tokenizer_metadata;
 use crate::staging::{Existing, Staged};
+use crate::tokenizer::gguf_tokenizer_metadata;
 use crate::{Error, Result};
 
 /// Writes `model` (merge adapters first) as a GGUF file at `out`, matrices in `dtype` (F32, F16,
 /// BF16, Q8_0 or Q4_0), with `metadata` (the source GGUF's, or [`gguf_metadata_for_hf`]).
-pub fn write_gguf_model(model: &Model, metadata: &HashMap<String, Value>, out: &Path, dtype: GgmlDType, check: bool, existing: Existing) -> Result<()> {
+pub fn write_gguf_model(
+    model: &Model,
+    metadata: &HashMap<String, Value>,
+    out: &Path,
+    dtype: GgmlDType,
+    check: bool,
+    existing: Existing,
+) -> Result<()> {
     let file_type = match dtype {
         GgmlDType::F32 => 0u32,
         GgmlDType::F16 => 1,
         GgmlDType::Q4_0 => 2,
         GgmlDType::Q8_0 => 7,
         GgmlDType::BF16 => 32,
-        other => return Err(Error::InvalidArgument(format!("GGUF export writes f32, f16, bf16, q8_0 or q4_0, not {other:?}"))),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "GGUF export writes f32, f16, bf16, q8_0 or q4_0, not {other:?}"
+            )))
+        }
     };
     let arch = match metadata.get("general.architecture") {
         Some(Value::String(a)) => a.clone(),
@@ -37,7 +48,8 @@ pub fn write_gguf_model(model: &Model, metadata: &HashMap<String, Value>, out: &
     let staged = Staged::file(out, existing)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (hf, t) in model.named_weights()? {
-        let (name, qk) = to_gguf(&hf).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{hf}`")))?;
+        let (name, qk) =
+            to_gguf(&hf).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{hf}`")))?;
         let t = match qk.filter(|_| permutes_qk(&arch)) {
             Some(qk) => permute_rows(&t, qk.heads(model.config()))?,
             None => t,
@@ -67,9 +79,20 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
     let arch = architecture(cfg.family);
     let mut m: HashMap<String, Value> = HashMap::new();
     let mut put = |k: &str, v: Value| {
-        m.insert(if k.starts_with("general.") || k.starts_with("tokenizer.") { k.to_string() } else { format!("{arch}.{k}") }, v);
+        m.insert(
+            if k.starts_with("general.") || k.starts_with("tokenizer.") {
+                k.to_string()
+            } else {
+                format!("{arch}.{k}")
+            },
+            v,
+        );
     };
-    let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into());
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
     put("general.architecture", Value::String(arch.into()));
     put("general.name", Value::String(name));
     let u = |x: usize| Value::U32(x as u32);
@@ -91,10 +114,17 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
             put("rope.scaling.type", Value::String("linear".into()));
             put("rope.scaling.factor", Value::F32(*factor));
         }
-        other => return Err(Error::Export(format!("RoPE scaling {other:?} is not written to GGUF yet; write --format hf and convert that with llama.cpp"))),
+        other => {
+            return Err(Error::Export(format!(
+                "RoPE scaling {other:?} is not written to GGUF yet; write --format hf and convert that with llama.cpp"
+            )))
+        }
     }
     if !dir.join("tokenizer.json").is_file() {
-        return Err(Error::Export(format!("{} has no tokenizer.json, and llama.cpp needs the tokenizer in the GGUF", dir.display())));
+        return Err(Error::Export(format!(
+            "{} has no tokenizer.json, and llama.cpp needs the tokenizer in the GGUF",
+            dir.display()
+        )));
     }
     let chat = ChatTemplate::from_hf_dir(dir)?;
     for (k, v) in gguf_tokenizer_metadata(dir, cfg.vocab_size, chat.as_ref().map(|c| c.source()))? {
@@ -107,7 +137,8 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
 pub(crate) fn write_gguf_file(path: &Path, metadata: &[(&str, &Value)], tensors: &[(&str, &QTensor)]) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io("creating", path, e))?;
     let mut w = std::io::BufWriter::new(file);
-    candle_core::quantized::gguf_file::write(&mut w, metadata, tensors).map_err(|e| Error::io("writing", path, std::io::Error::other(e.to_string())))?;
+    candle_core::quantized::gguf_file::write(&mut w, metadata, tensors)
+        .map_err(|e| Error::io("writing", path, std::io::Error::other(e.to_string())))?;
     let file = w.into_inner().map_err(|e| Error::io("writing", path, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io("syncing", path, e))
 }

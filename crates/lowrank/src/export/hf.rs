@@ -44,7 +44,13 @@ pub struct HfWritten {
 
 /// Writes `model` (its weights as they are now: merge adapters first) and `tokenizer` as an HF
 /// directory at `out`.
-pub fn write_hf_model(model: &Model, tokenizer: &TokenizerFiles, out: &Path, opts: &HfOptions, existing: Existing) -> Result<HfWritten> {
+pub fn write_hf_model(
+    model: &Model,
+    tokenizer: &TokenizerFiles,
+    out: &Path,
+    opts: &HfOptions,
+    existing: Existing,
+) -> Result<HfWritten> {
     let dtype_name = match opts.dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
@@ -68,7 +74,11 @@ pub fn write_hf_model(model: &Model, tokenizer: &TokenizerFiles, out: &Path, opt
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
     for (i, shard) in shards.iter().enumerate() {
-        let file = if shards.len() == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len()) };
+        let file = if shards.len() == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len())
+        };
         let chunk: Vec<&(String, Tensor)> = shard.iter().map(|&j| &tensors[j]).collect();
         total += write_safetensors(&dir.join(&file), &chunk)?;
         for (name, _) in &chunk {
@@ -219,4 +229,3 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     }
     v
 }
-

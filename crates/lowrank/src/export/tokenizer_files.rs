@@ -46,17 +46,27 @@ impl TokenizerFiles {
 
     /// Every tokenizer file of the HF directory `dir`, copied as it is.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
-        let files = KNOWN.iter().filter(|n| dir.join(n).is_file()).map(|n| (n.to_string(), Source::Copy(dir.join(n)))).collect();
+        let files = KNOWN
+            .iter()
+            .filter(|n| dir.join(n).is_file())
+            .map(|n| (n.to_string(), Source::Copy(dir.join(n))))
+            .collect();
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
         let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path, source: e })?;
-        let ids = ["bos_token_id", "eos_token_id", "pad_token_id"].into_iter().filter_map(|k| Some((k, cfg.get(k)?.clone()))).collect();
+        let ids = ["bos_token_id", "eos_token_id", "pad_token_id"]
+            .into_iter()
+            .filter_map(|k| Some((k, cfg.get(k)?.clone())))
+            .collect();
         Ok(Self { files, ids })
     }
 
     /// Files written out of `tokenizer` (built from GGUF metadata) and its chat template.
     pub fn from_tokenizer(tokenizer: &Tokenizer, chat: Option<&ChatTemplate>, model_max_length: usize) -> Result<Self> {
-        let json = tokenizer.inner().to_string(true).map_err(|e| Error::Tokenizer(format!("serialising tokenizer.json: {e}")))?;
+        let json = tokenizer
+            .inner()
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(format!("serialising tokenizer.json: {e}")))?;
         let eos_ids = tokenizer.eos_token_ids();
         let eos_id = match eos_ids {
             [one] => json!(one),
@@ -85,7 +95,9 @@ impl TokenizerFiles {
             config["chat_template"] = json!(c.source());
         }
         let generation: serde_json::Map<String, Value> = ids.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-        let pretty = |v: &Value| serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| Error::Tokenizer(format!("serialising: {e}")));
+        let pretty = |v: &Value| {
+            serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| Error::Tokenizer(format!("serialising: {e}")))
+        };
         let files = vec![
             ("tokenizer.json".to_string(), Source::Text(json)),
             ("tokenizer_config.json".to_string(), Source::Text(pretty(&config)?)),

@@ -7,7 +7,13 @@ use crate::Result;
 
 /// Greedy continuations of `prompts` (token ids), at most `max_new_tokens` each, stopping a row
 /// at any of `eos`. Returns the new ids of each row, EOS excluded.
-pub fn greedy_batch(model: &Model, adapters: &[ActiveAdapter], prompts: &[Vec<u32>], max_new_tokens: usize, eos: &[u32]) -> Result<Vec<Vec<u32>>> {
+pub fn greedy_batch(
+    model: &Model,
+    adapters: &[ActiveAdapter],
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    eos: &[u32],
+) -> Result<Vec<Vec<u32>>> {
     let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut inputs: Vec<Vec<u32>> = prompts.to_vec();

@@ -32,12 +32,7 @@ pub struct SamplingParams {
 impl SamplingParams {
     /// Greedy decoding (argmax at every step).
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-        }
+        SamplingParams { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
     }
 }
 
@@ -65,17 +60,11 @@ impl Sampler {
         }
         if let Some(p) = params.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::InvalidArgument(format!(
-                    "top_p must be in (0, 1], got {p}"
-                )));
+                return Err(Error::InvalidArgument(format!("top_p must be in (0, 1], got {p}")));
             }
         }
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Sampler {
-            params,
-            rng,
-            cand: Vec::new(),
-        })
+        Ok(Sampler { params, rng, cand: Vec::new() })
     }
 
     /// The parameters this sampler was built with.
@@ -111,10 +100,7 @@ impl Sampler {
         let t = self.params.temperature;
         self.cand.clear();
         if max == f32::INFINITY {
-            let inf = logits
-                .iter()
-                .enumerate()
-                .filter(|(_, &l)| l == f32::INFINITY);
+            let inf = logits.iter().enumerate().filter(|(_, &l)| l == f32::INFINITY);
             self.cand.extend(inf.map(|(i, _)| (i as u32, 0.0)));
             return;
         }
@@ -131,15 +117,10 @@ impl Sampler {
 /// rows where every token is `-inf`.
 fn checked_argmax(logits: &[f32]) -> Result<(u32, f32)> {
     if logits.is_empty() {
-        return Err(Error::InvalidArgument(
-            "sampling from an empty row of logits".into(),
-        ));
+        return Err(Error::InvalidArgument("sampling from an empty row of logits".into()));
     }
     if u32::try_from(logits.len()).is_err() {
-        return Err(Error::InvalidArgument(format!(
-            "vocabulary of {} tokens exceeds u32",
-            logits.len()
-        )));
+        return Err(Error::InvalidArgument(format!("vocabulary of {} tokens exceeds u32", logits.len())));
     }
     let (mut best, mut max) = (0u32, f32::NEG_INFINITY);
     for (i, &l) in logits.iter().enumerate() {
@@ -151,18 +132,14 @@ fn checked_argmax(logits: &[f32]) -> Result<(u32, f32)> {
         }
     }
     if max == f32::NEG_INFINITY {
-        return Err(Error::InvalidArgument(
-            "every logit is -inf: no token can be sampled".into(),
-        ));
+        return Err(Error::InvalidArgument("every logit is -inf: no token can be sampled".into()));
     }
     Ok((best, max))
 }
 
 /// Descending by value, then ascending by id: a total order on candidates (values are never NaN).
 fn by_value_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
-    b.1.partial_cmp(&a.1)
-        .unwrap_or(Ordering::Equal)
-        .then(a.0.cmp(&b.0))
+    b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
 }
 
 /// Keeps the `k` largest candidates plus any tied with the k-th (transformers' `TopKLogitsWarper`
@@ -234,12 +211,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            seed: 7,
-        }
+        SamplingParams { temperature, top_k, top_p, seed: 7 }
     }
 
     /// Pseudo-random logits without ties, vocabulary `n`.
@@ -328,11 +300,8 @@ mod tests {
 
     #[test]
     fn top_k_keeps_ties_with_the_kth() {
-        let mut c: Vec<(u32, f32)> = [5.0, 1.0, 3.0, 3.0, 0.0]
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (i as u32, v))
-            .collect();
+        let mut c: Vec<(u32, f32)> =
+            [5.0, 1.0, 3.0, 3.0, 0.0].iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
         top_k(&mut c, 2);
         let mut ids: Vec<u32> = c.iter().map(|c| c.0).collect();
         ids.sort();
@@ -352,16 +321,9 @@ mod tests {
     fn same_seed_same_tokens() {
         let rows: Vec<Vec<f32>> = (0..50).map(|i| logits(2000, i)).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                temperature: 0.9,
-                top_k: Some(50),
-                top_p: Some(0.95),
-                seed,
-            })
-            .unwrap();
-            rows.iter()
-                .map(|r| s.sample(r).unwrap())
-                .collect::<Vec<_>>()
+            let mut s =
+                Sampler::new(SamplingParams { temperature: 0.9, top_k: Some(50), top_p: Some(0.95), seed }).unwrap();
+            rows.iter().map(|r| s.sample(r).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(run(11), run(11));
         assert_ne!(run(11), run(12));
@@ -371,20 +333,14 @@ mod tests {
     fn non_finite_logits() {
         let mut s = Sampler::new(params(1.0, None, None)).unwrap();
         for _ in 0..100 {
-            let id = s
-                .sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 1.0])
-                .unwrap();
+            let id = s.sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 1.0]).unwrap();
             assert!(id == 1 || id == 3);
         }
         for _ in 0..100 {
             let id = s.sample(&[0.0, f32::INFINITY, 5.0, f32::INFINITY]).unwrap();
             assert!(id == 1 || id == 3);
         }
-        assert!(s
-            .sample(&[0.0, f32::NAN])
-            .unwrap_err()
-            .to_string()
-            .contains("NaN"));
+        assert!(s.sample(&[0.0, f32::NAN]).unwrap_err().to_string().contains("NaN"));
         assert!(s.sample(&[f32::NEG_INFINITY; 3]).is_err());
         assert!(s.sample(&[]).is_err());
         // A tiny temperature must not overflow into NaN.
@@ -404,13 +360,8 @@ mod tests {
             (params(1.0, None, Some(f32::NAN)), "top_p"),
         ];
         for (p, field) in bad {
-            let err = Sampler::new(p.clone())
-                .err()
-                .unwrap_or_else(|| panic!("{p:?} accepted"));
-            assert!(
-                matches!(err, Error::InvalidArgument(_)) && err.to_string().contains(field),
-                "{err}"
-            );
+            let err = Sampler::new(p.clone()).err().unwrap_or_else(|| panic!("{p:?} accepted"));
+            assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains(field), "{err}");
         }
         assert!(Sampler::new(params(0.0, Some(1), Some(1.0))).is_ok());
     }

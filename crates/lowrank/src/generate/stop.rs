@@ -29,11 +29,7 @@ impl StopStrings {
     /// Watches for `stops`. Empty strings are ignored (they would stop before the first token).
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        StopStrings {
-            stops,
-            held: String::new(),
-            stopped: false,
-        }
+        StopStrings { stops, held: String::new(), stopped: false }
     }
 
     /// Whether there is nothing to watch for (every push passes straight through).
@@ -49,32 +45,18 @@ impl StopStrings {
     /// Takes the next decoded piece and returns what may be emitted now.
     pub fn push(&mut self, new_text: &str) -> StopResult {
         if self.stopped {
-            return StopResult {
-                text: String::new(),
-                stopped: true,
-            };
+            return StopResult { text: String::new(), stopped: true };
         }
         self.held.push_str(new_text);
         // The earliest stop string wins: everything from its start on is dropped.
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
             self.held.truncate(at);
             self.stopped = true;
-            return StopResult {
-                text: std::mem::take(&mut self.held),
-                stopped: true,
-            };
+            return StopResult { text: std::mem::take(&mut self.held), stopped: true };
         }
         let keep_from = self.partial_match_start();
         let rest = self.held.split_off(keep_from);
-        StopResult {
-            text: std::mem::replace(&mut self.held, rest),
-            stopped: false,
-        }
+        StopResult { text: std::mem::replace(&mut self.held, rest), stopped: false }
     }
 
     /// Releases whatever is held back (call once generation ends without a stop string).
@@ -103,10 +85,7 @@ mod tests {
     }
 
     fn emitted(text: &str) -> StopResult {
-        StopResult {
-            text: text.into(),
-            stopped: false,
-        }
+        StopResult { text: text.into(), stopped: false }
     }
 
     #[test]
@@ -114,47 +93,23 @@ mod tests {
         let mut s = stops(&["<|im_end|>"]);
         assert_eq!(s.push("Paris.<|im"), emitted("Paris."));
         assert_eq!(s.push("_end"), emitted(""));
-        assert_eq!(
-            s.push("|>\nmore"),
-            StopResult {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("|>\nmore"), StopResult { text: "".into(), stopped: true });
         assert!(s.is_stopped());
-        assert_eq!(
-            s.push("after"),
-            StopResult {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("after"), StopResult { text: "".into(), stopped: true });
         assert_eq!(s.flush(), "");
     }
 
     #[test]
     fn stop_string_inside_one_piece_cuts_the_rest() {
         let mut s = stops(&["END"]);
-        assert_eq!(
-            s.push("abc END def"),
-            StopResult {
-                text: "abc ".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("abc END def"), StopResult { text: "abc ".into(), stopped: true });
     }
 
     #[test]
     fn false_partial_match_is_released() {
         let mut s = stops(&["END"]);
         assert_eq!(s.push("the EN"), emitted("the "));
-        assert_eq!(
-            s.push("D"),
-            StopResult {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("D"), StopResult { text: "".into(), stopped: true });
 
         let mut s = stops(&["END"]);
         assert_eq!(s.push("EN"), emitted(""));
@@ -168,13 +123,7 @@ mod tests {
         let mut s = stops(&["aab"]);
         assert_eq!(s.push("aa"), emitted(""));
         assert_eq!(s.push("a"), emitted("a"));
-        assert_eq!(
-            s.push("b"),
-            StopResult {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("b"), StopResult { text: "".into(), stopped: true });
     }
 
     #[test]
@@ -182,32 +131,17 @@ mod tests {
         let mut s = stops(&["\n\n", "User:", "###"]);
         assert_eq!(s.push("one\n"), emitted("one"));
         assert_eq!(s.push("two Us"), emitted("\ntwo "));
-        assert_eq!(
-            s.push("er: x ### y"),
-            StopResult {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("er: x ### y"), StopResult { text: "".into(), stopped: true });
 
         let mut s = stops(&["bc", "abcd"]);
-        assert_eq!(
-            s.push("xabcd"),
-            StopResult {
-                text: "x".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("xabcd"), StopResult { text: "x".into(), stopped: true });
     }
 
     #[test]
     fn no_stop_strings_pass_everything_through() {
         let mut s = StopStrings::new(vec![]);
         assert!(s.is_empty());
-        assert_eq!(
-            s.push("anything <|im_end|>"),
-            emitted("anything <|im_end|>")
-        );
+        assert_eq!(s.push("anything <|im_end|>"), emitted("anything <|im_end|>"));
         let mut s = stops(&[""]);
         assert!(s.is_empty(), "empty stop strings are dropped");
         assert_eq!(s.push("x"), emitted("x"));
@@ -220,13 +154,7 @@ mod tests {
         assert_eq!(s.push("café →"), emitted("café "));
         assert_eq!(s.push(" fi"), emitted(""));
         assert_eq!(s.push("x 日本"), emitted("→ fix "));
-        assert_eq!(
-            s.push("語!"),
-            StopResult {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(s.push("語!"), StopResult { text: "".into(), stopped: true });
 
         // A stop string sharing a first byte with held text but not its first char.
         let mut s = stops(&["é!"]);

@@ -130,7 +130,11 @@ impl Block {
         let o = match caches {
             // Every sequence attends to its own new rows: one call for the whole batch.
             None => {
-                let segs: Vec<Segment> = ctx.spans.iter().map(|s| Segment { q_start: s.start, q_len: s.len, k_start: s.start, k_len: s.len }).collect();
+                let segs: Vec<Segment> = ctx
+                    .spans
+                    .iter()
+                    .map(|s| Segment { q_start: s.start, q_len: s.len, k_start: s.start, k_len: s.len })
+                    .collect();
                 causal_attention(&q, &k, &v, &segs, self.sliding_window)? // [N, heads, D]
             }
             // Each sequence's keys are its cache plus its new rows.
@@ -140,7 +144,8 @@ impl Block {
                     let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
                     let (ks, vs) = cache.append(self.layer, &rows(&k)?, &rows(&v)?)?; // [S, kv, D]
                     let seg = Segment { q_start: 0, q_len: span.len, k_start: 0, k_len: ks.dim(0)? };
-                    outs.push(causal_attention(&rows(&q)?, &ks, &vs, &[seg], self.sliding_window)?); // [T, heads, D]
+                    outs.push(causal_attention(&rows(&q)?, &ks, &vs, &[seg], self.sliding_window)?);
+                    // [T, heads, D]
                 }
                 Tensor::cat(&outs, 0)?
             }
@@ -148,4 +153,3 @@ impl Block {
         Ok(o.reshape((n, self.heads * d))?)
     }
 }
-

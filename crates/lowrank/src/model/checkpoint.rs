@@ -48,7 +48,8 @@ impl GradSink {
 
 /// `x: [N, H] -> [N, H]` through `block` as one checkpointed node.
 pub fn checkpointed(block: &Block, x: &Tensor, ctx: &BlockCtx, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let runs: Vec<(Range<usize>, Vec<ActiveAdapter>)> = ctx.runs.iter().map(|r| (r.rows.clone(), r.adapters.to_vec())).collect();
+    let runs: Vec<(Range<usize>, Vec<ActiveAdapter>)> =
+        ctx.runs.iter().map(|r| (r.rows.clone(), r.adapters.to_vec())).collect();
     // The adapter variables of this block: the only inner gradients worth keeping.
     let mut vars = Vec::new();
     for p in block.projections() {
@@ -60,10 +61,22 @@ pub fn checkpointed(block: &Block, x: &Tensor, ctx: &BlockCtx, sink: &Arc<GradSi
             }
         }
     }
-    let op = Checkpoint { block: block.clone(), cos: ctx.cos.clone(), sin: ctx.sin.clone(), spans: ctx.spans.to_vec(), runs, vars, sink: sink.clone() };
+    let op = Checkpoint {
+        block: block.clone(),
+        cos: ctx.cos.clone(),
+        sin: ctx.sin.clone(),
+        spans: ctx.spans.to_vec(),
+        runs,
+        vars,
+        sink: sink.clone(),
+    };
     // The node must be on the gradient path even when its input is not (the embeddings): a
     // variable input makes it so.
-    let x = if x.is_variable() || x.track_op() { x.contiguous()? } else { Var::from_tensor(&x.contiguous()?)?.as_tensor().clone() };
+    let x = if x.is_variable() || x.track_op() {
+        x.contiguous()?
+    } else {
+        Var::from_tensor(&x.contiguous()?)?.as_tensor().clone()
+    };
     Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
 }
 
@@ -79,7 +92,8 @@ struct Checkpoint {
 
 impl Checkpoint {
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let runs: Vec<AdapterRun> = self.runs.iter().map(|(rows, adapters)| AdapterRun { rows: rows.clone(), adapters }).collect();
+        let runs: Vec<AdapterRun> =
+            self.runs.iter().map(|(rows, adapters)| AdapterRun { rows: rows.clone(), adapters }).collect();
         let ctx = BlockCtx { cos: self.cos.clone(), sin: self.sin.clone(), spans: &self.spans, runs: &runs };
         self.block.forward(x, &ctx, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
@@ -91,7 +105,9 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((o, e)) = l.contiguous_offsets() else { candle_core::bail!("checkpointed block: the input is not contiguous") };
+        let Some((o, e)) = l.contiguous_offsets() else {
+            candle_core::bail!("checkpointed block: the input is not contiguous")
+        };
         let x = Tensor::from_slice(&s.as_slice::<f32>()?[o..e], l.shape(), &candle_core::Device::Cpu)?;
         // The graph built by this forward is dropped with `y`: nothing but the input is kept.
         let y = self.run(&x)?.flatten_all()?.to_vec1::<f32>()?;

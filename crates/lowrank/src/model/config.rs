@@ -97,8 +97,7 @@ impl ModelConfig {
     /// Reads and validates an HF `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
-        let raw: HfConfig =
-            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), source: e })?;
+        let raw: HfConfig = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), source: e })?;
         let family = match raw.model_type.as_str() {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,

@@ -38,10 +38,8 @@ impl GgufFile {
     pub fn open(path: &Path, device: &Device, dequantize: bool) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| Error::Gguf {
-            path: path.into(),
-            message: format!("not a readable GGUF file ({e})"),
-        })?;
+        let content = Content::read(&mut reader)
+            .map_err(|e| Error::Gguf { path: path.into(), message: format!("not a readable GGUF file ({e})") })?;
         let mut g = Self {
             path: path.into(),
             content,
@@ -68,12 +66,8 @@ impl GgufFile {
 
     /// Tensor names, dtypes and shapes as stored (GGUF names).
     pub fn tensor_infos(&self) -> Vec<(String, GgmlDType, Vec<usize>)> {
-        let mut v: Vec<_> = self
-            .content
-            .tensor_infos
-            .iter()
-            .map(|(n, i)| (n.clone(), i.ggml_dtype, i.shape.dims().to_vec()))
-            .collect();
+        let mut v: Vec<_> =
+            self.content.tensor_infos.iter().map(|(n, i)| (n.clone(), i.ggml_dtype, i.shape.dims().to_vec())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -140,9 +134,8 @@ impl GgufFile {
         let hidden_size = req(self, "embedding_length")?;
         let num_heads = req(self, "attention.head_count")?;
         let num_kv_heads = self.meta_usize(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(num_heads);
-        let head_dim = self
-            .meta_usize(&format!("{arch}.attention.key_length"))?
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim =
+            self.meta_usize(&format!("{arch}.attention.key_length"))?.unwrap_or(hidden_size / num_heads.max(1));
         let embd = self
             .content
             .tensor_infos
@@ -173,7 +166,9 @@ impl GgufFile {
             num_kv_heads,
             head_dim,
             // Via the shortest decimal, so 1e-5 stays 1e-5 (not 9.99999974e-6) when written back out.
-            rms_norm_eps: self.meta_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.map_or(1e-5, |e| e.to_string().parse().unwrap_or(e as f64)),
+            rms_norm_eps: self
+                .meta_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?
+                .map_or(1e-5, |e| e.to_string().parse().unwrap_or(e as f64)),
             rope_theta: self.meta_f32(&format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: self.meta_usize(&format!("{arch}.context_length"))?.unwrap_or(4096),

@@ -116,12 +116,22 @@ mod tests {
 
     #[test]
     fn names_and_row_order_round_trip() -> Result<()> {
-        for hf in ["model.layers.12.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.layers.3.input_layernorm.weight"] {
+        for hf in [
+            "model.layers.12.self_attn.k_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "lm_head.weight",
+            "model.layers.3.input_layernorm.weight",
+        ] {
             let (g, _) = to_gguf(hf).expect("mapped");
             assert_eq!(to_hf(&g).map(|(h, _)| h).as_deref(), Some(hf));
         }
-        assert_eq!(to_gguf("model.layers.1.self_attn.q_proj.weight"), Some(("blk.1.attn_q.weight".into(), Some(Qk::Q))));
-        assert!(to_gguf("model.layers.x.self_attn.q_proj.weight").is_none() && to_hf("blk.0.attn_qkv.weight").is_none());
+        assert_eq!(
+            to_gguf("model.layers.1.self_attn.q_proj.weight"),
+            Some(("blk.1.attn_q.weight".into(), Some(Qk::Q)))
+        );
+        assert!(
+            to_gguf("model.layers.x.self_attn.q_proj.weight").is_none() && to_hf("blk.0.attn_qkv.weight").is_none()
+        );
         let t = Tensor::arange(0f32, 48.0, &Device::Cpu)?.reshape((16, 3))?;
         let back = unpermute_rows(&permute_rows(&t, 2)?, 2)?;
         assert_eq!(back.to_vec2::<f32>()?, t.to_vec2::<f32>()?);

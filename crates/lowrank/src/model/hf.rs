@@ -27,8 +27,8 @@ impl SafetensorsDir {
         let index_path = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io("reading", &index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Json { path: index_path.clone(), source: e })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Json { path: index_path.clone(), source: e })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Safetensors {
                 path: index_path.clone(),
                 message: "no `weight_map` object".into(),
@@ -76,10 +76,10 @@ impl SafetensorsDir {
 
     /// A tensor converted to f32 on the device.
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        let &i = self.index.get(name).ok_or_else(|| Error::MissingWeight {
-            name: name.into(),
-            source_desc: self.describe(),
-        })?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingWeight { name: name.into(), source_desc: self.describe() })?;
         let (path, mmap) = &self.files[i];
         let err = |message: String| Error::Safetensors { path: path.clone(), message };
         let st = SafeTensors::deserialize(mmap).map_err(|e| err(e.to_string()))?;
@@ -108,7 +108,11 @@ impl WeightSource for SafetensorsDir {
     fn describe(&self) -> String {
         match self.files.as_slice() {
             [(p, _)] => p.display().to_string(),
-            files => format!("{} safetensors shards in {}", files.len(), files[0].0.parent().unwrap_or(Path::new(".")).display()),
+            files => format!(
+                "{} safetensors shards in {}",
+                files.len(),
+                files[0].0.parent().unwrap_or(Path::new(".")).display()
+            ),
         }
     }
 

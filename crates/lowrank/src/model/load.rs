@@ -94,10 +94,17 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
         if path.join("config.json").exists() {
             return Ok(ModelFormat::HfDir);
         }
-        return Err(Error::Config(format!("{} is a directory without config.json (expected an HF model directory)", path.display())));
+        return Err(Error::Config(format!(
+            "{} is a directory without config.json (expected an HF model directory)",
+            path.display()
+        )));
     }
     if !path.exists() {
-        return Err(Error::io("opening", path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+        return Err(Error::io(
+            "opening",
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
     }
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
@@ -131,7 +138,9 @@ impl Model {
     pub fn load_with(cfg: ModelConfig, src: &dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
         match opts.quantize {
             None => Model::load(cfg, src, &opts.device),
-            Some(Quantize::Nf4) if !opts.device.is_cpu() => Err(Error::Config("--quantize nf4 runs on the CPU only".into())),
+            Some(Quantize::Nf4) if !opts.device.is_cpu() => {
+                Err(Error::Config("--quantize nf4 runs on the CPU only".into()))
+            }
             Some(Quantize::Nf4) => Model::load(cfg, &Nf4Source(src), &opts.device),
         }
     }

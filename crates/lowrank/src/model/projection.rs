@@ -179,7 +179,14 @@ impl<'a> LinearFactory<'a> {
     }
 
     /// The projection at `path` (`path.weight`, and `path.bias` when `bias`), `[out, in]`.
-    pub fn linear(&mut self, path: &str, layer: Option<usize>, in_features: usize, out_features: usize, bias: bool) -> Result<Projection> {
+    pub fn linear(
+        &mut self,
+        path: &str,
+        layer: Option<usize>,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Projection> {
         let w = matrix_checked(self.src, &format!("{path}.weight"), out_features, in_features)?;
         let b = if bias { Some(dense_checked(self.src, &format!("{path}.bias"), &[out_features])?) } else { None };
         let id = self.table.modules.len();

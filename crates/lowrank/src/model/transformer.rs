@@ -42,9 +42,8 @@ impl Model {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed = matrix_checked(src, "model.embed_tokens.weight", v, h)?;
         let mut factory = LinearFactory::new(src);
-        let blocks = (0..config.num_layers)
-            .map(|l| Block::load(&config, l, src, &mut factory))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks =
+            (0..config.num_layers).map(|l| Block::load(&config, l, src, &mut factory)).collect::<Result<Vec<_>>>()?;
         let norm = dense_checked(src, "model.norm.weight", &[h])?;
         let head = if config.tie_word_embeddings {
             embed.clone()
@@ -155,7 +154,12 @@ impl Model {
         self.forward_inner(seqs, None, Some((sink, every.max(1))))
     }
 
-    fn forward_inner(&self, seqs: &[SeqInput], mut caches: Option<&mut [KvCache]>, checkpoint: Option<(&Arc<GradSink>, usize)>) -> Result<Tensor> {
+    fn forward_inner(
+        &self,
+        seqs: &[SeqInput],
+        mut caches: Option<&mut [KvCache]>,
+        checkpoint: Option<(&Arc<GradSink>, usize)>,
+    ) -> Result<Tensor> {
         if let Some(c) = caches.as_deref() {
             if c.len() != seqs.len() {
                 return Err(Error::InvalidArgument(format!("{} sequences but {} caches", seqs.len(), c.len())));

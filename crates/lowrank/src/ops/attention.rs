@@ -37,7 +37,13 @@ pub struct Segment {
 
 /// `q: [Nq, heads, D]`, `k, v: [Nk, kv, D]` -> `[Nq, heads, D]`: every segment's queries attend
 /// causally (and within `window` positions, if given) to that segment's keys, scaled by `1/√D`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Segment], window: Option<usize>) -> Result<Tensor> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Segment],
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (nq, heads, d) = q.dims3()?;
     let (nk, kv, dk) = k.dims3()?;
     if v.dims3()? != (nk, kv, dk) || dk != d || kv == 0 || heads % kv != 0 {
@@ -53,7 +59,14 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Segment]
             return Err(Error::InvalidArgument(format!("attention: segment {s:?} outside q rows {nq} / k rows {nk}")));
         }
     }
-    let op = Attention { segments: segments.to_vec(), heads, kv, d, window: window.unwrap_or(usize::MAX).max(1), scale: 1.0 / (d as f32).sqrt() };
+    let op = Attention {
+        segments: segments.to_vec(),
+        heads,
+        kv,
+        d,
+        window: window.unwrap_or(usize::MAX).max(1),
+        scale: 1.0 / (d as f32).sqrt(),
+    };
     if q.device().is_cpu() && [q.dtype(), k.dtype(), v.dtype()].iter().all(|t| *t == DType::F32) {
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
@@ -109,7 +122,18 @@ impl Attention {
         let q = &x.q[(s.q_start + t0) * self.q_stride() + h * d..];
         let k = &x.k[(s.k_start + lo) * self.k_stride() + self.kv_head(h) * d..];
         // p[rows, keys] = scale · q[rows, D] · kᵀ[D, keys]
-        gemm(rows, keys, d, p, keys, false, Mat::rows(q, self.q_stride()), Mat::cols(k, self.k_stride()), self.scale, false);
+        gemm(
+            rows,
+            keys,
+            d,
+            p,
+            keys,
+            false,
+            Mat::rows(q, self.q_stride()),
+            Mat::cols(k, self.k_stride()),
+            self.scale,
+            false,
+        );
         let past = s.k_len - s.q_len;
         for (i, row) in p.chunks_exact_mut(keys).enumerate() {
             let pos = past + t0 + i;
@@ -136,7 +160,18 @@ impl Attention {
             self.probs(x, s, h, t0, t1, lo, hi, &mut p);
             let v = &x.v[(s.k_start + lo) * self.k_stride() + self.kv_head(h) * d..];
             // out[t0..t1] = p[rows, keys] · v[keys, D]
-            gemm(t1 - t0, d, hi - lo, &mut out[t0 * d..], d, false, Mat::rows(&p, hi - lo), Mat::rows(v, self.k_stride()), 1.0, false);
+            gemm(
+                t1 - t0,
+                d,
+                hi - lo,
+                &mut out[t0 * d..],
+                d,
+                false,
+                Mat::rows(&p, hi - lo),
+                Mat::rows(v, self.k_stride()),
+                1.0,
+                false,
+            );
         }
         out
     }
@@ -166,7 +201,8 @@ impl Attention {
             gemm(rows, keys, d, &mut dp, keys, false, Mat::rows(go_blk, qs), Mat::cols(v, ks), 1.0, false);
             // ds = p ⊙ (dp − Σ_d go·o) · scale (softmax backward, then the score scale)
             for i in 0..rows {
-                let delta: f32 = go_blk[i * qs..i * qs + d].iter().zip(&o_blk[i * qs..i * qs + d]).map(|(a, b)| a * b).sum();
+                let delta: f32 =
+                    go_blk[i * qs..i * qs + d].iter().zip(&o_blk[i * qs..i * qs + d]).map(|(a, b)| a * b).sum();
                 for (e, pe) in dp[i * keys..(i + 1) * keys].iter_mut().zip(&p[i * keys..(i + 1) * keys]) {
                     *e = pe * (*e - delta) * self.scale;
                 }
@@ -201,7 +237,8 @@ impl Attention {
                 }
             }
             let mask = Tensor::from_vec(mask, (t, n), q.device())?.to_dtype(q.dtype())?;
-            let scores = scores.reshape((self.kv, groups, t, n))?.broadcast_add(&mask)?.reshape((self.kv, groups * t, n))?;
+            let scores =
+                scores.reshape((self.kv, groups, t, n))?.broadcast_add(&mask)?.reshape((self.kv, groups * t, n))?;
             let o = softmax_last_dim(&scores)?.matmul(&vs)?.reshape((self.heads, t, d))?;
             outs.push(o.transpose(0, 1)?); // [T, heads, D]
         }
@@ -219,10 +256,19 @@ impl CustomOp3 for Attention {
         "causal-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = Views { q: values(s1, l1)?, k: values(s2, l2)?, v: values(s3, l3)? };
         let (qs, d) = (self.q_stride(), self.d);
-        let heads: Vec<_> = self.tasks().into_par_iter().map(|(s, h)| self.forward_head(&x, &self.segments[s], h)).collect();
+        let heads: Vec<_> =
+            self.tasks().into_par_iter().map(|(s, h)| self.forward_head(&x, &self.segments[s], h)).collect();
         // Rows no segment covers stay 0.
         let mut out = vec![0f32; x.q.len()];
         for ((s, h), o) in self.tasks().into_iter().zip(heads) {
@@ -235,7 +281,14 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        go: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let go = go.contiguous()?;
         let (sq, lq) = q.storage_and_layout();
         let (sk, lk) = k.storage_and_layout();
@@ -247,7 +300,11 @@ impl CustomOp3 for Attention {
         if o_data.len() != x.q.len() || go_data.len() != x.q.len() {
             candle_core::bail!("causal-attention backward: output or its gradient has the wrong size")
         }
-        let heads: Vec<_> = self.tasks().into_par_iter().map(|(s, h)| self.backward_head(&x, o_data, go_data, &self.segments[s], h)).collect();
+        let heads: Vec<_> = self
+            .tasks()
+            .into_par_iter()
+            .map(|(s, h)| self.backward_head(&x, o_data, go_data, &self.segments[s], h))
+            .collect();
         let (qs, ks, d) = (self.q_stride(), self.k_stride(), self.d);
         let (mut dq, mut dk, mut dv) = (vec![0f32; x.q.len()], vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
         for ((s, h), [hq, hk, hv]) in self.tasks().into_iter().zip(heads) {
@@ -300,7 +357,14 @@ mod tests {
             let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (170, kv, d), &dev)?)?;
             let up = Tensor::randn(0f32, 1.0, (160, heads, d), &dev)?;
             let got = causal_attention(&q, &k, &v, &segs, window)?;
-            let op = Attention { segments: segs.to_vec(), heads, kv, d, window: window.unwrap_or(usize::MAX), scale: 1.0 / (d as f32).sqrt() };
+            let op = Attention {
+                segments: segs.to_vec(),
+                heads,
+                kv,
+                d,
+                window: window.unwrap_or(usize::MAX),
+                scale: 1.0 / (d as f32).sqrt(),
+            };
             let want = op.composed(&q, &k, &v)?;
             assert!(max_diff(&got, &want) < 1e-5, "window {window:?}: forward differs by {}", max_diff(&got, &want));
             let g = (got * &up)?.sum_all()?.backward()?;

@@ -28,7 +28,18 @@ impl<'a> Mat<'a> {
 /// rayon's threads when `parallel` (otherwise on the caller's: for ops that already run one
 /// task per thread).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_stride: usize, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32, parallel: bool) {
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallel: bool,
+) {
     let dst_fits = m == 0 || n == 0 || (m - 1) * dst_stride + n <= dst.len();
     assert!(dst_fits && lhs.fits(m, k) && rhs.fits(k, n), "gemm operand out of bounds");
     if m == 0 || n == 0 {
@@ -49,13 +60,24 @@ pub fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_stride: usize, ac
     // inside its slice; dst is borrowed mutably, so it aliases neither input.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, dst_stride as isize,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
             accumulate,
-            lhs.data.as_ptr(), lhs.col_stride as isize, lhs.row_stride as isize,
-            rhs.data.as_ptr(), rhs.col_stride as isize, rhs.row_stride as isize,
-            1.0, scale,
-            false, false, false,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
             parallelism,
         );
     }

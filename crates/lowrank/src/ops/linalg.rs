@@ -6,7 +6,14 @@
 /// `(B', A')` with `B' A'` the best rank-`r` approximation of `B A` (Eckart–Young), as PEFT's
 /// SVD combination writes it: `B' = U_r S_r: [m, r]`, `A' = V_rᵀ: [r, k]`. `b: [m, inner]` and
 /// `a: [inner, k]` are row-major. Where `r` exceeds the rank, the extra rows and columns are 0.
-pub fn truncated_svd_of_product(b: &[f64], m: usize, inner: usize, a: &[f64], k: usize, r: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn truncated_svd_of_product(
+    b: &[f64],
+    m: usize,
+    inner: usize,
+    a: &[f64],
+    k: usize,
+    r: usize,
+) -> (Vec<f64>, Vec<f64>) {
     assert!(b.len() == m * inner && a.len() == inner * k, "truncated_svd_of_product: operand sizes");
     let (qb, rb) = thin_qr(b, m, inner); // [m, inner], [inner, inner]
     let (qa, ra) = thin_qr(&transpose(a, inner, k), k, inner); // [k, inner], [inner, inner]
@@ -210,7 +217,11 @@ mod tests {
             let (u, s, vt) = top_svd(&w, m, k, r);
             assert!(s.windows(2).all(|p| p[0] >= p[1]) && s[r - 1] > 0.0);
             // The top-r singular values are those of the full SVD of wᵀw's square root.
-            let full = if m >= k { svd_square(&matmul(&transpose(&w, m, k), &w, k, m, k), k).1 } else { svd_square(&matmul(&w, &transpose(&w, m, k), m, k, m), m).1 };
+            let full = if m >= k {
+                svd_square(&matmul(&transpose(&w, m, k), &w, k, m, k), k).1
+            } else {
+                svd_square(&matmul(&w, &transpose(&w, m, k), m, k, m), m).1
+            };
             for j in 0..r {
                 assert!((s[j] * s[j] - full[j]).abs() < 1e-10, "σ{j}² {} vs {}", s[j] * s[j], full[j]);
             }

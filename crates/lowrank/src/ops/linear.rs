@@ -109,7 +109,10 @@ impl FrozenWeight {
         let (m, k) = self.dims()?;
         let (n, m2) = dy.dims2()?;
         if m != m2 {
-            return Err(crate::Error::InvalidArgument(format!("input gradient: dy {:?} against W [{m}, {k}]", dy.dims())));
+            return Err(crate::Error::InvalidArgument(format!(
+                "input gradient: dy {:?} against W [{m}, {k}]",
+                dy.dims()
+            )));
         }
         if !(dy.device().is_cpu() && dy.dtype() == DType::F32) {
             return Ok(dy.matmul(&self.to_dense()?.to_dtype(dy.dtype())?)?);
@@ -137,13 +140,7 @@ impl FrozenWeight {
 
     /// Runs `quant` on a GGUF weight, or `tiled(a, n, M, K, rows)` over the rows of an NF4 or
     /// dense one.
-    fn by_tiles(
-        &self,
-        a: &[f32],
-        n: usize,
-        quant: QuantKernel,
-        tiled: TiledKernel,
-    ) -> candle_core::Result<Vec<f32>> {
+    fn by_tiles(&self, a: &[f32], n: usize, quant: QuantKernel, tiled: TiledKernel) -> candle_core::Result<Vec<f32>> {
         match self {
             FrozenWeight::Quant(q) => quant(q, a, n),
             FrozenWeight::Nf4(q) => {
@@ -249,7 +246,9 @@ impl CustomOp2 for DenseMatmul {
         let (bmnk, wt) = Self::dims(l1, l2)?;
         let (_, n, m, k) = bmnk;
         // f32, both contiguous: W a tile of rows at a time (see `xwt_tiled`); else candle's matmul.
-        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((xa, xb)), Some((wa, wb))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((xa, xb)), Some((wa, wb))) =
+            (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets())
+        {
             let (x, w) = (&xs[xa..xb], &ws[wa..wb]);
             let y = super::qmatmul::xwt_tiled(x, n, m, k, &DenseRows { w, k });
             return Ok((CpuStorage::F32(y), Shape::from((n, m))));
@@ -276,7 +275,14 @@ impl CustomOp2 for DenseMatmul {
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // dL/dx: [N, M] x [M, K] -> [N, K]. No gradient for W, by construction.
-        Ok((Some(FrozenWeight::Dense(w.clone()).input_grad(grad_y).map_err(|e| candle_core::Error::Msg(e.to_string()))?), None))
+        Ok((
+            Some(
+                FrozenWeight::Dense(w.clone())
+                    .input_grad(grad_y)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            ),
+            None,
+        ))
     }
 }
 

@@ -60,19 +60,34 @@ impl CustomOp3 for LoraLinear {
         "lora-linear"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout, sb: &CpuStorage, lb: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, a, b) = (values(sx, lx)?, values(sa, la)?, values(sb, lb)?);
         let (n, k) = lx.shape().dims2()?;
         let (m, r) = lb.shape().dims2()?;
         let mut y = self.w.xwt_f32(x, n)?; // [n, m]
-        // h[n, r] = s · x Aᵀ; y += h Bᵀ
+                                           // h[n, r] = s · x Aᵀ; y += h Bᵀ
         let mut h = vec![0f32; n * r];
         gemm(n, r, k, &mut h, r, false, Mat::rows(x, k), Mat::cols(a, k), self.scale, true);
         gemm(n, m, r, &mut y, m, true, Mat::rows(&h, r), Mat::cols(b, r), 1.0, true);
         Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (n, k) = x.dims2()?;
         let (m, r) = b.dims2()?;

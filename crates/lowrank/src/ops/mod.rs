@@ -21,8 +21,8 @@ mod softmax;
 mod storage;
 mod swiglu;
 
-pub use exp::{exp, exp_shifted, exp_shifted_into};
 pub use attention::{causal_attention, Segment};
+pub use exp::{exp, exp_shifted, exp_shifted_into};
 pub use linalg::{leading_qr, orthonormal_columns, top_svd, truncated_svd_of_product};
 pub use linear::{FrozenLinear, FrozenWeight, WeightKey};
 pub use lora_linear::{lora_linear, LowRank};

@@ -36,8 +36,22 @@ pub const BLOCK2: usize = 256;
 
 /// The 16 NormalFloat levels (QLoRA, Appendix E): the f32 values of bitsandbytes' table.
 pub const NF4: [f32; 16] = [
-    -1.0, -0.696_192_8, -0.525_073_05, -0.394_917_5, -0.284_441_38, -0.184_773_43, -0.091_050_036, 0.0,
-    0.079_580_3, 0.160_930_2, 0.246_112_3, 0.337_915_24, 0.440_709_83, 0.562_617, 0.722_956_84, 1.0,
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
 ];
 
 /// The NF4 level of 0.0, which bitsandbytes pads an odd element count with.
@@ -206,7 +220,8 @@ mod tests {
                 let m = b.iter().fold(0f32, |a, v| a.max(v.abs()));
                 b.iter().map(move |v| {
                     let x = if m > 0.0 { v / m } else { 0.0 };
-                    let best = NF4.iter().copied().min_by(|a, c| (a - x).abs().total_cmp(&(c - x).abs())).unwrap_or(0.0);
+                    let best =
+                        NF4.iter().copied().min_by(|a, c| (a - x).abs().total_cmp(&(c - x).abs())).unwrap_or(0.0);
                     best * m
                 })
             })
@@ -229,7 +244,8 @@ mod tests {
         // scripts/fixtures/nf4.py stores bnb's QuantState.code and state2.code.
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nf4/nf4.safetensors");
         let fx = candle_core::safetensors::load(path, &Device::Cpu)?;
-        let bits = |k: &str| -> Result<Vec<u32>> { Ok(fx[k].to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect()) };
+        let bits =
+            |k: &str| -> Result<Vec<u32>> { Ok(fx[k].to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect()) };
         assert_eq!(NF4.map(f32::to_bits).to_vec(), bits("nf4_code")?);
         assert_eq!(dynamic_map().map(f32::to_bits).to_vec(), bits("dynamic_map")?);
         Ok(())

@@ -48,7 +48,10 @@ pub fn qgemv(dtype: GgmlDType, bytes: &[u8], m: usize, k: usize, x: &[f32], n: u
 fn rows_dispatch(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
             return unsafe { simd::rows(dtype, rows, row_bytes, x, n, k, out) };
         }
@@ -68,7 +71,15 @@ mod simd {
 
     /// `rows` for the block type, the type fixed at compile time in the inner loop.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    pub(super) unsafe fn rows(
+        dtype: GgmlDType,
+        rows: &[u8],
+        row_bytes: usize,
+        x: &[f32],
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
         match dtype {
             GgmlDType::Q4_0 => rows_of::<Q4_0>(rows, row_bytes, x, n, k, out),
             GgmlDType::Q4_1 => rows_of::<Q4_1>(rows, row_bytes, x, n, k, out),
@@ -86,7 +97,12 @@ mod simd {
     unsafe fn decode<const KIND: u8>(b: *const u8) -> [__m256; 4] {
         let d = _mm256_set1_ps(f16_at(b));
         if KIND == Q8_0 {
-            let w = |i: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * i) as *const __m128i))), d);
+            let w = |i: usize| {
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * i) as *const __m128i))),
+                    d,
+                )
+            };
             return [w(0), w(1), w(2), w(3)];
         }
         let qs = _mm_loadu_si128(b.add(if KIND == Q4_1 { 4 } else { 2 }) as *const __m128i);

@@ -51,8 +51,17 @@ pub fn qmatmul_t_f32(w: &QTensor, dy: &[f32], n: usize) -> candle_core::Result<V
 }
 
 /// The rows of a quantized `[m, k]` weight stored in `bytes`, for its block type.
-fn quant_rows<'a>(dtype: GgmlDType, bytes: &'a [u8], m: usize, k: usize) -> candle_core::Result<Box<dyn WeightRows + 'a>> {
-    fn rows<'a, T: GgmlType + Sync + 'a>(bytes: &'a [u8], m: usize, k: usize) -> candle_core::Result<Box<dyn WeightRows + 'a>> {
+fn quant_rows<'a>(
+    dtype: GgmlDType,
+    bytes: &'a [u8],
+    m: usize,
+    k: usize,
+) -> candle_core::Result<Box<dyn WeightRows + 'a>> {
+    fn rows<'a, T: GgmlType + Sync + 'a>(
+        bytes: &'a [u8],
+        m: usize,
+        k: usize,
+    ) -> candle_core::Result<Box<dyn WeightRows + 'a>> {
         Ok(Box::new(QuantRows { blocks: blocks::<T>(bytes, m, k)?, per_row: k / T::BLCK_SIZE }))
     }
     match dtype {

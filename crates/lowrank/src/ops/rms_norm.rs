@@ -42,8 +42,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
+        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("rms-norm: non-contiguous input")
         };
         let x = &s1.as_slice::<f32>()?[o1..e1];
@@ -82,15 +81,17 @@ impl CustomOp2 for RmsNorm {
         }
         let eps = self.eps as f32;
         let mut dx = vec![0f32; xv.len()];
-        dx.par_chunks_mut(h * ROWS).zip(xv.par_chunks(h * ROWS).zip(gv.par_chunks(h * ROWS))).for_each(|(dx, (x, g))| {
-            for ((dx, x), g) in dx.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
-                let r = inv_rms(x, eps);
-                let proj = x.iter().zip(g).zip(wv).map(|((x, g), w)| g * w * x * r).sum::<f32>() / h as f32;
-                for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(wv) {
-                    *d = r * (g * w - x * r * proj);
+        dx.par_chunks_mut(h * ROWS).zip(xv.par_chunks(h * ROWS).zip(gv.par_chunks(h * ROWS))).for_each(
+            |(dx, (x, g))| {
+                for ((dx, x), g) in dx.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
+                    let r = inv_rms(x, eps);
+                    let proj = x.iter().zip(g).zip(wv).map(|((x, g), w)| g * w * x * r).sum::<f32>() / h as f32;
+                    for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(wv) {
+                        *d = r * (g * w - x * r * proj);
+                    }
                 }
-            }
-        });
+            },
+        );
         let dx = Tensor::from_vec(dx, lx.shape(), x.device())?;
         Ok((Some(dx), None))
     }

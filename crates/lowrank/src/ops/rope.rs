@@ -45,9 +45,8 @@ impl RopeTable {
             return Err(Error::Config(format!("rotary dimension {head_dim} must be even and > 0")));
         }
         // As transformers computes it: base ** (arange(0, dim, 2) / dim) in f32.
-        let mut inv_freq: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> =
+            (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
@@ -106,7 +105,12 @@ impl RopeTable {
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (n, _heads, d) = x.dims3()?;
     if cos.dims3()? != (n, 1, d / 2) || sin.dims3()? != (n, 1, d / 2) || d % 2 != 0 {
-        return Err(Error::InvalidArgument(format!("rope: x {:?} with cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims())));
+        return Err(Error::InvalidArgument(format!(
+            "rope: x {:?} with cos {:?}, sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        )));
     }
     if x.device().is_cpu() && [x.dtype(), cos.dtype(), sin.dtype()].iter().all(|t| *t == DType::F32) {
         return Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)?);
@@ -155,16 +159,32 @@ impl CustomOp3 for Rope {
         "rope"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sc: &CpuStorage, lc: &Layout, ss: &CpuStorage, ls: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sc: &CpuStorage,
+        lc: &Layout,
+        ss: &CpuStorage,
+        ls: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let half = lx.shape().dims3()?.2 / 2;
         let y = rotate(values(sx, lx)?, values(sc, lc)?, values(ss, ls)?, half, 1.0);
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let half = x.dims3()?.2 / 2;
-        let ((sg, lg), (sc, lc), (ss, ls)) = (dy.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
+        let ((sg, lg), (sc, lc), (ss, ls)) =
+            (dy.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
         let dx = rotate(stored(&sg, lg)?, stored(&sc, lc)?, stored(&ss, ls)?, half, -1.0);
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None, None))
     }

@@ -22,9 +22,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((o, e)) = l.contiguous_offsets() else {
-            candle_core::bail!("softmax: non-contiguous input")
-        };
+        let Some((o, e)) = l.contiguous_offsets() else { candle_core::bail!("softmax: non-contiguous input") };
         let x = &s.as_slice::<f32>()?[o..e];
         let n = *l.shape().dims().last().unwrap_or(&0);
         let mut out = vec![0f32; x.len()];

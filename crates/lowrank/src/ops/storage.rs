@@ -4,9 +4,7 @@ use candle_core::{CpuStorage, Layout, Storage};
 
 /// The contiguous f32 values of a CPU storage under `l`.
 pub(super) fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("custom op: operand is not contiguous")
-    };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("custom op: operand is not contiguous") };
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 

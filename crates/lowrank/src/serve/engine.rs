@@ -100,7 +100,11 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the scheduler thread, which owns `bundle` from now on.
-    pub fn start(bundle: ModelBundle, config: EngineConfig, metrics: Arc<Metrics>) -> Result<(Engine, std::thread::JoinHandle<()>)> {
+    pub fn start(
+        bundle: ModelBundle,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Engine, std::thread::JoinHandle<()>)> {
         if config.max_batch == 0 || config.kv_budget_tokens == 0 {
             return Err(Error::InvalidArgument("max_batch and kv_budget_tokens must be positive".into()));
         }
@@ -235,7 +239,16 @@ impl Scheduler {
                 budget += need;
                 let stops = StopStrings::new(job.options.stop.clone());
                 let input = job.prompt.clone();
-                running.push(Running { job, cache: model.new_cache(), sampler, stops, stream: TextStream::new(tokenizer), input, generated: 0, started: Instant::now() });
+                running.push(Running {
+                    job,
+                    cache: model.new_cache(),
+                    sampler,
+                    stops,
+                    stream: TextStream::new(tokenizer),
+                    input,
+                    generated: 0,
+                    started: Instant::now(),
+                });
             }
             running_count.store(running.len(), Ordering::SeqCst);
             if running.is_empty() {
@@ -246,7 +259,8 @@ impl Scheduler {
             metrics.batch(running.len());
             let step = {
                 let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::take(&mut r.cache)).collect();
-                let seqs: Vec<SeqInput> = running.iter().map(|r| SeqInput { tokens: &r.input, adapters: &r.job.adapters }).collect();
+                let seqs: Vec<SeqInput> =
+                    running.iter().map(|r| SeqInput { tokens: &r.input, adapters: &r.job.adapters }).collect();
                 let out = model.forward_last(&seqs, Some(&mut caches)).and_then(|l| Ok(l.to_vec2::<f32>()?));
                 drop(seqs);
                 for (r, c) in running.iter_mut().zip(caches) {
@@ -259,7 +273,13 @@ impl Scheduler {
                 Err(e) => {
                     for mut r in running.drain(..) {
                         (r.job.sink)(Event::Error(format!("the forward pass failed: {e}")));
-                        metrics.finished(&r.job.label, "error", r.job.prompt.len(), r.generated, r.started.elapsed().as_secs_f64());
+                        metrics.finished(
+                            &r.job.label,
+                            "error",
+                            r.job.prompt.len(),
+                            r.generated,
+                            r.started.elapsed().as_secs_f64(),
+                        );
                     }
                     continue;
                 }
@@ -269,15 +289,28 @@ impl Scheduler {
                 match advance(&mut r, &row, tokenizer.eos_token_ids(), ctx) {
                     Ok(None) => keep.push(r),
                     Ok(Some(finish)) => {
-                        let done = Event::Done { finish, prompt_tokens: r.job.prompt.len(), completion_tokens: r.generated };
+                        let done =
+                            Event::Done { finish, prompt_tokens: r.job.prompt.len(), completion_tokens: r.generated };
                         (r.job.sink)(done);
                         let reason = match finish {
                             FinishReason::Length => "length",
                             _ => "stop",
                         };
-                        metrics.finished(&r.job.label, reason, r.job.prompt.len(), r.generated, r.started.elapsed().as_secs_f64());
+                        metrics.finished(
+                            &r.job.label,
+                            reason,
+                            r.job.prompt.len(),
+                            r.generated,
+                            r.started.elapsed().as_secs_f64(),
+                        );
                     }
-                    Err(Cancelled) => metrics.finished(&r.job.label, "cancelled", r.job.prompt.len(), r.generated, r.started.elapsed().as_secs_f64()),
+                    Err(Cancelled) => metrics.finished(
+                        &r.job.label,
+                        "cancelled",
+                        r.job.prompt.len(),
+                        r.generated,
+                        r.started.elapsed().as_secs_f64(),
+                    ),
                 }
             }
             running = keep;
@@ -289,7 +322,12 @@ impl Scheduler {
 struct Cancelled;
 
 /// Samples the next token of `r` from its logits row and reports text; `Some` when finished.
-fn advance(r: &mut Running, logits: &[f32], eos: &[u32], ctx: usize) -> std::result::Result<Option<FinishReason>, Cancelled> {
+fn advance(
+    r: &mut Running,
+    logits: &[f32],
+    eos: &[u32],
+    ctx: usize,
+) -> std::result::Result<Option<FinishReason>, Cancelled> {
     let fail = |r: &mut Running, e: Error| {
         (r.job.sink)(Event::Error(e.to_string()));
         Err(Cancelled)

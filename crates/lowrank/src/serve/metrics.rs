@@ -75,9 +75,18 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "# TYPE lowrank_queue_depth gauge\nlowrank_queue_depth {}", self.queue_depth());
-        let _ = writeln!(s, "# TYPE lowrank_batch_size gauge\nlowrank_batch_size {}", self.batch.load(Ordering::SeqCst));
-        let _ = writeln!(s, "# TYPE lowrank_forward_passes_total counter\nlowrank_forward_passes_total {}", self.steps.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# TYPE lowrank_batched_sequences_total counter\nlowrank_batched_sequences_total {}", self.batched_rows.load(Ordering::Relaxed));
+        let _ =
+            writeln!(s, "# TYPE lowrank_batch_size gauge\nlowrank_batch_size {}", self.batch.load(Ordering::SeqCst));
+        let _ = writeln!(
+            s,
+            "# TYPE lowrank_forward_passes_total counter\nlowrank_forward_passes_total {}",
+            self.steps.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# TYPE lowrank_batched_sequences_total counter\nlowrank_batched_sequences_total {}",
+            self.batched_rows.load(Ordering::Relaxed)
+        );
         let Ok(m) = self.inner.lock() else { return s };
         let _ = writeln!(s, "# TYPE lowrank_requests_total counter");
         for ((model, outcome), n) in &m.requests {
@@ -96,7 +105,11 @@ impl Metrics {
             let _ = writeln!(s, "lowrank_request_seconds_bucket{{le=\"{b}\"}} {n}");
         }
         let _ = writeln!(s, "lowrank_request_seconds_bucket{{le=\"+Inf\"}} {}", m.latency_count);
-        let _ = writeln!(s, "lowrank_request_seconds_sum {}\nlowrank_request_seconds_count {}", m.latency_sum, m.latency_count);
+        let _ = writeln!(
+            s,
+            "lowrank_request_seconds_sum {}\nlowrank_request_seconds_count {}",
+            m.latency_sum, m.latency_count
+        );
         s
     }
 }

@@ -43,13 +43,7 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
-        Tokenizer {
-            inner,
-            bos,
-            eos,
-            eos_ids,
-            clean_up_spaces,
-        }
+        Tokenizer { inner, bos, eos, eos_ids, clean_up_spaces }
     }
 
     /// Token ids for `text`. With `add_special_tokens`, the post-processor adds what the model's
@@ -69,11 +63,7 @@ impl Tokenizer {
             .inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::Tokenizer(format!("decoding {} ids: {e}", ids.len())))?;
-        Ok(if self.clean_up_spaces {
-            clean_up_tokenization(&text)
-        } else {
-            text
-        })
+        Ok(if self.clean_up_spaces { clean_up_tokenization(&text) } else { text })
     }
 
     /// The beginning-of-sequence id, if the model has one.
@@ -121,11 +111,7 @@ impl Tokenizer {
 /// Adds `tokens` that are not yet added tokens, as transformers does for its named special tokens.
 /// A text already in the vocabulary keeps its id; a new one gets the next id.
 pub(super) fn add_missing_tokens(inner: &mut tokenizers::Tokenizer, tokens: Vec<AddedToken>) {
-    let mut present: Vec<String> = inner
-        .get_added_tokens_decoder()
-        .into_values()
-        .map(|t| t.content)
-        .collect();
+    let mut present: Vec<String> = inner.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
     for token in tokens {
         if token.content.is_empty() || present.contains(&token.content) {
             continue;
@@ -170,10 +156,7 @@ pub(super) fn bos_eos_template(
     let pair: Vec<_> = single.iter().cloned().chain(pair).collect();
     let mut special_tokens = serde_json::Map::new();
     for t in bos.into_iter().chain(eos) {
-        special_tokens.insert(
-            t.text.clone(),
-            serde_json::json!({"id": t.text, "ids": [t.id], "tokens": [t.text]}),
-        );
+        special_tokens.insert(t.text.clone(), serde_json::json!({"id": t.text, "ids": [t.id], "tokens": [t.text]}));
     }
     let value = serde_json::json!({
         "type": "TemplateProcessing",
@@ -200,9 +183,7 @@ fn clean_up_tokenization(text: &str) -> String {
         (" 've", "'ve"),
         (" 're", "'re"),
     ];
-    PAIRS
-        .iter()
-        .fold(text.to_string(), |acc, (from, to)| acc.replace(from, to))
+    PAIRS.iter().fold(text.to_string(), |acc, (from, to)| acc.replace(from, to))
 }
 
 #[cfg(test)]
@@ -211,18 +192,12 @@ mod tests {
 
     #[test]
     fn clean_up_matches_transformers_rules() {
-        assert_eq!(
-            clean_up_tokenization("Hi , I 'm here . Are n't you ?"),
-            "Hi, I'm here. Aren't you?"
-        );
+        assert_eq!(clean_up_tokenization("Hi , I 'm here . Are n't you ?"), "Hi, I'm here. Aren't you?");
     }
 
     #[test]
     fn template_is_none_without_flags() {
-        let bos = SpecialToken {
-            text: "<s>".into(),
-            id: 1,
-        };
+        let bos = SpecialToken { text: "<s>".into(), id: 1 };
         assert!(bos_eos_template(Some(&bos), None, false, true).unwrap().is_none());
         assert!(bos_eos_template(Some(&bos), None, true, false).unwrap().is_some());
     }

@@ -107,21 +107,14 @@ pub(super) fn build(
 
     let pre_tokenizer: PreTokenizerWrapper = match pre.and_then(split_regex) {
         Some(regex) => Sequence::new(vec![
-            Split::new(
-                SplitPattern::Regex(regex.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )?
-            .into(),
+            Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)?.into(),
             ByteLevel::new(false, true, false).into(),
         ])
         .into(),
         None => ByteLevel::new(false, true, true).into(),
     };
     let mut tokenizer = tokenizers::Tokenizer::new(model);
-    tokenizer
-        .with_pre_tokenizer(Some(pre_tokenizer))
-        .with_decoder(Some(ByteLevel::default()));
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer)).with_decoder(Some(ByteLevel::default()));
     Ok(tokenizer)
 }
 

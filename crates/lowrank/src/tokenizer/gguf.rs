@@ -42,12 +42,8 @@ impl Tokenizer {
     /// normalizer).
     pub fn from_gguf(metadata: &HashMap<String, Value>, path: &Path) -> Result<Self> {
         let meta = Metadata { map: metadata, path };
-        let model = meta
-            .string("tokenizer.ggml.model")?
-            .ok_or_else(|| meta.error("no `tokenizer.ggml.model`"))?;
-        let tokens = meta
-            .strings("tokenizer.ggml.tokens")?
-            .ok_or_else(|| meta.error("no `tokenizer.ggml.tokens`"))?;
+        let model = meta.string("tokenizer.ggml.model")?.ok_or_else(|| meta.error("no `tokenizer.ggml.model`"))?;
+        let tokens = meta.strings("tokenizer.ggml.tokens")?.ok_or_else(|| meta.error("no `tokenizer.ggml.tokens`"))?;
         if tokens.is_empty() {
             return Err(meta.error("`tokenizer.ggml.tokens` is empty"));
         }
@@ -74,9 +70,7 @@ impl Tokenizer {
                 sentencepiece::build(&tokens, merges, flavor).map_err(tokenizer_error)?
             }
             other => {
-                return Err(meta.error(format!(
-                    "tokenizer model `{other}` is not supported (supported: gpt2, llama)"
-                )))
+                return Err(meta.error(format!("tokenizer model `{other}` is not supported (supported: gpt2, llama)")))
             }
         };
         add_typed_tokens(&mut inner, &tokens, &types);
@@ -86,10 +80,7 @@ impl Tokenizer {
             let text = tokens
                 .get(id as usize)
                 .ok_or_else(|| meta.error(format!("`{key}` = {id} is past the {} tokens", tokens.len())))?;
-            Ok(Some(SpecialToken {
-                text: text.to_string(),
-                id,
-            }))
+            Ok(Some(SpecialToken { text: text.to_string(), id }))
         };
         let bos = special("tokenizer.ggml.bos_token_id")?;
         let eos = special("tokenizer.ggml.eos_token_id")?;
@@ -169,10 +160,7 @@ struct Metadata<'a> {
 
 impl<'a> Metadata<'a> {
     fn error(&self, message: impl Into<String>) -> Error {
-        Error::Gguf {
-            path: self.path.to_path_buf(),
-            message: message.into(),
-        }
+        Error::Gguf { path: self.path.to_path_buf(), message: message.into() }
     }
 
     fn wrong_type(&self, key: &str, expected: &str) -> Error {
@@ -203,9 +191,7 @@ impl<'a> Metadata<'a> {
         };
         match integer(value) {
             Some(i) if i < 0 => Ok(None),
-            Some(i) => u32::try_from(i)
-                .map(Some)
-                .map_err(|_| self.wrong_type(key, "a token id")),
+            Some(i) => u32::try_from(i).map(Some).map_err(|_| self.wrong_type(key, "a token id")),
             None => Err(self.wrong_type(key, "an integer")),
         }
     }
@@ -229,9 +215,7 @@ impl<'a> Metadata<'a> {
 
     fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
         let Some(items) = self.array(key)? else { return Ok(None) };
-        let ints = items
-            .iter()
-            .map(|v| integer(v).ok_or_else(|| self.wrong_type(key, "an array of integers")));
+        let ints = items.iter().map(|v| integer(v).ok_or_else(|| self.wrong_type(key, "an array of integers")));
         ints.collect::<Result<_>>().map(Some)
     }
 

@@ -15,15 +15,8 @@ use super::base::{add_missing_tokens, SpecialToken, Tokenizer};
 use crate::error::{Error, Result};
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`.
-const NAMED_SPECIAL_TOKENS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const NAMED_SPECIAL_TOKENS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 impl Tokenizer {
     /// Loads the tokenizer of an HF model directory: `tokenizer.json` (required), and when present
@@ -32,10 +25,8 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io("reading", &tokenizer_path, e))?;
-        let mut inner: tokenizers::Tokenizer = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: tokenizer_path.clone(),
-            source,
-        })?;
+        let mut inner: tokenizers::Tokenizer =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: tokenizer_path.clone(), source })?;
 
         let config = read_json_object(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
         add_missing_tokens(&mut inner, config_added_tokens(&config));
@@ -53,25 +44,15 @@ impl Tokenizer {
                 return inner.token_to_id(&text).map(|id| SpecialToken { text, id });
             }
             // No token named in tokenizer_config.json: fall back to the model's first id.
-            let id = ids_config
-                .and_then(|c| c.get(id_name))
-                .and_then(ids_of)
-                .and_then(|ids| ids.first().copied())?;
+            let id = ids_config.and_then(|c| c.get(id_name)).and_then(ids_of).and_then(|ids| ids.first().copied())?;
             inner.id_to_token(id).map(|text| SpecialToken { text, id })
         };
         let bos = resolve("bos_token", "bos_token_id");
         let eos = resolve("eos_token", "eos_token_id");
 
         let is_bpe = matches!(inner.get_model(), ModelWrapper::BPE(_));
-        let clean_up = !is_bpe
-            && config
-                .get("clean_up_tokenization_spaces")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-        let extra_eos = ids_config
-            .and_then(|c| c.get("eos_token_id"))
-            .and_then(ids_of)
-            .unwrap_or_default();
+        let clean_up = !is_bpe && config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
+        let extra_eos = ids_config.and_then(|c| c.get("eos_token_id")).and_then(ids_of).unwrap_or_default();
         Ok(Tokenizer::assemble(inner, bos, eos, &extra_eos, clean_up))
     }
 }
@@ -81,21 +62,14 @@ impl Tokenizer {
 fn config_added_tokens(config: &serde_json::Map<String, Value>) -> Vec<AddedToken> {
     let mut tokens = Vec::new();
     if let Some(Value::Object(decoder)) = config.get("added_tokens_decoder") {
-        let mut entries: Vec<(u64, &Value)> = decoder
-            .iter()
-            .filter_map(|(id, v)| id.parse::<u64>().ok().map(|id| (id, v)))
-            .collect();
+        let mut entries: Vec<(u64, &Value)> =
+            decoder.iter().filter_map(|(id, v)| id.parse::<u64>().ok().map(|id| (id, v))).collect();
         entries.sort_by_key(|(id, _)| *id);
         tokens.extend(entries.into_iter().filter_map(|(_, v)| added_token(v, false)));
     }
     for name in NAMED_SPECIAL_TOKENS {
         // A named special token is special whatever its entry says.
-        tokens.extend(
-            config
-                .get(name)
-                .and_then(|v| added_token(v, true))
-                .map(|t| t.special(true)),
-        );
+        tokens.extend(config.get(name).and_then(|v| added_token(v, true)).map(|t| t.special(true)));
     }
     for name in ["additional_special_tokens", "extra_special_tokens"] {
         if let Some(Value::Array(list)) = config.get(name) {
@@ -150,10 +124,7 @@ pub(crate) fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<Str
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("reading", path, e)),
     };
-    let to_json_error = |source| Error::Json {
-        path: PathBuf::from(path),
-        source,
-    };
+    let to_json_error = |source| Error::Json { path: PathBuf::from(path), source };
     match serde_json::from_str(&text).map_err(to_json_error)? {
         Value::Object(map) => Ok(Some(map)),
         _ => Err(to_json_error(serde::de::Error::custom("expected a JSON object"))),
@@ -173,11 +144,8 @@ mod tests {
 
     #[test]
     fn added_token_from_object() {
-        let token = added_token(
-            &serde_json::json!({"content": "<x>", "special": false, "lstrip": true}),
-            true,
-        )
-        .unwrap();
+        let token =
+            added_token(&serde_json::json!({"content": "<x>", "special": false, "lstrip": true}), true).unwrap();
         assert_eq!(token.content, "<x>");
         assert!(!token.special && token.lstrip && token.normalized);
     }

@@ -38,31 +38,16 @@ pub(super) fn build(
     merges: Vec<(String, String)>,
     flavor: Flavor,
 ) -> tokenizers::Result<tokenizers::Tokenizer> {
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, token)| (token.to_string(), id as u32))
-        .collect();
-    let model = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .fuse_unk(true)
-        .byte_fallback(true)
-        .build()?;
+    let vocab: Vocab = tokens.iter().enumerate().map(|(id, token)| (token.to_string(), id as u32)).collect();
+    let model = BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true).build()?;
     let mut tokenizer = tokenizers::Tokenizer::new(model);
 
     let space = SPACE.to_string();
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new(space.as_str(), " ")?.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-    ];
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new(space.as_str(), " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
     match flavor {
         Flavor::Llama { add_space_prefix } => {
-            let scheme = if add_space_prefix {
-                PrependScheme::First
-            } else {
-                PrependScheme::Never
-            };
+            let scheme = if add_space_prefix { PrependScheme::First } else { PrependScheme::Never };
             tokenizer.with_pre_tokenizer(Some(Metaspace::new(SPACE, scheme, false)));
             if add_space_prefix {
                 decoders.push(Strip::new(' ', 1, 0).into());
@@ -116,10 +101,7 @@ pub(super) fn generate_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, S
         let by_score = b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal);
         by_score.then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4))
     });
-    merges
-        .into_iter()
-        .map(|(left, right, ..)| (left.to_string(), right.to_string()))
-        .collect()
+    merges.into_iter().map(|(left, right, ..)| (left.to_string(), right.to_string())).collect()
 }
 
 #[cfg(test)]

@@ -29,14 +29,7 @@ pub struct TextStream<'a> {
 impl<'a> TextStream<'a> {
     /// An empty stream over `tokenizer`, skipping special tokens.
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        TextStream {
-            tokenizer,
-            skip_special_tokens: true,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-            text: String::new(),
-        }
+        TextStream { tokenizer, skip_special_tokens: true, ids: Vec::new(), prefix: 0, read: 0, text: String::new() }
     }
 
     /// Whether special tokens are left out of the text (default `true`).

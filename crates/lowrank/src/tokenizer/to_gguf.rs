@@ -31,12 +31,18 @@ const PROBES: &[&str] = &[
 
 /// The `tokenizer.ggml.*` entries (and `tokenizer.chat_template` when given) for the tokenizer of
 /// the HF directory `dir`, its vocabulary padded to `vocab_size` entries as the converter does.
-pub fn gguf_tokenizer_metadata(dir: &Path, vocab_size: usize, chat_template: Option<&str>) -> Result<Vec<(String, Value)>> {
+pub fn gguf_tokenizer_metadata(
+    dir: &Path,
+    vocab_size: usize,
+    chat_template: Option<&str>,
+) -> Result<Vec<(String, Value)>> {
     let hf = Tokenizer::from_hf_dir(dir)?;
     let path = dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
     let json: Json = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.clone(), source: e })?;
-    let unsupported = |what: &str| Error::Tokenizer(format!("{}: {what}; only byte-level BPE tokenizers convert to GGUF so far", path.display()));
+    let unsupported = |what: &str| {
+        Error::Tokenizer(format!("{}: {what}; only byte-level BPE tokenizers convert to GGUF so far", path.display()))
+    };
     if json["model"]["type"] != "BPE" {
         return Err(unsupported(&format!("the model is {}", json["model"]["type"])));
     }
@@ -64,7 +70,9 @@ pub fn gguf_tokenizer_metadata(dir: &Path, vocab_size: usize, chat_template: Opt
         .flatten()
         .map(|m| match m {
             Json::String(s) => Ok(s.clone()),
-            Json::Array(p) if p.len() == 2 => Ok(format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default())),
+            Json::Array(p) if p.len() == 2 => {
+                Ok(format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default()))
+            }
             _ => Err(unsupported("a merge is neither \"a b\" nor [a, b]")),
         })
         .collect::<Result<_>>()?;

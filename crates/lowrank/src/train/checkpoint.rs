@@ -31,7 +31,13 @@ pub struct CheckpointState {
 }
 
 /// Saves a checkpoint for `step` under `out/checkpoints/` and points `latest` at it.
-pub fn save(out: &Path, state: &CheckpointState, adapter: &Adapter, table: &ModuleTable, opt: &AdamW) -> Result<PathBuf> {
+pub fn save(
+    out: &Path,
+    state: &CheckpointState,
+    adapter: &Adapter,
+    table: &ModuleTable,
+    opt: &AdamW,
+) -> Result<PathBuf> {
     let root = out.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
     let name = format!("step-{:06}", state.step);
@@ -82,7 +88,8 @@ pub fn load(out: &Path, table: &ModuleTable, device: &Device) -> Result<Loaded> 
     };
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io("reading", &state_path, e))?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::Json { path: state_path, source: e })?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| Error::Json { path: state_path, source: e })?;
     let adapter = Adapter::load_peft(&dir.join("adapter"), table, device)?;
     let optimizer = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
     Ok(Loaded { dir, state, adapter, optimizer })

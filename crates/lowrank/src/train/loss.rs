@@ -24,17 +24,35 @@ pub struct LossAndSurrogate {
 /// `hidden: [N, H]`, `targets[i]`: the token row `i` must predict (`None`: no loss there).
 /// Returns `scale · mean_i CE(head(hidden_i), targets_i)` and its surrogate; `chunk` rows of
 /// logits are materialised at a time.
-pub fn chunked_cross_entropy(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk: usize, scale: f64) -> Result<LossAndSurrogate> {
+pub fn chunked_cross_entropy(
+    hidden: &Tensor,
+    head: &FrozenLinear,
+    targets: &[Option<u32>],
+    chunk: usize,
+    scale: f64,
+) -> Result<LossAndSurrogate> {
     chunked(hidden, head, targets, chunk, scale, true)
 }
 
 /// Sum of the cross-entropy over the target rows and their count, no gradient (evaluation).
-pub fn cross_entropy_sum(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk: usize) -> Result<(f64, usize)> {
+pub fn cross_entropy_sum(
+    hidden: &Tensor,
+    head: &FrozenLinear,
+    targets: &[Option<u32>],
+    chunk: usize,
+) -> Result<(f64, usize)> {
     let out = chunked(hidden, head, targets, chunk, 1.0, false)?;
     Ok((out.loss * out.targets as f64, out.targets))
 }
 
-fn chunked(hidden: &Tensor, head: &FrozenLinear, targets: &[Option<u32>], chunk: usize, scale: f64, with_grad: bool) -> Result<LossAndSurrogate> {
+fn chunked(
+    hidden: &Tensor,
+    head: &FrozenLinear,
+    targets: &[Option<u32>],
+    chunk: usize,
+    scale: f64,
+    with_grad: bool,
+) -> Result<LossAndSurrogate> {
     let (n, _h) = hidden.dims2()?;
     if targets.len() != n {
         return Err(Error::InvalidArgument(format!("{} targets for {n} rows", targets.len())));
@@ -109,7 +127,8 @@ fn ce_rows_tensor(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> R
     if !with_grad {
         return Ok((ce, None));
     }
-    let onehot = Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(&lab, &Tensor::ones((c, 1), DType::F32, dev)?, 1)?;
+    let onehot =
+        Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(&lab, &Tensor::ones((c, 1), DType::F32, dev)?, 1)?;
     let unscaled = (e - onehot.broadcast_mul(&sum)?)?;
     let row_scale = (sum.recip()? * gscale as f64)?;
     Ok((ce, Some(LogitGrad { unscaled, row_scale })))
@@ -129,26 +148,43 @@ fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Resu
     let row_max = |row: &[f32]| row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // Per row: CE = log Σ exp(z - max) + max - z_t.
     if !with_grad {
-        let ce: f64 = z.par_chunks_exact(v).zip(labels.par_iter()).map_init(|| Vec::with_capacity(v), |buf: &mut Vec<f32>, (row, &t)| {
-            let max = row_max(row);
-            let sum = exp_shifted_into(row, &mut buf.spare_capacity_mut()[..v], max);
-            (sum.ln() + max - row[t as usize]) as f64
-        }).collect::<Vec<_>>().iter().sum();
+        let ce: f64 = z
+            .par_chunks_exact(v)
+            .zip(labels.par_iter())
+            .map_init(
+                || Vec::with_capacity(v),
+                |buf: &mut Vec<f32>, (row, &t)| {
+                    let max = row_max(row);
+                    let sum = exp_shifted_into(row, &mut buf.spare_capacity_mut()[..v], max);
+                    (sum.ln() + max - row[t as usize]) as f64
+                },
+            )
+            .collect::<Vec<_>>()
+            .iter()
+            .sum();
         return Ok((ce, None));
     }
     let mut g: Vec<f32> = Vec::with_capacity(c * v);
-    let (ce, sums): (Vec<f64>, Vec<f32>) = g.spare_capacity_mut()[..c * v].par_chunks_exact_mut(v).zip(z.par_chunks_exact(v)).zip(labels.par_iter()).map(|((g, row), &t)| {
+    let (ce, sums): (Vec<f64>, Vec<f32>) = g.spare_capacity_mut()[..c * v]
+        .par_chunks_exact_mut(v)
+        .zip(z.par_chunks_exact(v))
+        .zip(labels.par_iter())
+        .map(|((g, row), &t)| {
             let max = row_max(row);
             let sum = exp_shifted_into(row, g, max);
             let e_t = exp(row[t as usize] - max);
             g[t as usize].write(e_t - sum);
             ((sum.ln() + max - row[t as usize]) as f64, sum)
-        }).unzip();
+        })
+        .unzip();
     // SAFETY: every row of the c·v elements was written by exp_shifted_into above.
     unsafe { g.set_len(c * v) };
     drop(storage);
     let row_scale: Vec<f32> = sums.iter().map(|s| gscale / s).collect();
-    let grad = LogitGrad { unscaled: Tensor::from_vec(g, (c, v), &dev)?, row_scale: Tensor::from_vec(row_scale, (c, 1), &dev)? };
+    let grad = LogitGrad {
+        unscaled: Tensor::from_vec(g, (c, v), &dev)?,
+        row_scale: Tensor::from_vec(row_scale, (c, 1), &dev)?,
+    };
     Ok((ce.iter().sum(), Some(grad))) // summed in row order: the same loss every run
 }
 
@@ -175,7 +211,10 @@ mod tests {
         assert!((out.loss - want_loss).abs() < 1e-5, "{} vs {want_loss}", out.loss);
         let g = out.surrogate.backward()?;
         let g_ref = want.backward()?;
-        let d = (g.get(h.as_tensor()).unwrap() - g_ref.get(h.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (g.get(h.as_tensor()).unwrap() - g_ref.get(h.as_tensor()).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "grad differs by {d}");
         Ok(())
     }
@@ -191,7 +230,10 @@ mod tests {
         let (g, g_ref) = (full(g.expect("gradient"))?, full(g_ref.expect("gradient"))?);
         let d = (g - g_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-6, "gradients differ by {d}");
-        assert!(matches!(ce_rows(&z, &[300], 1.0, false), Err(Error::InvalidArgument(_))), "label outside the vocabulary");
+        assert!(
+            matches!(ce_rows(&z, &[300], 1.0, false), Err(Error::InvalidArgument(_))),
+            "label outside the vocabulary"
+        );
         Ok(())
     }
 }

@@ -28,7 +28,8 @@ pub struct StepMetrics {
 
 /// Appends one line to `path`.
 pub fn append(path: &Path, m: &StepMetrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io("opening", path, e))?;
     let line = serde_json::to_string(m).map_err(|e| Error::Json { path: path.into(), source: e })?;
     writeln!(f, "{line}").map_err(|e| Error::io("writing", path, e))
 }
@@ -74,10 +75,13 @@ pub fn loss_svg(metrics: &[StepMetrics]) -> String {
     let px = |x: f64| pad + (x / x1) * (w - 2.0 * pad);
     let py = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
     let line = |pts: &[(f64, f64)], color: &str| -> String {
-        let d: Vec<String> = pts.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let d: Vec<String> =
+            pts.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
         format!(r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, d.join(" "))
     };
-    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
     s += &format!(r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     s += &format!(r#"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/>"#, h - pad, w - pad);
     s += &format!(r#"<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{}" stroke="black"/>"#, h - pad);
@@ -87,7 +91,11 @@ pub fn loss_svg(metrics: &[StepMetrics]) -> String {
     s += &format!(r#"<text x="{}" y="{}" text-anchor="end">{x1}</text>"#, w - pad, h - pad + 16.0);
     s += &line(&train, "#1f77b4");
     s += &line(&eval, "#d62728");
-    s += &format!(r##"<text x="{0}" y="20" fill="#1f77b4">train loss</text><text x="{1}" y="20" fill="#d62728">eval loss</text>"##, pad, pad + 100.0);
+    s += &format!(
+        r##"<text x="{0}" y="20" fill="#1f77b4">train loss</text><text x="{1}" y="20" fill="#d62728">eval loss</text>"##,
+        pad,
+        pad + 100.0
+    );
     s + "</svg>\n"
 }
 
@@ -97,7 +105,8 @@ mod tests {
 
     #[test]
     fn svg_has_both_curves_and_survives_nan() {
-        let m = |step, loss, eval_loss| StepMetrics { step, loss, eval_loss, lr: 0.1, grad_norm: 1.0, tokens_per_s: 1.0 };
+        let m =
+            |step, loss, eval_loss| StepMetrics { step, loss, eval_loss, lr: 0.1, grad_norm: 1.0, tokens_per_s: 1.0 };
         let svg = loss_svg(&[m(1, 3.0, None), m(2, f64::NAN, None), m(3, 2.0, Some(2.5))]);
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("eval loss"));
         assert!(!svg.contains("NaN"));

@@ -47,7 +47,11 @@ impl AdamW {
     /// parameter in order.
     pub fn with_lr_scales(mut self, scales: Vec<f64>) -> Result<Self> {
         if scales.len() != self.params.len() {
-            return Err(crate::Error::InvalidArgument(format!("{} learning-rate scales for {} parameters", scales.len(), self.params.len())));
+            return Err(crate::Error::InvalidArgument(format!(
+                "{} learning-rate scales for {} parameters",
+                scales.len(),
+                self.params.len()
+            )));
         }
         self.lr_scales = scales;
         Ok(self)
@@ -94,7 +98,9 @@ impl AdamW {
         for i in 0..self.params.len() {
             for (name, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{name}.{i}");
-                let t = tensors.get(&key).ok_or_else(|| crate::Error::InvalidArgument(format!("optimizer state lacks `{key}`")))?;
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| crate::Error::InvalidArgument(format!("optimizer state lacks `{key}`")))?;
                 crate::model::check_shape(&key, slot.dims(), t.dims())?;
                 *slot = t.clone();
             }

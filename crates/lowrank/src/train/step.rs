@@ -44,7 +44,14 @@ pub fn row_targets(seqs: &[TrainSeq]) -> Vec<Option<u32>> {
 /// Forward through `model` with `adapters`, chunked cross-entropy, backward. With
 /// `checkpoint_every = k > 0`, every k-th block's activations are recomputed in the backward
 /// instead of kept (1: all blocks).
-pub fn forward_backward(model: &Model, adapters: &[ActiveAdapter], seqs: &[TrainSeq], loss_chunk: usize, scale: f64, checkpoint_every: usize) -> Result<StepOutput> {
+pub fn forward_backward(
+    model: &Model,
+    adapters: &[ActiveAdapter],
+    seqs: &[TrainSeq],
+    loss_chunk: usize,
+    scale: f64,
+    checkpoint_every: usize,
+) -> Result<StepOutput> {
     let inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput { tokens: s.ids, adapters }).collect();
     let sink = (checkpoint_every > 0).then(GradSink::new);
     let hidden = match &sink {

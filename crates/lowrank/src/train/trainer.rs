@@ -134,8 +134,16 @@ impl<'a> Trainer<'a> {
                 let micro = self.step * cfg.grad_accum + k;
                 self.dropout.set_micro_step(micro as u64);
                 let batch = plan.batch(micro);
-                let seqs: Vec<TrainSeq> = batch.iter().map(|&i| TrainSeq { ids: &train[i].ids, targets: &train[i].targets }).collect();
-                let out = forward_backward(self.model, &active, &seqs, cfg.loss_chunk, 1.0 / cfg.grad_accum as f64, cfg.gradient_checkpointing)?;
+                let seqs: Vec<TrainSeq> =
+                    batch.iter().map(|&i| TrainSeq { ids: &train[i].ids, targets: &train[i].targets }).collect();
+                let out = forward_backward(
+                    self.model,
+                    &active,
+                    &seqs,
+                    cfg.loss_chunk,
+                    1.0 / cfg.grad_accum as f64,
+                    cfg.gradient_checkpointing,
+                )?;
                 loss += out.loss;
                 tokens += out.tokens;
                 let g = collect_grads(&out.grads, &self.vars)?;
@@ -195,7 +203,13 @@ impl<'a> Trainer<'a> {
 }
 
 /// Mean next-token loss of `model` with `adapters` over the targets of `examples`.
-pub fn eval_loss(model: &Model, adapters: &[ActiveAdapter], examples: &[Example], batch_size: usize, chunk: usize) -> Result<f64> {
+pub fn eval_loss(
+    model: &Model,
+    adapters: &[ActiveAdapter],
+    examples: &[Example],
+    batch_size: usize,
+    chunk: usize,
+) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0);
     for batch in examples.chunks(batch_size.max(1)) {
         let seqs: Vec<TrainSeq> = batch.iter().map(|e| TrainSeq { ids: &e.ids, targets: &e.targets }).collect();

@@ -88,7 +88,12 @@ impl TrainBatch {
 /// Five AdamW steps (the fixtures' torch settings: lr 1e-2, weight decay 0.01) of `init` on the
 /// family's batch, each step's loss checked against `losses["losses"]`; the trained adapter and its
 /// variables by PEFT key.
-pub fn five_adamw_steps(model: &Model, init: &Adapter, family: &str, losses: &serde_json::Value) -> (Arc<Adapter>, Vec<(String, candle_core::Var)>) {
+pub fn five_adamw_steps(
+    model: &Model,
+    init: &Adapter,
+    family: &str,
+    losses: &serde_json::Value,
+) -> (Arc<Adapter>, Vec<(String, candle_core::Var)>) {
     use lowrank::train::{collect_grads, forward_backward, AdamW, AdamWConfig};
     let (adapter, named) = init.to_trainable(model.modules(), None).unwrap();
     let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();

@@ -33,12 +33,27 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(base: String, table: ModuleTable, device: Device, dir: Option<&Path>, max_adapters: usize, max_rank: Option<usize>) -> anyhow::Result<Self> {
+    pub fn new(
+        base: String,
+        table: ModuleTable,
+        device: Device,
+        dir: Option<&Path>,
+        max_adapters: usize,
+        max_rank: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let dir = match dir {
             Some(d) => Some(d.canonicalize().map_err(|e| anyhow::anyhow!("--adapters-dir {}: {e}", d.display()))?),
             None => None,
         };
-        Ok(Self { base, table, device, dir, max_adapters: max_adapters.max(1), max_rank, entries: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            base,
+            table,
+            device,
+            dir,
+            max_adapters: max_adapters.max(1),
+            max_rank,
+            entries: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The base model's name.
@@ -67,7 +82,9 @@ impl Registry {
             e.last_used = Instant::now();
             return Ok(vec![ActiveAdapter { adapter: e.adapter.clone(), weight: 1.0 }]);
         }
-        let Some(path) = self.dir.as_ref().and_then(|d| name_in_dir(d, model)) else { return Err(ApiError::not_found(model)) };
+        let Some(path) = self.dir.as_ref().and_then(|d| name_in_dir(d, model)) else {
+            return Err(ApiError::not_found(model));
+        };
         let adapter = self.load(model, &path, false)?;
         Ok(vec![ActiveAdapter { adapter, weight: 1.0 }])
     }
@@ -75,13 +92,18 @@ impl Registry {
     /// Loads the adapter at `path` under `name` (`pinned`: never evicted).
     pub fn load(&self, name: &str, path: &Path, pinned: bool) -> Result<Arc<Adapter>, ApiError> {
         if name.is_empty() || name == self.base {
-            return Err(ApiError::bad_request(format!("`{name}` cannot name an adapter (empty, or the base model's name)")));
+            return Err(ApiError::bad_request(format!(
+                "`{name}` cannot name an adapter (empty, or the base model's name)"
+            )));
         }
-        let mut adapter = Adapter::load_peft(path, &self.table, &self.device).map_err(|e| ApiError::bad_request(format!("loading adapter `{name}`: {e}")))?;
+        let mut adapter = Adapter::load_peft(path, &self.table, &self.device)
+            .map_err(|e| ApiError::bad_request(format!("loading adapter `{name}`: {e}")))?;
         if let Some(max) = self.max_rank {
             let rank = adapter.config.rank_pattern.values().copied().fold(adapter.config.r, usize::max);
             if rank > max {
-                return Err(ApiError::bad_request(format!("adapter `{name}` has rank {rank}; this server takes at most --max-rank {max}")));
+                return Err(ApiError::bad_request(format!(
+                    "adapter `{name}` has rank {rank}; this server takes at most --max-rank {max}"
+                )));
             }
         }
         adapter.name = name.to_string();
@@ -116,14 +138,19 @@ impl Registry {
     /// Loads `lora_path` at run time; it must be a directory directly inside `--adapters-dir`.
     pub fn load_runtime(&self, name: &str, lora_path: &str) -> Result<(), ApiError> {
         let Some(dir) = &self.dir else {
-            return Err(ApiError::forbidden("run-time loading needs --adapters-dir: adapters load only from inside it"));
+            return Err(ApiError::forbidden(
+                "run-time loading needs --adapters-dir: adapters load only from inside it",
+            ));
         };
         let requested = Path::new(lora_path);
-        let inside = requested
-            .canonicalize()
-            .ok()
-            .filter(|p| p.parent() == Some(dir.as_path()) && p.is_dir())
-            .ok_or_else(|| ApiError::bad_request(format!("lora_path `{lora_path}` is not a directory directly inside the adapters directory")))?;
+        let inside =
+            requested.canonicalize().ok().filter(|p| p.parent() == Some(dir.as_path()) && p.is_dir()).ok_or_else(
+                || {
+                    ApiError::bad_request(format!(
+                        "lora_path `{lora_path}` is not a directory directly inside the adapters directory"
+                    ))
+                },
+            )?;
         if self.lock().contains_key(name) {
             return Err(ApiError::bad_request(format!("an adapter named `{name}` is already loaded")));
         }

@@ -25,14 +25,21 @@ impl ApiError {
     pub fn not_found(model: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{model}` does not exist (GET /v1/models lists the base model and the loaded adapters)"),
+            message: format!(
+                "The model `{model}` does not exist (GET /v1/models lists the base model and the loaded adapters)"
+            ),
             kind: "invalid_request_error",
             code: Some("model_not_found"),
         }
     }
 
     pub fn busy(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::TOO_MANY_REQUESTS, message: message.into(), kind: "rate_limit_error", code: Some("queue_full") }
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            code: Some("queue_full"),
+        }
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -143,7 +150,9 @@ impl ChatMessage {
                 .iter()
                 .map(|p| match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => Ok(t.as_str()),
-                    (kind, _) => Err(ApiError::bad_request(format!("content part of type `{kind}` is not supported (text only)"))),
+                    (kind, _) => Err(ApiError::bad_request(format!(
+                        "content part of type `{kind}` is not supported (text only)"
+                    ))),
                 })
                 .collect::<Result<Vec<_>, _>>()?
                 .join(""),

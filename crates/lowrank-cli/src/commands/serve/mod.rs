@@ -68,17 +68,37 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let ServeArgs {
-        model, served_model_name, adapters, adapters_dir, allow_runtime_adapters, max_adapters, max_rank, host, port, max_batch, max_queue, kv_budget, quantize, device,
+        model,
+        served_model_name,
+        adapters,
+        adapters_dir,
+        allow_runtime_adapters,
+        max_adapters,
+        max_rank,
+        host,
+        port,
+        max_batch,
+        max_queue,
+        kv_budget,
+        quantize,
+        device,
     } = args;
     let path = model_path(model.as_deref())?;
-    let base = served_model_name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
+    let base = served_model_name
+        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AppState { ready: OnceLock::new(), metrics: metrics.clone(), allow_runtime_adapters });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel::<()>();
     let served = rt.block_on(async {
         // Listen first: while the model loads, requests get 503 and /health says "loading".
-        let listener = tokio::net::TcpListener::bind((host.as_str(), port)).await.with_context(|| format!("listening on {host}:{port}"))?;
+        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+            .await
+            .with_context(|| format!("listening on {host}:{port}"))?;
         let addr = listener.local_addr()?;
         eprintln!("lowrank serve: loading {base}; listening on http://{addr}/v1");
         let loader = {
@@ -86,11 +106,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
             std::thread::spawn(move || {
                 let load = || -> Result<(Engine, std::thread::JoinHandle<()>)> {
                     let opts = load_options(device, false, quantize)?;
-                    let bundle = ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
-                    let registry = Registry::new(base.clone(), bundle.model.modules().clone(), opts.device.clone(), adapters_dir.as_deref(), max_adapters, max_rank)?;
+                    let bundle =
+                        ModelBundle::open(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
+                    let registry = Registry::new(
+                        base.clone(),
+                        bundle.model.modules().clone(),
+                        opts.device.clone(),
+                        adapters_dir.as_deref(),
+                        max_adapters,
+                        max_rank,
+                    )?;
                     for spec in &adapters {
-                        let Some((name, dir)) = spec.split_once('=') else { bail!("--adapter {spec}: expected NAME=DIR") };
-                        registry.load(name, dir.as_ref(), true).map_err(|e| anyhow::anyhow!("--adapter {spec}: {}", e.message))?;
+                        let Some((name, dir)) = spec.split_once('=') else {
+                            bail!("--adapter {spec}: expected NAME=DIR")
+                        };
+                        registry
+                            .load(name, dir.as_ref(), true)
+                            .map_err(|e| anyhow::anyhow!("--adapter {spec}: {}", e.message))?;
                     }
                     let (tokenizer, chat) = (bundle.tokenizer.clone(), bundle.chat_template.clone());
                     let config = EngineConfig { max_batch, max_queue, kv_budget_tokens: kv_budget };

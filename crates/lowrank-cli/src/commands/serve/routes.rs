@@ -21,7 +21,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::adapters::Registry;
-use super::api::{finish_reason, new_id, now, ApiError, ChatRequest, CompletionRequest, LoadAdapter, Prompt, Sampling, Stop, UnloadAdapter};
+use super::api::{
+    finish_reason, new_id, now, ApiError, ChatRequest, CompletionRequest, LoadAdapter, Prompt, Sampling, Stop,
+    UnloadAdapter,
+};
 
 /// What every handler sees.
 pub struct AppState {
@@ -54,7 +57,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "no such endpoint".into(), kind: "invalid_request_error", code: None } })
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: "no such endpoint".into(),
+                kind: "invalid_request_error",
+                code: None,
+            }
+        })
         .with_state(state)
 }
 
@@ -73,7 +83,9 @@ async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError>
     let s = s.ready()?;
     let created = now();
     let base = s.registry.base().to_string();
-    let mut data = vec![json!({"id": base, "object": "model", "created": created, "owned_by": "lowrank", "root": base, "parent": null})];
+    let mut data = vec![
+        json!({"id": base, "object": "model", "created": created, "owned_by": "lowrank", "root": base, "parent": null}),
+    ];
     for name in s.registry.names() {
         data.push(json!({"id": name, "object": "model", "created": created, "owned_by": "lowrank", "root": base, "parent": base}));
     }
@@ -91,19 +103,22 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(v) => return Err(ApiError::bad_request(format!("one prompt per request, not {}", v.len()))),
     };
-    let ids = lowrank::prompt::text_ids(&s.ready()?.tokenizer, &text).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids =
+        lowrank::prompt::text_ids(&s.ready()?.tokenizer, &text).map_err(|e| ApiError::bad_request(e.to_string()))?;
     run(s, req.model, ids, req.sampling, Kind::Text, 16).await
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     let r = s.ready()?;
-    let template = r.chat.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
+    let template =
+        r.chat.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages is empty"));
     }
     let messages = req.messages.iter().map(|m| m.to_message()).collect::<Result<Vec<_>, _>>()?;
-    let ids = lowrank::prompt::chat_ids(&r.tokenizer, template, &messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = lowrank::prompt::chat_ids(&r.tokenizer, template, &messages)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let room = r.engine.context().saturating_sub(ids.len()) as u64;
     run(s, req.model, ids, req.sampling, Kind::Chat, room).await
 }
@@ -142,7 +157,9 @@ fn options(s: &Sampling, prompt: usize, ctx: usize, default_max: u64) -> Result<
     }
     match s.n {
         Some(n) if n > 1 && s.stream => return Err(ApiError::bad_request("n > 1 is not supported with stream")),
-        Some(n) if !(1..=MAX_N).contains(&n) => return Err(ApiError::bad_request(format!("n must be between 1 and {MAX_N}"))),
+        Some(n) if !(1..=MAX_N).contains(&n) => {
+            return Err(ApiError::bad_request(format!("n must be between 1 and {MAX_N}")))
+        }
         _ => {}
     }
     let stop = match &s.stop {
@@ -160,14 +177,24 @@ fn options(s: &Sampling, prompt: usize, ctx: usize, default_max: u64) -> Result<
     Ok(GenerateOptions { max_new_tokens: max as usize, sampling, stop })
 }
 
-async fn run(s: Arc<AppState>, model: String, ids: Vec<u32>, sampling: Sampling, kind: Kind, default_max: u64) -> Result<Response, ApiError> {
-    let opts = options(&sampling, ids.len(), s.ready()?.engine.context(), default_max).inspect_err(|_| s.metrics.refused(&model, "bad_request"))?;
+async fn run(
+    s: Arc<AppState>,
+    model: String,
+    ids: Vec<u32>,
+    sampling: Sampling,
+    kind: Kind,
+    default_max: u64,
+) -> Result<Response, ApiError> {
+    let opts = options(&sampling, ids.len(), s.ready()?.engine.context(), default_max)
+        .inspect_err(|_| s.metrics.refused(&model, "bad_request"))?;
     let registry_state = s.clone();
     let name = model.clone();
     let adapters = tokio::task::spawn_blocking(move || registry_state.ready()?.registry.resolve(&name))
         .await
         .map_err(|e| ApiError::internal(format!("loading the adapter: {e}")))?
-        .inspect_err(|e| s.metrics.refused(&model, if e.status == StatusCode::NOT_FOUND { "not_found" } else { "bad_request" }))?;
+        .inspect_err(|e| {
+            s.metrics.refused(&model, if e.status == StatusCode::NOT_FOUND { "not_found" } else { "bad_request" })
+        })?;
     let prompt_tokens = ids.len();
     // `n` choices are `n` jobs with consecutive seeds, batched like any others.
     let mut receivers = Vec::new();
@@ -175,7 +202,13 @@ async fn run(s: Arc<AppState>, model: String, ids: Vec<u32>, sampling: Sampling,
         let (tx, rx) = mpsc::unbounded_channel::<Event>();
         let mut options = opts.clone();
         options.sampling.seed = options.sampling.seed.wrapping_add(i);
-        let job = Job { prompt: ids.clone(), adapters: adapters.clone(), options, label: model.clone(), sink: Box::new(move |e| tx.send(e).is_ok()) };
+        let job = Job {
+            prompt: ids.clone(),
+            adapters: adapters.clone(),
+            options,
+            label: model.clone(),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        };
         s.ready()?.engine.submit(job).map_err(|e| {
             s.metrics.refused(&model, "refused");
             match e {
@@ -185,7 +218,14 @@ async fn run(s: Arc<AppState>, model: String, ids: Vec<u32>, sampling: Sampling,
         })?;
         receivers.push(rx);
     }
-    let reply = Reply { id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }), model, created: now(), kind, prompt_tokens, started: std::time::Instant::now() };
+    let reply = Reply {
+        id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
+        model,
+        created: now(),
+        kind,
+        prompt_tokens,
+        started: std::time::Instant::now(),
+    };
     match (sampling.stream, receivers.pop()) {
         (true, Some(rx)) => Ok(reply.stream(rx, sampling.stream_options.is_some_and(|o| o.include_usage))),
         (false, Some(last)) => {
@@ -230,7 +270,9 @@ impl Reply {
             let done = loop {
                 match rx.recv().await {
                     Some(Event::Text(t)) => text.push_str(&t),
-                    Some(Event::Done { finish, completion_tokens, .. }) => break Some((finish_reason(finish), completion_tokens)),
+                    Some(Event::Done { finish, completion_tokens, .. }) => {
+                        break Some((finish_reason(finish), completion_tokens))
+                    }
                     Some(Event::Error(m)) => {
                         self.log("error", completion);
                         return Err(ApiError::internal(m));
@@ -238,14 +280,17 @@ impl Reply {
                     None => break None,
                 }
             };
-            let Some((reason, tokens)) = done else { return Err(ApiError::internal("the request ended without a result")) };
+            let Some((reason, tokens)) = done else {
+                return Err(ApiError::internal("the request ended without a result"));
+            };
             completion += tokens;
             choices.push(match self.kind {
                 Kind::Text => json!({"index": index, "text": text, "logprobs": null, "finish_reason": reason}),
                 Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": reason}),
             });
         }
-        let last_reason = choices.last().map(|c| c["finish_reason"].as_str().unwrap_or("stop").to_string()).unwrap_or_default();
+        let last_reason =
+            choices.last().map(|c| c["finish_reason"].as_str().unwrap_or("stop").to_string()).unwrap_or_default();
         self.log(&last_reason, completion);
         let object = if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
         let body = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(completion)});
@@ -324,7 +369,9 @@ impl Reply {
 
 async fn load_adapter(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     if !s.allow_runtime_adapters {
-        return Err(ApiError::forbidden("run-time adapter loading is off; start the server with --allow-runtime-adapters"));
+        return Err(ApiError::forbidden(
+            "run-time adapter loading is off; start the server with --allow-runtime-adapters",
+        ));
     }
     let req: LoadAdapter = parse(&body)?;
     let st = s.clone();
@@ -337,7 +384,9 @@ async fn load_adapter(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Res
 
 async fn unload_adapter(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     if !s.allow_runtime_adapters {
-        return Err(ApiError::forbidden("run-time adapter unloading is off; start the server with --allow-runtime-adapters"));
+        return Err(ApiError::forbidden(
+            "run-time adapter unloading is off; start the server with --allow-runtime-adapters",
+        ));
     }
     let req: UnloadAdapter = parse(&body)?;
     s.ready()?.registry.unload(&req.lora_name)?;
@@ -354,18 +403,29 @@ mod tests {
     #[test]
     fn everything_is_503_while_the_model_loads() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let state = Arc::new(AppState { ready: OnceLock::new(), metrics: Arc::new(Metrics::default()), allow_runtime_adapters: true });
+        let state = Arc::new(AppState {
+            ready: OnceLock::new(),
+            metrics: Arc::new(Metrics::default()),
+            allow_runtime_adapters: true,
+        });
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || rt.block_on(async { axum::serve(listener, router(state)).await }));
         let ask = |method: &str, path: &str, body: &str| {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
-            write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).unwrap();
             out
         };
-        assert!(ask("GET", "/health", "").starts_with("HTTP/1.1 503") && ask("GET", "/health", "").contains("\"loading\""));
+        assert!(
+            ask("GET", "/health", "").starts_with("HTTP/1.1 503") && ask("GET", "/health", "").contains("\"loading\"")
+        );
         for (method, path, body) in [
             ("GET", "/v1/models", ""),
             ("POST", "/v1/completions", r#"{"model": "m", "prompt": "hi"}"#),
@@ -373,7 +433,10 @@ mod tests {
             ("POST", "/v1/unload_lora_adapter", r#"{"lora_name": "x"}"#),
         ] {
             let r = ask(method, path, body);
-            assert!(r.starts_with("HTTP/1.1 503") && r.contains("still loading") && r.contains("\"server_error\""), "{path}: {r}");
+            assert!(
+                r.starts_with("HTTP/1.1 503") && r.contains("still loading") && r.contains("\"server_error\""),
+                "{path}: {r}"
+            );
         }
     }
 }

@@ -108,7 +108,15 @@ pub fn dynamic_map() -> &'static [f32; 256] {
             let (start, end) = (0.1f32, 1f32);
             let step = (end - start) / (n - 1) as f32;
             let bounds: Vec<f32> =
-                (0..n).map(|i| if i < n / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) }).collect();
+                (0..n)
+                    .map(|i| {
+                        if i < n / 2 {
+                            step.mul_add(i as f32, start)
+                        } else {
+                            (-step).mul_add((n - 1 - i) as f32, end)
+                        }
+                    })
+                    .collect();
             let scale = 1.0 / 10f32.powi(6 - e);
             for w in bounds.windows(2) {
                 let mean = (w[0] + w[1]) / 2.0;

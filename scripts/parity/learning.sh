@@ -9,20 +9,20 @@
 #   SEEDS="0 1 2" EXAMPLE=roman scripts/parity/learning.sh
 #   SEEDS="0 1 2" ORDER=lowrank scripts/parity/learning.sh
 #   LOWRANK_ARGS="--model $HOME/.cache/lowrank-reference/smollm2-hf --quantize nf4" scripts/parity/learning.sh
+#   SEEDS="1 2" ROWS=old/rows.txt scripts/parity/learning.sh   # more seeds, tabled with earlier rows
 #                                  # QLoRA on both sides: lowrank's NF4 against bitsandbytes' NF4
-#   knobs: EXAMPLE SEEDS THREADS ORDER LOWRANK_ARGS OUT
+#   knobs: EXAMPLE SEEDS THREADS ORDER LOWRANK_ARGS OUT ROWS
 #
 # Per seed, one after another, each in its own process:
-# 1. `cargo run --release -p lowrank-cli -- train --example $EXAMPLE --output OUT/lowrank-sS --seed S
-#    $LOWRANK_ARGS`: the example defaults (default model, SmolLM2-135M-Instruct Q4_1 GGUF as loaded;
+# 1. `lowrank train --example $EXAMPLE --output OUT/lowrank-sS --seed S $LOWRANK_ARGS` (the
+#    release binary, built once and copied to OUT, so every seed runs the same build): the example defaults (default model, SmolLM2-135M-Instruct Q4_1 GGUF as loaded;
 #    lr 1e-3, 10 warm-up steps, cosine, LoRA r 16 alpha 32 on all linear layers, AdamW, clip 1.0;
 #    dates: 60 steps of batch 4, loss on the assistant's answer and its <|im_end|>; roman: 150
 #    steps of batch 8, loss on the numeral and the eos after the prompt's own tokens); it prints
 #    exact match before and after and writes metrics.jsonl;
-# 2. scripts/parity/learning_peft.py with $LOWRANK_REF_PYTHON (default
-#    ~/.cache/lowrank-reference/venv/bin/python) on $LOWRANK_REF_MODEL (default
-#    ~/.cache/lowrank-reference/smollm2-hf, the GGUF's weights dequantised to f32), taking its
-#    hyper-parameters from the lowrank run's lowrank_train.json; the script's docstring lists what
+# 2. scripts/parity/learning_peft.py with the reference stack's Python on its f32 HF form of the
+#    default model (scripts/reference/setup.sh; scripts/reference/env.sh finds them), taking its
+#    hyper-parameters, data files and seed from the lowrank run's lowrank_train.json; the script's docstring lists what
 #    it mirrors (target tokens, loss averaging, schedule, exact-match scoring).
 # Then one table: final train loss (last step, and mean of the last 10 steps, since one batch of 4
 # is noisy), held-out loss after the last step (mean over every eval target token, the same
@@ -41,23 +41,20 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 EXAMPLE=${EXAMPLE:-dates} SEEDS=${SEEDS:-0 1} THREADS=${THREADS:-2} ORDER=${ORDER:-own} LOWRANK_ARGS=${LOWRANK_ARGS:-}
-REF_PYTHON=${LOWRANK_REF_PYTHON:-$HOME/.cache/lowrank-reference/venv/bin/python}
-REF_MODEL=${LOWRANK_REF_MODEL:-$HOME/.cache/lowrank-reference/smollm2-hf}
+source scripts/reference/env.sh
+require_reference
 OUT=${OUT:-$(mktemp -d -t lowrank-parity.XXXXXX)}
 mkdir -p "$OUT"
-if [[ ! -x "$REF_PYTHON" || ! -d "$REF_MODEL" ]]; then
-    echo "no reference: $REF_PYTHON or $REF_MODEL is missing (run /work/shared/reference/setup.sh, or set LOWRANK_REF_PYTHON / LOWRANK_REF_MODEL)" >&2
-    exit 1
-fi
 # torch's OpenMP threads spin-wait by default, which collapses on a busy two-core machine.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 echo "== building (cargo build --release -p lowrank-cli)" >&2
 cargo build --release -p lowrank-cli >&2
+cp target/release/lowrank "$OUT/lowrank"
 
 # Each run appends `tool seed last_loss last10_loss eval_loss exact total seconds` to rows.txt.
 rows=$OUT/rows.txt
-: >"$rows"
+if [[ -n ${ROWS:-} ]]; then cp "$ROWS" "$rows"; else : >"$rows"; fi
 summary() { # metrics.jsonl exact total seconds → "last_loss last10_loss eval_loss exact total seconds"
     "$REF_PYTHON" - "$@" <<'EOF'
 import json, sys
@@ -71,7 +68,7 @@ for seed in $SEEDS; do
     echo "== lowrank seed $seed -> $dir" >&2
     start=$SECONDS
     # shellcheck disable=SC2086 # LOWRANK_ARGS is a list of flags
-    RAYON_NUM_THREADS=$THREADS cargo run --release -q -p lowrank-cli -- train --example "$EXAMPLE" --output "$dir" --seed "$seed" $LOWRANK_ARGS \
+    RAYON_NUM_THREADS=$THREADS "$OUT/lowrank" train --example "$EXAMPLE" --output "$dir" --seed "$seed" $LOWRANK_ARGS \
         >"$OUT/lowrank-s$seed.out" 2>"$OUT/lowrank-s$seed.err" || { tail -20 "$OUT/lowrank-s$seed.err" >&2; exit 1; }
     secs=$((SECONDS - start))
     cat "$OUT/lowrank-s$seed.out" >&2

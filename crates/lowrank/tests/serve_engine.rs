@@ -1,6 +1,7 @@
 //! The serving engine on the default model: requests for different adapters, batched together,
 //! each answer token for token what generation with that adapter alone gives; a full queue is
-//! refused; a client that goes away is dropped.
+//! refused; a client that goes away is dropped. And on a tiny model, the three decoding paths
+//! (`generate`, `greedy_batch`, the engine) stop at the same place at the context limit.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -10,9 +11,10 @@ use candle_core::{Device, Tensor};
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, AdapterLayer, LoraLayer};
 use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
-use lowrank::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
-use lowrank::model::{LoadOptions, ModuleTable};
+use lowrank::generate::{generate, greedy_batch, FinishReason, GenerateOptions, SamplingParams};
+use lowrank::model::{LoadOptions, Model, ModelFormat, ModuleTable};
 use lowrank::serve::{Engine, EngineConfig, Event, Job, Metrics, SubmitError};
+use lowrank::tokenizer::Tokenizer;
 
 fn bundle() -> ModelBundle {
     let path = match std::env::var_os("LOWRANK_DEFAULT_GGUF") {
@@ -151,4 +153,50 @@ fn a_full_queue_refuses_and_a_bad_prompt_is_an_error_event() {
         }
     }
     assert!(refused > 0, "a queue of one should refuse some of 20 quick submissions");
+}
+
+/// The three decoding paths share one per-sequence state, so they agree at the context limit: a
+/// prompt three tokens short of the tiny Llama's context (256) gets exactly three new tokens from
+/// each, the same ones, ending for length; a prompt one short gets one; a prompt as long as the
+/// context is refused by each.
+#[test]
+fn decoding_paths_agree_at_the_context_limit() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let open = || ModelBundle {
+        model: Model::from_path(&dir.join("models/llama/model"), &LoadOptions::default()).unwrap(),
+        tokenizer: Tokenizer::from_hf_dir(&dir.join("tokenizer/tiny-spm-hf")).unwrap(),
+        chat_template: None,
+        path: dir.clone(),
+        format: ModelFormat::HfDir,
+        load_secs: 0.0,
+    };
+    let b = open();
+    let ctx = b.model.config().max_position_embeddings;
+    assert_eq!(ctx, 256);
+    let eos = b.tokenizer.eos_token_ids().to_vec();
+    // Token ids the tiny model continues without an eos at the end of the context.
+    let prompt = |len: usize| -> Vec<u32> { (0..len as u32).map(|i| 3 + (i * 7) % 120).collect() };
+    let opts = GenerateOptions { max_new_tokens: 10, sampling: SamplingParams::greedy(), stop: vec![] };
+    let (engine, thread) = Engine::start(open(), EngineConfig::default(), Arc::new(Metrics::default())).unwrap();
+    for room in [3, 1] {
+        let p = prompt(ctx - room);
+        let alone = generate(&b.model, &b.tokenizer, &[], &p, &opts, |_| Ok(())).unwrap();
+        assert_eq!((alone.finish, alone.tokens.len()), (FinishReason::Length, room), "generate, room {room}");
+        assert!(alone.tokens.iter().all(|t| !eos.contains(t)));
+        let batch = greedy_batch(&b.model, &b.tokenizer, &[], &[p.clone(), prompt(5)], 10).unwrap();
+        assert_eq!(batch[0], alone.tokens, "greedy_batch, room {room}");
+        let (tx, rx) = mpsc::channel();
+        engine.submit(job(p, vec![], 10, tx)).unwrap();
+        let (text, finish, n) = collect(rx);
+        assert_eq!((text, finish, n), (alone.text, FinishReason::Length, room), "engine, room {room}");
+    }
+    let full = prompt(ctx);
+    let error = generate(&b.model, &b.tokenizer, &[], &full, &opts, |_| Ok(())).unwrap_err().to_string();
+    assert!(error.contains("context is 256"), "{error}");
+    assert!(greedy_batch(&b.model, &b.tokenizer, &[], std::slice::from_ref(&full), 10).is_err());
+    let (tx, rx) = mpsc::channel();
+    engine.submit(job(full, vec![], 10, tx)).unwrap();
+    assert!(matches!(rx.recv().unwrap(), Event::Error(e) if e.contains("context is 256")));
+    drop(engine);
+    thread.join().unwrap();
 }

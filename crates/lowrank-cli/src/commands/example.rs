@@ -138,7 +138,7 @@ pub fn exact_match(task: ExampleTask, bundle: &ModelBundle, adapters: &[ActiveAd
     }
     let max_new = rows.iter().map(|(_, a)| tok.encode(a, false).map(|t| t.len()).unwrap_or(16)).max().unwrap_or(16) + 4;
     let t = std::time::Instant::now();
-    let outs = greedy_batch(&bundle.model, adapters, &prompts, max_new, tok.eos_token_ids())?;
+    let outs = greedy_batch(&bundle.model, tok, adapters, &prompts, max_new)?;
     eprintln!("answered {} held-out questions in {:.1}s", prompts.len(), t.elapsed().as_secs_f64());
     let mut correct = 0;
     let mut samples = Vec::new();

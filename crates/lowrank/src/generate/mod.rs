@@ -1,20 +1,26 @@
 //! Text generation: prefill, then one token at a time through the KV cache, sampling, stop at
 //! EOS / stop strings / length, text streamed as it becomes final.
+//!
+//! Layout: `sequence.rs` is the per-sequence state and its rules ([`Sequence`]), which [`generate`]
+//! (one sequence, streamed), `batch.rs` ([`greedy_batch`]) and the serving engine drive;
+//! `sampling.rs` picks a token from logits; `stop.rs` finds stop strings in streamed text.
 
 mod batch;
 pub mod sampling;
+mod sequence;
 pub mod stop;
 
 use std::time::Instant;
 
 pub use batch::greedy_batch;
 pub use sampling::{Sampler, SamplingParams};
+pub use sequence::{forward, Sequence, Step};
 pub use stop::{StopResult, StopStrings};
 
 use crate::adapter::ActiveAdapter;
-use crate::model::{Model, SeqInput};
-use crate::tokenizer::{TextStream, Tokenizer};
-use crate::{Error, Result};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::Result;
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -65,65 +71,25 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    let ctx = model.config().max_position_embeddings;
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument("the prompt is empty".into()));
-    }
-    if prompt.len() >= ctx {
-        return Err(Error::InvalidArgument(format!(
-            "the prompt has {} tokens; the model's context is {ctx}",
-            prompt.len()
-        )));
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut stops = StopStrings::new(opts.stop.clone());
-    let mut stream = TextStream::new(tokenizer);
-    let mut cache = [model.new_cache()];
-    let mut tokens = Vec::new();
+    let mut seq = Sequence::new(model, tokenizer, adapters, prompt, opts)?;
     let mut text = String::new();
-    let mut emit = |piece: &str, text: &mut String| -> Result<()> {
-        if !piece.is_empty() {
-            text.push_str(piece);
-            on_text(piece)?;
-        }
-        Ok(())
-    };
-
     let t0 = Instant::now();
-    let mut input: Vec<u32> = prompt.to_vec();
-    let mut prefill_secs = 0.0;
+    let mut prefill_secs = None;
     let finish = loop {
-        if tokens.len() >= opts.max_new_tokens || cache[0].len() + input.len() > ctx {
-            break FinishReason::Length;
+        if let Some(finish) = seq.finish() {
+            break finish;
         }
-        let logits = model.forward_last(&[SeqInput { tokens: &input, adapters }], Some(&mut cache))?;
-        let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-        if tokens.is_empty() {
-            prefill_secs = t0.elapsed().as_secs_f64();
+        let logits = forward(model, &mut [&mut seq])?;
+        prefill_secs.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        let step = seq.step(&logits[0])?;
+        if !step.text.is_empty() {
+            on_text(&step.text)?;
+            text.push_str(&step.text);
         }
-        let next = sampler.sample(&logits)?;
-        if tokenizer.eos_token_ids().contains(&next) {
-            break FinishReason::Eos;
-        }
-        tokens.push(next);
-        let piece = stream.push(next)?;
-        let r = stops.push(&piece);
-        emit(&r.text, &mut text)?;
-        if r.stopped {
-            break FinishReason::Stop;
-        }
-        input = vec![next];
     };
-    if finish != FinishReason::Stop {
-        let tail = stream.finish()?;
-        let r = stops.push(&tail);
-        emit(&r.text, &mut text)?;
-        if !r.stopped {
-            emit(&stops.flush(), &mut text)?;
-        }
-    }
+    let prefill_secs = prefill_secs.unwrap_or(0.0);
     Ok(Generation {
-        tokens,
+        tokens: seq.tokens().to_vec(),
         text,
         finish,
         prompt_tokens: prompt.len(),

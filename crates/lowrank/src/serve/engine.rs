@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::adapter::ActiveAdapter;
 use crate::bundle::ModelBundle;
-use crate::generate::{FinishReason, GenerateOptions, Sampler, StopStrings};
-use crate::model::{KvCache, SeqInput};
-use crate::tokenizer::TextStream;
+use crate::generate::{forward, FinishReason, GenerateOptions, Sequence};
 use crate::{Error, Result};
 
 use super::metrics::Metrics;
@@ -158,15 +156,20 @@ impl Engine {
 
 /// One running request.
 struct Running<'t> {
-    job: Job,
-    cache: KvCache,
-    sampler: Sampler,
-    stops: StopStrings,
-    stream: TextStream<'t>,
-    /// Tokens to feed next: the prompt, then the last sampled token.
-    input: Vec<u32>,
-    generated: usize,
+    seq: Sequence<'t>,
+    label: String,
+    sink: EventSink,
+    /// KV-cache positions held for it: prompt and new tokens, at most the context.
+    reserved: usize,
     started: Instant,
+}
+
+impl Running<'_> {
+    /// Records the request's end in the metrics.
+    fn finished(&self, metrics: &Metrics, outcome: &str) {
+        let secs = self.started.elapsed().as_secs_f64();
+        metrics.finished(&self.label, outcome, self.seq.prompt_len(), self.seq.tokens().len(), secs);
+    }
 }
 
 struct Scheduler {
@@ -177,215 +180,129 @@ struct Scheduler {
 }
 
 impl Scheduler {
+    /// Until the channel closes and every request has finished: admission at each token
+    /// boundary, then one step of the batch.
     fn run(self, rx: Receiver<Job>) {
-        let Scheduler { bundle, config, metrics, running: running_count } = self;
-        let (model, tokenizer) = (&bundle.model, &bundle.tokenizer);
-        let ctx = model.config().max_position_embeddings;
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut running: Vec<Running> = Vec::new();
         let mut open = true;
         loop {
-            // Admit at the token boundary: block only when there is nothing to run. Jobs stay in
-            // the bounded channel (the queue) until there is room for them in the batch.
-            while waiting.len() < config.max_batch.saturating_sub(running.len()).max(1) {
-                let next = if running.is_empty() && waiting.is_empty() {
-                    if !open {
-                        return;
+            if !self.receive(&rx, &mut waiting, running.len(), &mut open) {
+                return;
+            }
+            self.admit(&mut waiting, &mut running);
+            self.running.store(running.len(), Ordering::SeqCst);
+            if !running.is_empty() {
+                running = self.step(running);
+            }
+        }
+    }
+
+    /// Moves jobs from the channel (the bounded queue) into `waiting`, as many as the batch could
+    /// take, blocking only while nothing runs or waits. False once the channel is closed and
+    /// nothing is left to do.
+    fn receive(&self, rx: &Receiver<Job>, waiting: &mut VecDeque<Job>, running: usize, open: &mut bool) -> bool {
+        while waiting.len() < self.config.max_batch.saturating_sub(running).max(1) {
+            let next = if running == 0 && waiting.is_empty() {
+                if !*open {
+                    return false;
+                }
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(j) => Some(j),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        *open = false;
+                        None
                     }
-                    match rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok(j) => Some(j),
-                        Err(RecvTimeoutError::Timeout) => continue,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            open = false;
-                            None
-                        }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        *open = false;
+                        None
                     }
-                } else {
-                    match rx.try_recv() {
-                        Ok(j) => Some(j),
-                        Err(mpsc::TryRecvError::Empty) => None,
-                        Err(mpsc::TryRecvError::Disconnected) => {
-                            open = false;
-                            None
-                        }
-                    }
-                };
-                match next {
-                    Some(j) => waiting.push_back(j),
-                    None => break,
+                }
+            };
+            match next {
+                Some(j) => waiting.push_back(j),
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// Starts waiting jobs, in order, while the batch has a place and the KV budget room (a lone
+    /// request always runs). A job that cannot run (an empty or too long prompt, bad sampling
+    /// options) gets its error now.
+    fn admit<'t>(&'t self, waiting: &mut VecDeque<Job>, running: &mut Vec<Running<'t>>) {
+        let ctx = self.bundle.model.config().max_position_embeddings;
+        let reserve = |job: &Job| (job.prompt.len() + job.options.max_new_tokens).min(ctx);
+        let mut budget: usize = running.iter().map(|r| r.reserved).sum();
+        while running.len() < self.config.max_batch {
+            let Some(need) = waiting.front().map(reserve) else { break };
+            if !running.is_empty() && budget + need > self.config.kv_budget_tokens {
+                break; // wait for room
+            }
+            let Some(mut job) = waiting.pop_front() else { break };
+            self.metrics.queued(-1);
+            match Sequence::new(&self.bundle.model, &self.bundle.tokenizer, &job.adapters, &job.prompt, &job.options) {
+                Ok(seq) => {
+                    budget += need;
+                    let started = Instant::now();
+                    running.push(Running { seq, label: job.label, sink: job.sink, reserved: need, started });
+                }
+                Err(e) => {
+                    (job.sink)(Event::Error(e.to_string()));
+                    self.metrics.finished(&job.label, "error", 0, 0, 0.0);
                 }
             }
-            let mut budget: usize = running.iter().map(|r| reserve(&r.job, ctx)).sum();
-            while running.len() < config.max_batch {
-                let Some(need) = waiting.front().map(|j| reserve(j, ctx)) else { break };
-                if !running.is_empty() && budget + need > config.kv_budget_tokens {
-                    break; // wait for room; a lone request always runs
+        }
+    }
+
+    /// One forward pass for the whole batch, then each sequence takes its token and reports.
+    /// Returns the requests still running.
+    fn step<'t>(&'t self, mut running: Vec<Running<'t>>) -> Vec<Running<'t>> {
+        // Rows of one adapter set next to each other: one low-rank run per adapter.
+        running.sort_by_cached_key(|r| adapter_key(r.seq.adapters()));
+        self.metrics.batch(running.len());
+        let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+        let logits = match forward(&self.bundle.model, &mut seqs) {
+            Ok(l) => l,
+            Err(e) => {
+                for mut r in running {
+                    (r.sink)(Event::Error(format!("the forward pass failed: {e}")));
+                    r.finished(&self.metrics, "error");
                 }
-                let Some(mut job) = waiting.pop_front() else { break };
-                metrics.queued(-1);
-                if let Some(e) = check(&job, ctx) {
-                    (job.sink)(Event::Error(e));
-                    metrics.finished(&job.label, "error", 0, 0, 0.0);
+                return Vec::new();
+            }
+        };
+        let mut keep = Vec::with_capacity(running.len());
+        for (mut r, row) in running.into_iter().zip(logits) {
+            let step = match r.seq.step(&row) {
+                Ok(step) => step,
+                Err(e) => {
+                    (r.sink)(Event::Error(e.to_string()));
+                    r.finished(&self.metrics, "error");
                     continue;
                 }
-                let sampler = match Sampler::new(job.options.sampling.clone()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        (job.sink)(Event::Error(e.to_string()));
-                        metrics.finished(&job.label, "error", 0, 0, 0.0);
-                        continue;
-                    }
-                };
-                budget += need;
-                let stops = StopStrings::new(job.options.stop.clone());
-                let input = job.prompt.clone();
-                running.push(Running {
-                    job,
-                    cache: model.new_cache(),
-                    sampler,
-                    stops,
-                    stream: TextStream::new(tokenizer),
-                    input,
-                    generated: 0,
-                    started: Instant::now(),
-                });
-            }
-            running_count.store(running.len(), Ordering::SeqCst);
-            if running.is_empty() {
+            };
+            if !step.text.is_empty() && !(r.sink)(Event::Text(step.text)) {
+                r.finished(&self.metrics, "cancelled");
                 continue;
             }
-            // Rows of one adapter set next to each other: one low-rank run per adapter.
-            running.sort_by_cached_key(|r| adapter_key(&r.job.adapters));
-            metrics.batch(running.len());
-            let step = {
-                let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::take(&mut r.cache)).collect();
-                let seqs: Vec<SeqInput> =
-                    running.iter().map(|r| SeqInput { tokens: &r.input, adapters: &r.job.adapters }).collect();
-                let out = model.forward_last(&seqs, Some(&mut caches)).and_then(|l| Ok(l.to_vec2::<f32>()?));
-                drop(seqs);
-                for (r, c) in running.iter_mut().zip(caches) {
-                    r.cache = c;
-                }
-                out
-            };
-            let logits = match step {
-                Ok(l) => l,
-                Err(e) => {
-                    for mut r in running.drain(..) {
-                        (r.job.sink)(Event::Error(format!("the forward pass failed: {e}")));
-                        metrics.finished(
-                            &r.job.label,
-                            "error",
-                            r.job.prompt.len(),
-                            r.generated,
-                            r.started.elapsed().as_secs_f64(),
-                        );
-                    }
-                    continue;
-                }
-            };
-            let mut keep = Vec::with_capacity(running.len());
-            for (mut r, row) in running.drain(..).zip(logits) {
-                match advance(&mut r, &row, tokenizer.eos_token_ids(), ctx) {
-                    Ok(None) => keep.push(r),
-                    Ok(Some(finish)) => {
-                        let done =
-                            Event::Done { finish, prompt_tokens: r.job.prompt.len(), completion_tokens: r.generated };
-                        (r.job.sink)(done);
-                        let reason = match finish {
-                            FinishReason::Length => "length",
-                            _ => "stop",
-                        };
-                        metrics.finished(
-                            &r.job.label,
-                            reason,
-                            r.job.prompt.len(),
-                            r.generated,
-                            r.started.elapsed().as_secs_f64(),
-                        );
-                    }
-                    Err(Cancelled) => metrics.finished(
-                        &r.job.label,
-                        "cancelled",
-                        r.job.prompt.len(),
-                        r.generated,
-                        r.started.elapsed().as_secs_f64(),
-                    ),
+            match step.finish {
+                None => keep.push(r),
+                Some(finish) => {
+                    let (prompt_tokens, completion_tokens) = (r.seq.prompt_len(), r.seq.tokens().len());
+                    (r.sink)(Event::Done { finish, prompt_tokens, completion_tokens });
+                    r.finished(&self.metrics, if finish == FinishReason::Length { "length" } else { "stop" });
                 }
             }
-            running = keep;
         }
+        keep
     }
-}
-
-/// The client went away.
-struct Cancelled;
-
-/// Samples the next token of `r` from its logits row and reports text; `Some` when finished.
-fn advance(
-    r: &mut Running,
-    logits: &[f32],
-    eos: &[u32],
-    ctx: usize,
-) -> std::result::Result<Option<FinishReason>, Cancelled> {
-    let fail = |r: &mut Running, e: Error| {
-        (r.job.sink)(Event::Error(e.to_string()));
-        Err(Cancelled)
-    };
-    let next = match r.sampler.sample(logits) {
-        Ok(t) => t,
-        Err(e) => return fail(r, e),
-    };
-    let finish = if eos.contains(&next) {
-        Some(FinishReason::Eos)
-    } else {
-        r.generated += 1;
-        let piece = match r.stream.push(next) {
-            Ok(p) => p,
-            Err(e) => return fail(r, e),
-        };
-        let out = r.stops.push(&piece);
-        if !out.text.is_empty() && !(r.job.sink)(Event::Text(out.text)) {
-            return Err(Cancelled);
-        }
-        r.input = vec![next];
-        if out.stopped {
-            Some(FinishReason::Stop)
-        } else if r.generated >= r.job.options.max_new_tokens || r.cache.len() + 1 >= ctx {
-            Some(FinishReason::Length)
-        } else {
-            None
-        }
-    };
-    if matches!(finish, Some(FinishReason::Eos | FinishReason::Length)) {
-        // Text held back for a possible stop string or an incomplete character is final now.
-        let mut tail = r.stream.finish().unwrap_or_default();
-        let out = r.stops.push(&tail);
-        tail = out.text;
-        if !out.stopped {
-            tail.push_str(&r.stops.flush());
-        }
-        if !tail.is_empty() && !(r.job.sink)(Event::Text(tail)) {
-            return Err(Cancelled);
-        }
-    }
-    Ok(finish)
-}
-
-/// The KV-cache positions a job may take: prompt and new tokens, at most the context.
-fn reserve(job: &Job, ctx: usize) -> usize {
-    (job.prompt.len() + job.options.max_new_tokens).min(ctx)
-}
-
-/// A job that cannot run, and why.
-fn check(job: &Job, ctx: usize) -> Option<String> {
-    if job.prompt.is_empty() {
-        return Some("the prompt is empty".into());
-    }
-    if job.prompt.len() >= ctx {
-        return Some(format!("the prompt has {} tokens; the model's context is {ctx}", job.prompt.len()));
-    }
-    None
 }
 
 /// Orders adapter sets so equal sets are adjacent.

@@ -206,7 +206,7 @@ fn dora_is_refused_where_it_has_no_meaning() {
         .save_gguf(
             &tmp.path().join("x.gguf"),
             model.modules(),
-            model.config(),
+            model.config().heads(),
             "llama",
             lowrank::staging::Existing::Refuse,
         )

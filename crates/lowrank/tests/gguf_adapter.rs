@@ -45,7 +45,7 @@ fn exported_adapter_applies_in_llama_cpp_layout_and_reads_back() {
         let a = adapter(&model, "llama", name);
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("a.gguf");
-        a.save_gguf(&path, model.modules(), &cfg, "llama", Existing::Refuse).unwrap();
+        a.save_gguf(&path, model.modules(), cfg.heads(), "llama", Existing::Refuse).unwrap();
         let (meta, t) = read_gguf(&path);
         assert_eq!(meta["general.type"].to_string().unwrap(), "adapter");
         assert_eq!(meta["adapter.type"].to_string().unwrap(), "lora");
@@ -88,7 +88,7 @@ fn exported_adapter_applies_in_llama_cpp_layout_and_reads_back() {
             assert!(d < 1e-5, "{name} {key}: llama.cpp's merged weight differs from PEFT's by {d}");
         }
         // Read back: the same update in every module, and PEFT-saveable.
-        let back = Adapter::load_gguf(&path, model.modules(), &cfg, &Device::Cpu).unwrap();
+        let back = Adapter::load_gguf(&path, model.modules(), cfg.heads(), &Device::Cpu).unwrap();
         for id in 0..model.modules().len() {
             match (a.layer(id), back.layer(id)) {
                 (Some(x), Some(y)) => assert!(
@@ -116,7 +116,7 @@ fn qwen2_rows_are_not_permuted() {
     let a = adapter(&model, "qwen2", "qv");
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("q.gguf");
-    a.save_gguf(&path, model.modules(), model.config(), "qwen2", Existing::Refuse).unwrap();
+    a.save_gguf(&path, model.modules(), model.config().heads(), "qwen2", Existing::Refuse).unwrap();
     let (_, t) = read_gguf(&path);
     let q0 = model.modules().id("model.layers.0.self_attn.q_proj").unwrap();
     let lr = a.layer(q0).unwrap().low_rank().unwrap();
@@ -147,13 +147,13 @@ fn dora_and_existing_files_are_refused() {
     let dora = Adapter::new("dora".into(), cfg, layers);
     let tmp = tempfile::tempdir().unwrap();
     let e = dora
-        .save_gguf(&tmp.path().join("d.gguf"), model.modules(), model.config(), "llama", Existing::Refuse)
+        .save_gguf(&tmp.path().join("d.gguf"), model.modules(), model.config().heads(), "llama", Existing::Refuse)
         .unwrap_err()
         .to_string();
     assert!(e.contains("DoRA") && e.contains("lowrank merge"), "{e}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     let path = tmp.path().join("a.gguf");
     std::fs::write(&path, b"keep").unwrap();
-    assert!(a.save_gguf(&path, model.modules(), model.config(), "llama", Existing::Refuse).is_err());
+    assert!(a.save_gguf(&path, model.modules(), model.config().heads(), "llama", Existing::Refuse).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), b"keep");
 }

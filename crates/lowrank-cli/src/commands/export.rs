@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use lowrank::adapter::Adapter;
-use lowrank::model::{detect_format, gguf_names, GgufFile, LoadOptions, Model, ModelFormat};
+use lowrank::model::{detect_format, GgufFile, LoadOptions, Model, ModelFormat};
 use lowrank::staging::Existing;
 
 use super::common::model_path;
@@ -54,16 +54,16 @@ pub fn run(args: ExportArgs) -> Result<()> {
             // The architecture llama.cpp will see: the GGUF's own, or the converter's for the family.
             let arch = match detect_format(&path)? {
                 ModelFormat::Gguf => GgufFile::open(&path, base.device(), false)?.architecture()?,
-                ModelFormat::HfDir => gguf_names::architecture(base.config().family).to_string(),
+                ModelFormat::HfDir => base.config().family.gguf_architecture().to_string(),
             };
             let a = Adapter::load_peft(&dir, base.modules(), base.device())
                 .with_context(|| format!("loading adapter {}", dir.display()))?;
-            a.save_gguf(&output, base.modules(), base.config(), &arch, existing)
+            a.save_gguf(&output, base.modules(), base.config().heads(), &arch, existing)
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!("wrote {} ({arch}, {} modules, alpha {})", output.display(), a.num_layers(), a.config.lora_alpha);
         }
         (None, Some(file)) => {
-            let a = Adapter::load_gguf(&file, base.modules(), base.config(), base.device())
+            let a = Adapter::load_gguf(&file, base.modules(), base.config().heads(), base.device())
                 .with_context(|| format!("reading {}", file.display()))?;
             a.save_peft_with(&output, base.modules(), existing)
                 .with_context(|| format!("writing {}", output.display()))?;

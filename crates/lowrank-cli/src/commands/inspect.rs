@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use candle_core::{quantized::gguf_file::Value, Device};
 use clap::Args;
 use lowrank::adapter::{AdapterConfig, ModuleSelector};
-use lowrank::model::{detect_format, GgufFile, ModelConfig, ModelFormat, SafetensorsDir};
+use lowrank::formats::SafetensorsDir;
+use lowrank::model::{detect_format, GgufFile, ModelConfig, ModelFormat};
 
 use super::common::model_path;
 

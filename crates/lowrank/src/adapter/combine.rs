@@ -21,7 +21,7 @@ use candle_core::Tensor;
 
 use super::config::ModuleSelector;
 use super::{Adapter, AdapterLayer, LoraLayer};
-use crate::model::ModuleTable;
+use crate::module_table::ModuleTable;
 use crate::ops::truncated_svd_of_product;
 use crate::{Error, Result};
 

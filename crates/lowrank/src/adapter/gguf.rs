@@ -17,20 +17,20 @@ use super::config::AdapterConfig;
 use super::lora::LoraLayer;
 use super::{Adapter, AdapterLayer};
 use crate::export::write_gguf_file;
-use crate::model::gguf_names::{permute_rows, permutes_qk, to_gguf, to_hf, unpermute_rows};
-use crate::model::{ModelConfig, ModuleTable};
+use crate::formats::gguf_names::{permute_rows, permutes_qk, to_gguf, to_hf, unpermute_rows, Heads};
+use crate::module_table::{check_shape, ModuleTable};
 use crate::staging::{Existing, Staged};
 use crate::{Error, Result};
 
 impl Adapter {
     /// Writes the adapter as a llama.cpp LoRA GGUF for a model of architecture `arch` (its
-    /// `general.architecture`) with configuration `cfg`. DoRA and `modules_to_save` adapters are
+    /// `general.architecture`) with attention heads `heads`. DoRA and `modules_to_save` adapters are
     /// refused: llama.cpp has no way to represent them.
     pub fn save_gguf(
         &self,
         path: &Path,
         table: &ModuleTable,
-        cfg: &ModelConfig,
+        heads: Heads,
         arch: &str,
         existing: Existing,
     ) -> Result<()> {
@@ -59,7 +59,7 @@ impl Adapter {
             let fold = lr.scale * r as f64 / alpha; // llama.cpp's alpha/r times this = our scale
             let mut b = if (fold - 1.0).abs() > 1e-12 { (lr.b * fold)? } else { lr.b.clone() };
             if let Some(qk) = qk.filter(|_| permutes_qk(arch)) {
-                b = permute_rows(&b, qk.heads(cfg))?;
+                b = permute_rows(&b, qk.heads(heads))?;
             }
             tensors.push((
                 format!("{name}.lora_a"),
@@ -87,9 +87,9 @@ impl Adapter {
         staged.commit()
     }
 
-    /// Reads a llama.cpp LoRA GGUF for a model with modules `table` and configuration `cfg`,
+    /// Reads a llama.cpp LoRA GGUF for a model with modules `table` and attention heads `heads`,
     /// as a PEFT adapter (per-module ranks in `rank_pattern`, the scale as `lora_alpha`).
-    pub fn load_gguf(path: &Path, table: &ModuleTable, cfg: &ModelConfig, device: &Device) -> Result<Self> {
+    pub fn load_gguf(path: &Path, table: &ModuleTable, heads: Heads, device: &Device) -> Result<Self> {
         let err = |m: String| Error::Gguf { path: path.into(), message: m };
         let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let content = Content::read(&mut f).map_err(|e| err(format!("not a readable GGUF file ({e})")))?;
@@ -126,7 +126,7 @@ impl Adapter {
                 .map_err(|e| err(format!("reading `{name}`: {e}")))?;
             t = t.to_dtype(DType::F32)?;
             if let Some(qk) = qk.filter(|_| !is_a && permutes_qk(&arch)) {
-                t = unpermute_rows(&t, qk.heads(cfg))?;
+                t = unpermute_rows(&t, qk.heads(heads))?;
             }
             let slot = pairs.entry(id).or_default();
             if is_a {
@@ -143,8 +143,8 @@ impl Adapter {
                 return Err(err(format!("`{}`: lora_a or lora_b is missing", m.path)));
             };
             let r = a.dim(0)?;
-            crate::model::check_shape(&format!("{}.lora_a", m.path), &[r, m.in_features], a.dims())?;
-            crate::model::check_shape(&format!("{}.lora_b", m.path), &[m.out_features, r], b.dims())?;
+            check_shape(&format!("{}.lora_a", m.path), &[r, m.in_features], a.dims())?;
+            check_shape(&format!("{}.lora_b", m.path), &[m.out_features, r], b.dims())?;
             let scale = if alpha != 0.0 { alpha / r as f64 } else { 1.0 };
             ranks.insert(m.path.clone(), r);
             layers[id] = Some(Box::new(LoraLayer { a, b, scale, dropout: None }));

@@ -11,7 +11,8 @@ use super::dora::DoraLayer;
 use super::lora::LoraLayer;
 use super::target::plan;
 use super::{Adapter, AdapterLayer};
-use crate::model::{ModuleTable, SafetensorsDir};
+use crate::formats::SafetensorsDir;
+use crate::module_table::{check_shape, ModuleTable};
 use crate::{Error, Result};
 
 /// Prefix PEFT puts before every module path on disk.
@@ -91,15 +92,15 @@ impl Adapter {
             };
             let a = a.ok_or_else(|| missing("lora_A.weight"))?;
             let b = b.ok_or_else(|| missing("lora_B.weight"))?;
-            crate::model::check_shape(&key("lora_A.weight"), &[p.r, m.in_features], a.dims())?;
-            crate::model::check_shape(&key("lora_B.weight"), &[m.out_features, p.r], b.dims())?;
+            check_shape(&key("lora_A.weight"), &[p.r, m.in_features], a.dims())?;
+            check_shape(&key("lora_B.weight"), &[m.out_features, p.r], b.dims())?;
             let lora = LoraLayer { a, b, scale: p.scale, dropout: None };
             if !config.use_dora {
                 layers.push(Some(Box::new(lora)));
                 continue;
             }
             let magnitude = magnitude.ok_or_else(|| missing("lora_magnitude_vector"))?;
-            crate::model::check_shape(&key("lora_magnitude_vector"), &[m.out_features], magnitude.dims())?;
+            check_shape(&key("lora_magnitude_vector"), &[m.out_features], magnitude.dims())?;
             layers.push(Some(Box::new(DoraLayer::new(lora, magnitude, false))));
         }
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());

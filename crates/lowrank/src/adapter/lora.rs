@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use super::config::AdapterConfig;
 use super::dropout::Dropout;
 use super::AdapterLayer;
-use crate::ops::{FrozenLinear, LowRank};
+use crate::ops::{lora_linear, FrozenLinear, LowRank};
 use crate::Result;
 
 /// One LoRA pair for a `[M, K]` projection.
@@ -205,6 +205,19 @@ impl AdapterLayer for LoraLayer {
             None => Some(LowRank { a: &self.a, b: &self.b, scale: self.scale }),
             Some(_) => None,
         }
+    }
+
+    /// `x Wᵀ + bias + weight · s · x Aᵀ Bᵀ` as one op (no dropout), where the fused kernel
+    /// applies.
+    fn fused(&self, x: &Tensor, base: &FrozenLinear, weight: f64) -> Result<Option<Tensor>> {
+        let Some(lr) = self.low_rank() else { return Ok(None) };
+        let Some(y) = lora_linear(x, base.weight(), &LowRank { scale: lr.scale * weight, ..lr })? else {
+            return Ok(None);
+        };
+        Ok(Some(match base.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
     }
 }
 

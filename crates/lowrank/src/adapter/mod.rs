@@ -1,8 +1,10 @@
 //! Adapters: PEFT's config schema, targeting by module path, LoRA layers, PEFT directory IO.
 //!
 //! An [`Adapter`] lives outside the model: it holds one layer per adapted module id of the
-//! model's [`ModuleTable`](crate::model::ModuleTable), so one base model can serve any number of
-//! adapters and a batch can mix them row by row ([`ActiveAdapter`]).
+//! model's [`ModuleTable`], so one base model can serve any number of adapters and a batch can mix
+//! them row by row ([`ActiveAdapter`]). This module depends on the module table, the ops and the
+//! file formats, never on the model: the model applies adapters through [`AdapterLayer`], and a
+//! new adapter sees the model only as a [`Base`].
 
 mod combine;
 mod config;
@@ -30,9 +32,21 @@ pub use lora::{LoraInit, LoraLayer};
 pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
-use crate::model::{Model, ModuleTable};
+use crate::module_table::ModuleTable;
 use crate::ops::{FrozenLinear, FrozenWeight, LowRank};
 use crate::Result;
+
+/// What a new adapter is initialised against: the model's adaptable modules and their frozen
+/// layers (DoRA's magnitudes and PiSSA's factors start from the weights). The model implements
+/// it; adapters know nothing else of it.
+pub trait Base {
+    /// The adaptable modules.
+    fn modules(&self) -> &ModuleTable;
+    /// The frozen layer of module `id`.
+    fn frozen(&self, id: usize) -> Option<&FrozenLinear>;
+    /// Where the weights live.
+    fn device(&self) -> &candle_core::Device;
+}
 
 /// A trainable copy of a layer and its variables by PEFT tensor name.
 pub type Trainable = (Box<dyn AdapterLayer>, Vec<(&'static str, Var)>);
@@ -63,9 +77,10 @@ pub trait AdapterLayer: Send + Sync + Debug {
     fn low_rank(&self) -> Option<LowRank<'_>> {
         None
     }
-    /// The factors and the per-row factor `g: [M]` when the adapted projection is
-    /// `bias + g ⊙ (x Wᵀ + s · x Aᵀ Bᵀ)` (DoRA without dropout), so it can run fused too.
-    fn scaled_low_rank(&self, _base: &FrozenLinear) -> Result<Option<(LowRank<'_>, Tensor)>> {
+    /// The whole adapted projection, base included, applied with `weight`, when this layer can
+    /// run fused with its frozen `base` (`x: [N, K]` → `[N, M]`); `None` when it cannot, and the
+    /// projection adds [`AdapterLayer::forward`] to the base output instead.
+    fn fused(&self, _x: &Tensor, _base: &FrozenLinear, _weight: f64) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
@@ -99,7 +114,7 @@ impl Adapter {
 
     /// A freshly initialised adapter for `model` (PEFT's init: `B = 0`, and for DoRA
     /// `m = ‖W‖`, so the model is unchanged until trained).
-    pub fn init(name: &str, config: AdapterConfig, model: &Model, seed: u64) -> Result<Self> {
+    pub fn init(name: &str, config: AdapterConfig, model: &dyn Base, seed: u64) -> Result<Self> {
         let table = model.modules();
         let plans = plan(&config, table, std::path::Path::new(name))?;
         if plans.iter().all(Option::is_none) {
@@ -127,8 +142,7 @@ impl Adapter {
             };
             let base = || {
                 model
-                    .projection(id)
-                    .map(|p| p.base())
+                    .frozen(id)
                     .ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)))
             };
             layers.push(Some(if matches!(init, LoraInit::Pissa | LoraInit::Olora) {

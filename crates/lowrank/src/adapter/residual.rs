@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::lora::{LoraInit, LoraLayer};
 use super::target::plan;
 use super::{Adapter, AdapterLayer};
-use crate::model::ModuleTable;
+use crate::module_table::ModuleTable;
 use crate::{Error, Result};
 
 impl Adapter {

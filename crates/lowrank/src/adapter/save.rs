@@ -24,7 +24,7 @@ use super::io::{CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
 use super::target::plan;
 use super::Adapter;
 use crate::export::write_safetensors;
-use crate::model::ModuleTable;
+use crate::module_table::ModuleTable;
 use crate::staging::{write_atomic, write_synced, Existing, Staged};
 use crate::{Error, Result};
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use regex::Regex;
 
 use super::config::{AdapterConfig, LayerSelector, ModuleSelector, StringOrList};
-use crate::model::ModuleTable;
+use crate::module_table::ModuleTable;
 use crate::{Error, Result};
 
 /// How one module is adapted.

@@ -11,8 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 
 use super::hf::check_finite;
 use crate::chat::ChatTemplate;
-use crate::model::gguf_names::architecture;
-use crate::model::gguf_names::{permute_rows, permutes_qk, to_gguf};
+use crate::formats::gguf_names::{permute_rows, permutes_qk, to_gguf};
 use crate::model::{Model, ModelConfig};
 use crate::ops::RopeScaling;
 use crate::staging::{Existing, Staged};
@@ -51,7 +50,7 @@ pub fn write_gguf_model(
         let (name, qk) =
             to_gguf(&hf).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{hf}`")))?;
         let t = match qk.filter(|_| permutes_qk(&arch)) {
-            Some(qk) => permute_rows(&t, qk.heads(model.config()))?,
+            Some(qk) => permute_rows(&t, qk.heads(model.config().heads()))?,
             None => t,
         };
         // Vectors (norms, biases) stay f32, as llama.cpp's converter keeps them; so does a matrix
@@ -76,7 +75,7 @@ pub fn write_gguf_model(
 /// llama.cpp metadata for a model loaded from the HF directory `dir` with configuration `cfg`:
 /// the converter's `<arch>.*` hyperparameters, the tokenizer (byte-level BPE) and chat template.
 pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<String, Value>> {
-    let arch = architecture(cfg.family);
+    let arch = cfg.family.gguf_architecture();
     let mut m: HashMap<String, Value> = HashMap::new();
     let mut put = |k: &str, v: Value| {
         m.insert(

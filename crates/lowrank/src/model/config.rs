@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::formats::gguf_names::Heads;
 use crate::ops::RopeScaling;
 use crate::{Error, Result};
 
@@ -27,6 +28,22 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
         }
+    }
+
+    /// The `general.architecture` llama.cpp uses for the family (its converter writes Mistral as
+    /// `llama`).
+    pub fn gguf_architecture(self) -> &'static str {
+        match self {
+            Family::Llama | Family::Mistral => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The attention head counts.
+    pub fn heads(&self) -> Heads {
+        Heads { query: self.num_heads, kv: self.num_kv_heads }
     }
 }
 

@@ -15,8 +15,8 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Family, ModelConfig};
-use super::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk};
 use super::weights::WeightSource;
+use crate::formats::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk};
 use crate::ops::{FrozenWeight, RopeScaling};
 use crate::{Error, Result};
 

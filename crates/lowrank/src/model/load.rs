@@ -8,9 +8,9 @@ use candle_core::{Device, Tensor};
 
 use super::config::ModelConfig;
 use super::gguf::GgufFile;
-use super::hf::SafetensorsDir;
 use super::transformer::Model;
 use super::weights::WeightSource;
+use crate::formats::SafetensorsDir;
 use crate::ops::{FrozenWeight, Nf4Tensor};
 use crate::{Error, Result};
 

@@ -2,64 +2,15 @@
 //! [`ModuleTable`] under its HF module path; adapters attach to projections through that table,
 //! so no model code knows about LoRA and no adapter code knows about Llama.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use candle_core::Tensor;
 
 use super::weights::{dense_checked, matrix_checked, WeightSource};
 use crate::adapter::ActiveAdapter;
-use crate::ops::{lora_linear, FrozenLinear, LowRank};
+use crate::module_table::{ModuleInfo, ModuleTable};
+use crate::ops::FrozenLinear;
 use crate::Result;
-
-/// One adaptable projection of the model.
-#[derive(Clone, Debug)]
-pub struct ModuleInfo {
-    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
-    pub path: String,
-    /// Block index, when inside a block.
-    pub layer: Option<usize>,
-    /// In-features `K`.
-    pub in_features: usize,
-    /// Out-features `M`.
-    pub out_features: usize,
-}
-
-impl ModuleInfo {
-    /// Last path component (`q_proj`).
-    pub fn name(&self) -> &str {
-        self.path.rsplit('.').next().unwrap_or(&self.path)
-    }
-}
-
-/// Every adaptable projection, by id (the order of construction) and by path.
-#[derive(Clone, Debug, Default)]
-pub struct ModuleTable {
-    modules: Vec<ModuleInfo>,
-    by_path: HashMap<String, usize>,
-}
-
-impl ModuleTable {
-    /// All modules in model order.
-    pub fn modules(&self) -> &[ModuleInfo] {
-        &self.modules
-    }
-
-    /// The id of a module path.
-    pub fn id(&self, path: &str) -> Option<usize> {
-        self.by_path.get(path).copied()
-    }
-
-    /// Number of modules.
-    pub fn len(&self) -> usize {
-        self.modules.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.modules.is_empty()
-    }
-}
 
 /// Rows `rows` of the flattened batch use `adapters` (empty: the base model alone).
 #[derive(Clone, Debug)]
@@ -123,25 +74,11 @@ impl Projection {
         Ok(Tensor::cat(&pieces, 0)?)
     }
 
-    /// Every row under one LoRA layer (or a DoRA layer at weight 1): base and bypass as one
-    /// fused op, if it applies. DoRA is then `bias + g ⊙ fused(x)`, one `[N, M]` product more
-    /// instead of the half-dozen its composed form keeps for the backward.
+    /// Every row under one adapter layer: base and update as one op, if the layer has one.
     fn fused(&self, x: &Tensor, adapters: &[ActiveAdapter]) -> Result<Option<Tensor>> {
         let [active] = adapters else { return Ok(None) };
         let Some(layer) = active.adapter.layer(self.id) else { return Ok(None) };
-        if let Some(lr) = layer.low_rank() {
-            return self.base.forward_low_rank(x, &LowRank { scale: lr.scale * active.weight, ..lr });
-        }
-        if active.weight != 1.0 {
-            return Ok(None);
-        }
-        let Some((lr, g)) = layer.scaled_low_rank(&self.base)? else { return Ok(None) };
-        let Some(z) = lora_linear(x, self.base.weight(), &lr)? else { return Ok(None) };
-        let y = z.broadcast_mul(&g)?;
-        Ok(Some(match self.base.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
+        layer.fused(x, &self.base, active.weight)
     }
 
     fn touched_by(&self, run: &AdapterRun) -> bool {
@@ -189,9 +126,7 @@ impl<'a> LinearFactory<'a> {
     ) -> Result<Projection> {
         let w = matrix_checked(self.src, &format!("{path}.weight"), out_features, in_features)?;
         let b = if bias { Some(dense_checked(self.src, &format!("{path}.bias"), &[out_features])?) } else { None };
-        let id = self.table.modules.len();
-        self.table.by_path.insert(path.to_string(), id);
-        self.table.modules.push(ModuleInfo { path: path.to_string(), layer, in_features, out_features });
+        let id = self.table.push(ModuleInfo { path: path.to_string(), layer, in_features, out_features });
         Ok(Projection { id, base: FrozenLinear::new(w, b) })
     }
 

@@ -8,9 +8,10 @@ use super::block::{Block, BlockCtx, SeqSpan};
 use super::cache::KvCache;
 use super::checkpoint::{checkpointed, GradSink};
 use super::config::ModelConfig;
-use super::projection::{AdapterRun, LinearFactory, ModuleTable, Projection};
+use super::projection::{AdapterRun, LinearFactory, Projection};
 use super::weights::{dense_checked, matrix_checked, WeightSource};
 use crate::adapter::ActiveAdapter;
+use crate::module_table::ModuleTable;
 use crate::ops::{rms_norm, FrozenLinear, FrozenWeight, RopeTable};
 use crate::{Error, Result};
 
@@ -232,4 +233,18 @@ fn adapter_runs<'a>(seqs: &[SeqInput<'a>], spans: &[SeqSpan]) -> Vec<AdapterRun<
         }
     }
     runs
+}
+
+impl crate::adapter::Base for Model {
+    fn modules(&self) -> &ModuleTable {
+        Model::modules(self)
+    }
+
+    fn frozen(&self, id: usize) -> Option<&crate::ops::FrozenLinear> {
+        self.projection(id).map(Projection::base)
+    }
+
+    fn device(&self) -> &Device {
+        Model::device(self)
+    }
 }

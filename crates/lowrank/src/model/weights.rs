@@ -3,8 +3,10 @@
 
 use candle_core::Tensor;
 
+use crate::formats::SafetensorsDir;
+use crate::module_table::check_shape;
 use crate::ops::FrozenWeight;
-use crate::{Error, Result};
+use crate::Result;
 
 /// A store of named tensors in HF naming and layout.
 pub trait WeightSource {
@@ -34,10 +36,20 @@ pub fn matrix_checked(src: &dyn WeightSource, name: &str, rows: usize, cols: usi
     Ok(w)
 }
 
-/// An [`Error::ShapeMismatch`] unless the shapes agree.
-pub fn check_shape(name: &str, expected: &[usize], found: &[usize]) -> Result<()> {
-    if expected != found {
-        return Err(Error::ShapeMismatch { name: name.into(), expected: expected.into(), found: found.into() });
+impl WeightSource for SafetensorsDir {
+    fn describe(&self) -> String {
+        SafetensorsDir::describe(self)
     }
-    Ok(())
+
+    fn contains(&self, name: &str) -> bool {
+        SafetensorsDir::contains(self, name)
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        self.load(name)
+    }
+
+    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
+        Ok(FrozenWeight::Dense(self.load(name)?))
+    }
 }

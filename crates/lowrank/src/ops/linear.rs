@@ -188,16 +188,6 @@ impl FrozenLinear {
         self.bias.as_ref()
     }
 
-    /// `x: [N, K] -> [N, M]` plus the bypass `s · x Aᵀ Bᵀ`, fused; `None` where the fused
-    /// kernel does not apply (the caller adds the bypass itself).
-    pub fn forward_low_rank(&self, x: &Tensor, lr: &super::LowRank) -> Result<Option<Tensor>> {
-        let Some(y) = super::lora_linear(x, &self.weight, lr)? else { return Ok(None) };
-        Ok(Some(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
-    }
-
     /// `x: [N, K] -> x Wᵀ: [N, M]`, without the bias.
     pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;

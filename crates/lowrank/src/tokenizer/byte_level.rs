@@ -8,7 +8,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::SplitDelimiterBehavior;
 
-use super::gguf::TYPE_CONTROL;
+use super::token_type;
 
 /// Llama 3's split (also llama.cpp's `llama-bpe` family).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -89,7 +89,7 @@ pub(super) fn build(
         .iter()
         .enumerate()
         .map(|(id, token)| {
-            let control = types.get(id) == Some(&TYPE_CONTROL);
+            let control = types.get(id) == Some(&token_type::CONTROL);
             let spelled = if control || token.chars().all(in_alphabet) {
                 token.to_string()
             } else {

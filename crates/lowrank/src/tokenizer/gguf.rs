@@ -26,12 +26,8 @@ use candle_core::quantized::gguf_file::Value;
 use tokenizers::AddedToken;
 
 use super::base::{add_missing_tokens, bos_eos_template, SpecialToken, Tokenizer};
-use super::{byte_level, sentencepiece};
+use super::{byte_level, sentencepiece, token_type};
 use crate::error::{Error, Result};
-
-/// llama.cpp's token types (`tokenizer.ggml.token_type`).
-pub(super) const TYPE_CONTROL: i64 = 3;
-pub(super) const TYPE_USER_DEFINED: i64 = 4;
 
 impl Tokenizer {
     /// Builds the tokenizer described by GGUF metadata (`Content::metadata` of candle's
@@ -135,7 +131,7 @@ fn add_typed_tokens(inner: &mut tokenizers::Tokenizer, tokens: &[&str], types: &
     let control: Vec<AddedToken> = tokens
         .iter()
         .zip(types)
-        .filter(|(_, &kind)| kind == TYPE_CONTROL)
+        .filter(|(_, &kind)| kind == token_type::CONTROL)
         .map(|(token, _)| AddedToken::from(*token, true).normalized(false))
         .collect();
     if !control.is_empty() {
@@ -144,7 +140,7 @@ fn add_typed_tokens(inner: &mut tokenizers::Tokenizer, tokens: &[&str], types: &
     let user_defined: Vec<AddedToken> = tokens
         .iter()
         .zip(types)
-        .filter(|(token, &kind)| kind == TYPE_USER_DEFINED && inner.token_to_id(token).is_some())
+        .filter(|(token, &kind)| kind == token_type::USER_DEFINED && inner.token_to_id(token).is_some())
         .map(|(token, _)| AddedToken::from(*token, false).normalized(false))
         .collect();
     if !user_defined.is_empty() {

@@ -8,7 +8,8 @@
 //!
 //! Layout: `base.rs` the type and its calls; `hf.rs` the HF directory loader; `gguf.rs` the GGUF
 //! metadata loader, which hands off to `byte_level.rs` (`tokenizer.ggml.model = gpt2`) or
-//! `sentencepiece.rs` (`llama`); `stream.rs` the streaming detokenizer; `to_gguf.rs` GGUF metadata for an HF tokenizer.
+//! `sentencepiece.rs` (`llama`); `token_type.rs` llama.cpp's token types, shared by the loaders and
+//! `to_gguf.rs` (GGUF metadata for an HF tokenizer); `stream.rs` the streaming detokenizer.
 
 mod base;
 mod byte_level;
@@ -17,6 +18,7 @@ mod hf;
 mod sentencepiece;
 mod stream;
 mod to_gguf;
+mod token_type;
 
 pub use base::Tokenizer;
 pub(crate) use hf::read_json_object;

@@ -13,11 +13,8 @@ use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
 
 use super::base::Tokenizer;
-use super::gguf::{TYPE_CONTROL, TYPE_USER_DEFINED};
+use super::token_type;
 use crate::error::{Error, Result};
-
-const TYPE_NORMAL: i32 = 1;
-const TYPE_UNUSED: i32 = 5;
 
 /// `tokenizer.ggml.pre` names to try, GPT-2's own regex first.
 const PRE_CANDIDATES: &[&str] = &["gpt-2", "llama-bpe", "qwen2", "tekken", "qwen35", "gpt-4o"];
@@ -54,16 +51,17 @@ pub fn gguf_tokenizer_metadata(
     let mut by_id: BTreeMap<usize, (String, i32)> = BTreeMap::new();
     for (token, id) in json["model"]["vocab"].as_object().into_iter().flatten() {
         let id = id.as_u64().ok_or_else(|| unsupported("a vocabulary id is not an integer"))? as usize;
-        by_id.insert(id, (token.clone(), TYPE_NORMAL));
+        by_id.insert(id, (token.clone(), token_type::NORMAL as i32));
     }
     for t in json["added_tokens"].as_array().into_iter().flatten() {
         let (Some(id), Some(content)) = (t["id"].as_u64(), t["content"].as_str()) else { continue };
-        let kind = if t["special"].as_bool().unwrap_or(false) { TYPE_CONTROL } else { TYPE_USER_DEFINED } as i32;
+        let kind =
+            if t["special"].as_bool().unwrap_or(false) { token_type::CONTROL } else { token_type::USER_DEFINED } as i32;
         by_id.insert(id as usize, (content.to_string(), kind));
     }
     let n = vocab_size.max(by_id.keys().next_back().map_or(0, |m| m + 1));
     let (tokens, types): (Vec<String>, Vec<i32>) =
-        (0..n).map(|i| by_id.remove(&i).unwrap_or_else(|| (format!("[PAD{i}]"), TYPE_UNUSED))).unzip();
+        (0..n).map(|i| by_id.remove(&i).unwrap_or_else(|| (format!("[PAD{i}]"), token_type::UNUSED as i32))).unzip();
     let merges: Vec<String> = json["model"]["merges"]
         .as_array()
         .into_iter()

@@ -1,5 +1,5 @@
-//! HF model directories: `config.json` plus one or several (`model.safetensors.index.json`)
-//! memory-mapped safetensors files.
+//! Safetensors files, memory-mapped: an HF model directory's one file or its shards
+//! (`model.safetensors.index.json`), or any list of files (an adapter's weights).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,8 +9,6 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::weights::WeightSource;
-use crate::ops::FrozenWeight;
 use crate::{Error, Result};
 
 /// The safetensors files of one HF model directory, memory-mapped.
@@ -95,17 +93,8 @@ impl SafetensorsDir {
         Ok(t.to_dtype(DType::F32)?)
     }
 
-    /// Dtype and shape of a tensor, without loading it.
-    pub fn info(&self, name: &str) -> Option<(String, Vec<usize>)> {
-        let &i = self.index.get(name)?;
-        let st = SafeTensors::deserialize(&self.files[i].1).ok()?;
-        let view = st.tensor(name).ok()?;
-        Some((format!("{:?}", view.dtype()).to_lowercase(), view.shape().to_vec()))
-    }
-}
-
-impl WeightSource for SafetensorsDir {
-    fn describe(&self) -> String {
+    /// The files, for messages: the one path, or how many shards in which directory.
+    pub fn describe(&self) -> String {
         match self.files.as_slice() {
             [(p, _)] => p.display().to_string(),
             files => format!(
@@ -116,15 +105,16 @@ impl WeightSource for SafetensorsDir {
         }
     }
 
-    fn contains(&self, name: &str) -> bool {
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
-    fn dense(&self, name: &str) -> Result<Tensor> {
-        self.load(name)
-    }
-
-    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
-        Ok(FrozenWeight::Dense(self.load(name)?))
+    /// Dtype and shape of a tensor, without loading it.
+    pub fn info(&self, name: &str) -> Option<(String, Vec<usize>)> {
+        let &i = self.index.get(name)?;
+        let st = SafeTensors::deserialize(&self.files[i].1).ok()?;
+        let view = st.tensor(name).ok()?;
+        Some((format!("{:?}", view.dtype()).to_lowercase(), view.shape().to_vec()))
     }
 }

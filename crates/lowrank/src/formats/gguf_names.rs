@@ -7,7 +7,6 @@
 
 use candle_core::Tensor;
 
-use super::config::{Family, ModelConfig};
 use crate::Result;
 
 /// Which rows-permuted projection a tensor is.
@@ -21,12 +20,21 @@ pub enum Qk {
 
 impl Qk {
     /// The number of heads the rows are permuted over.
-    pub fn heads(self, cfg: &ModelConfig) -> usize {
+    pub fn heads(self, heads: Heads) -> usize {
         match self {
-            Qk::Q => cfg.num_heads,
-            Qk::K => cfg.num_kv_heads,
+            Qk::Q => heads.query,
+            Qk::K => heads.kv,
         }
     }
+}
+
+/// A model's attention head counts, which the q/k row order depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    /// Query heads.
+    pub query: usize,
+    /// Key/value heads.
+    pub kv: usize,
 }
 
 const BLOCK: &[(&str, &str)] = &[
@@ -76,14 +84,6 @@ fn qk(gguf_module: &str) -> Option<Qk> {
         "attn_q" => Some(Qk::Q),
         "attn_k" => Some(Qk::K),
         _ => None,
-    }
-}
-
-/// The `general.architecture` llama.cpp uses for a family (its converter writes Mistral as `llama`).
-pub fn architecture(family: Family) -> &'static str {
-    match family {
-        Family::Llama | Family::Mistral => "llama",
-        Family::Qwen2 => "qwen2",
     }
 }
 

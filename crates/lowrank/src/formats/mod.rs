@@ -1,0 +1,7 @@
+//! File formats that both the model and adapters read, as leaves: memory-mapped safetensors files
+//! and llama.cpp's GGUF tensor names and q/k row order.
+
+pub mod gguf_names;
+mod safetensors;
+
+pub use self::safetensors::SafetensorsDir;

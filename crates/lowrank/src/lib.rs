@@ -16,6 +16,7 @@ pub mod export;
 pub mod formats;
 pub mod generate;
 pub mod home;
+pub mod kernels;
 pub mod model;
 pub mod module_table;
 pub mod ops;
@@ -26,5 +27,6 @@ pub mod staging;
 pub mod threads;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;
 
 pub use error::{Error, Result};

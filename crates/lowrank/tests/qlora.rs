@@ -10,8 +10,8 @@ use candle_core::Device;
 use common::*;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::model::{LoadOptions, Model, Quantize};
-use lowrank::ops::Nf4Tensor;
 use lowrank::train::{collect_grads, forward_backward, TrainSeq};
+use lowrank::weights::Nf4Tensor;
 
 fn nf4_model(family: &str) -> Model {
     let opts = LoadOptions { quantize: Some(Quantize::Nf4), ..Default::default() };

@@ -21,8 +21,8 @@ use candle_core::Tensor;
 
 use super::config::ModuleSelector;
 use super::{Adapter, AdapterLayer, LoraLayer};
+use crate::kernels::truncated_svd_of_product;
 use crate::module_table::ModuleTable;
-use crate::ops::truncated_svd_of_product;
 use crate::{Error, Result};
 
 /// How to combine.

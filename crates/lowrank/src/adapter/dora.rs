@@ -22,7 +22,8 @@ use rand::rngs::StdRng;
 use super::dropout::Dropout;
 use super::lora::{LoraInit, LoraLayer};
 use super::{AdapterLayer, MergeParts};
-use crate::ops::{lora_linear, FrozenLinear, WeightKey};
+use crate::ops::{lora_linear, FrozenLinear};
+use crate::weights::WeightKey;
 use crate::{Error, Result};
 
 /// A value derived from one frozen weight, and which weight.
@@ -219,7 +220,7 @@ impl AdapterLayer for DoraLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::FrozenWeight;
+    use crate::weights::FrozenWeight;
     use candle_core::quantized::{GgmlDType, QTensor};
     use std::sync::Arc;
 

@@ -96,7 +96,7 @@ impl LoraLayer {
             // B = V_r sqrt(S_r / s), A = sqrt(S_r / s) U_rᵀ (PEFT names W's SVD V S Uᵀ).
             LoraInit::Pissa => {
                 let (u, sv, vt) = if m.min(k) <= EXACT_SVD_MAX {
-                    crate::ops::top_svd(&wv, m, k, r)
+                    crate::kernels::top_svd(&wv, m, k, r)
                 } else {
                     randomized_top_svd(w, r)?
                 };
@@ -105,7 +105,7 @@ impl LoraLayer {
                 let a: Vec<f64> = (0..r * k).map(|i| vt[i] * root[i / k]).collect();
                 (b, a)
             }
-            LoraInit::Olora => crate::ops::leading_qr(&wv, m, k, r),
+            LoraInit::Olora => crate::kernels::leading_qr(&wv, m, k, r),
             LoraInit::Kaiming | LoraInit::Gaussian => {
                 return Err(crate::Error::InvalidArgument("from_weight is for pissa and olora".into()))
             }
@@ -150,13 +150,13 @@ fn randomized_top_svd(w: &Tensor, r: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f
     // A fixed start (a function of the shape): the init is reproducible.
     let mut rng = rand::rngs::StdRng::seed_from_u64((m * 1_000_003 + k) as u64);
     let omega: Vec<f64> = (0..k * q).map(|_| standard_normal(&mut rng) as f64).collect();
-    let mut y = crate::ops::orthonormal_columns(&to_v(&w.matmul(&to_t(&omega, k, q)?)?)?, m, q); // [m, q]
+    let mut y = crate::kernels::orthonormal_columns(&to_v(&w.matmul(&to_t(&omega, k, q)?)?)?, m, q); // [m, q]
     for _ in 0..POWER_ITERATIONS {
-        let z = crate::ops::orthonormal_columns(&to_v(&wt.matmul(&to_t(&y, m, q)?)?)?, k, q); // [k, q]
-        y = crate::ops::orthonormal_columns(&to_v(&w.matmul(&to_t(&z, k, q)?)?)?, m, q);
+        let z = crate::kernels::orthonormal_columns(&to_v(&wt.matmul(&to_t(&y, m, q)?)?)?, k, q); // [k, q]
+        y = crate::kernels::orthonormal_columns(&to_v(&w.matmul(&to_t(&z, k, q)?)?)?, m, q);
     }
     let small = to_v(&to_t(&y, m, q)?.t()?.matmul(&w)?)?; // Qᵀ W: [q, k]
-    let (us, s, vt) = crate::ops::top_svd(&small, q, k, r); // [q, r], [r], [r, k]
+    let (us, s, vt) = crate::kernels::top_svd(&small, q, k, r); // [q, r], [r], [r, k]
     let u: Vec<f64> = (0..m * r).map(|idx| (0..q).map(|t| y[(idx / r) * q + t] * us[t * r + idx % r]).sum()).collect();
     Ok((u, s, vt))
 }
@@ -232,8 +232,8 @@ mod tests {
         let (m, k, r) = (300, 270, 4);
         let mut rng = LoraLayer::rng(5);
         let mut gauss = |n: usize| (0..n).map(|_| standard_normal(&mut rng) as f64).collect::<Vec<f64>>();
-        let u = crate::ops::orthonormal_columns(&gauss(m * k), m, k);
-        let v = crate::ops::orthonormal_columns(&gauss(k * k), k, k);
+        let u = crate::kernels::orthonormal_columns(&gauss(m * k), m, k);
+        let v = crate::kernels::orthonormal_columns(&gauss(k * k), k, k);
         let sigma: Vec<f64> = (0..k).map(|j| 10.0 / (1.0 + j as f64).powf(0.7) + 0.05).collect();
         let w: Vec<f32> = (0..m * k)
             .map(|idx| (0..k).map(|t| u[(idx / k) * k + t] * sigma[t] * v[(idx % k) * k + t]).sum::<f64>() as f32)

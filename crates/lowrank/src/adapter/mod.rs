@@ -33,7 +33,8 @@ pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 
 use crate::module_table::ModuleTable;
-use crate::ops::{FrozenLinear, FrozenWeight, LowRank};
+use crate::ops::{FrozenLinear, LowRank};
+use crate::weights::FrozenWeight;
 use crate::Result;
 
 /// What a new adapter is initialised against: the model's adaptable modules and their frozen

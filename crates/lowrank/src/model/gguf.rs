@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{Family, ModelConfig};
 use super::weights::WeightSource;
 use crate::formats::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk};
-use crate::ops::{FrozenWeight, RopeScaling};
+use crate::ops::RopeScaling;
+use crate::weights::FrozenWeight;
 use crate::{Error, Result};
 
 /// An open GGUF file: metadata, tensor directory and a reader for tensor data.

@@ -11,7 +11,7 @@ use super::gguf::GgufFile;
 use super::transformer::Model;
 use super::weights::WeightSource;
 use crate::formats::SafetensorsDir;
-use crate::ops::{FrozenWeight, Nf4Tensor};
+use crate::weights::{FrozenWeight, Nf4Tensor};
 use crate::{Error, Result};
 
 /// The on-disk form of a model.

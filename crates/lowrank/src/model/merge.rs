@@ -9,7 +9,8 @@ use candle_core::{DType, Tensor};
 
 use super::transformer::Model;
 use crate::adapter::ActiveAdapter;
-use crate::ops::{FrozenLinear, FrozenWeight};
+use crate::ops::FrozenLinear;
+use crate::weights::FrozenWeight;
 use crate::Result;
 
 impl Model {

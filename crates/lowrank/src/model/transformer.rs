@@ -12,7 +12,8 @@ use super::projection::{AdapterRun, LinearFactory, Projection};
 use super::weights::{dense_checked, matrix_checked, WeightSource};
 use crate::adapter::ActiveAdapter;
 use crate::module_table::ModuleTable;
-use crate::ops::{rms_norm, FrozenLinear, FrozenWeight, RopeTable};
+use crate::ops::{rms_norm, FrozenLinear, RopeTable};
+use crate::weights::FrozenWeight;
 use crate::{Error, Result};
 
 /// One sequence of a batch: its new tokens and the adapters its rows use.

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use crate::formats::SafetensorsDir;
 use crate::module_table::check_shape;
-use crate::ops::FrozenWeight;
+use crate::weights::FrozenWeight;
 use crate::Result;
 
 /// A store of named tensors in HF naming and layout.

@@ -14,9 +14,9 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{gemm, Mat};
-use super::storage::{stored, values};
-use super::{exp_shifted, softmax_last_dim};
+use super::softmax_last_dim;
+use crate::kernels::{exp_shifted, gemm, Mat};
+use crate::kernels::{stored, values};
 use crate::{Error, Result};
 
 /// Query rows per tile: a `[BLOCK, S]` score tile stays in L2 for the lengths we train on.

@@ -7,9 +7,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::gemm::{gemm, Mat};
-use super::linear::FrozenWeight;
-use super::storage::{stored, values};
+use crate::kernels::{gemm, Mat};
+use crate::kernels::{stored, values};
+use crate::weights::FrozenWeight;
 use crate::{Error, Result};
 
 /// The low-rank factors of a bypass: `A: [r, K]`, `B: [M, r]`, scale `s`.

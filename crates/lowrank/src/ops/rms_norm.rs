@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::storage::stored;
+use crate::kernels::stored;
 
 use crate::Result;
 

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::storage::{stored, values};
+use crate::kernels::{stored, values};
 use crate::{Error, Result};
 
 /// How the rotary frequencies are rescaled (`rope_scaling` / `rope_parameters` in config.json).

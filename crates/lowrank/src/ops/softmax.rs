@@ -30,7 +30,7 @@ impl CustomOp1 for Softmax {
             for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 dst.copy_from_slice(row);
-                let inv = 1.0 / super::exp_shifted(dst, max);
+                let inv = 1.0 / crate::kernels::exp_shifted(dst, max);
                 dst.iter_mut().for_each(|d| *d *= inv);
             }
         }

@@ -7,8 +7,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exp::exp;
-use super::storage::{stored, values};
+use crate::kernels::exp;
+use crate::kernels::{stored, values};
 use crate::{Error, Result};
 
 /// Elements per parallel task.

@@ -8,7 +8,8 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::ops::{exp, exp_shifted_into, FrozenLinear};
+use crate::kernels::{exp, exp_shifted_into};
+use crate::ops::FrozenLinear;
 use crate::{Error, Result};
 
 /// Loss value and the tensor to call `backward()` on.
@@ -191,7 +192,7 @@ fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::FrozenWeight;
+    use crate::weights::FrozenWeight;
     use candle_core::{Device, Var};
 
     #[test]

@@ -107,7 +107,9 @@ pub trait WeightRows: Sync {
 
 /// A dense f32 `W` (row-major, `k` columns): tiles are borrowed.
 pub struct DenseRows<'w> {
+    /// The `[M, K]` values, row-major.
     pub w: &'w [f32],
+    /// `K`, the length of a row.
     pub k: usize,
 }
 

@@ -3,13 +3,13 @@
 use candle_core::{CpuStorage, Layout, Storage};
 
 /// The contiguous f32 values of a CPU storage under `l`.
-pub(super) fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("custom op: operand is not contiguous") };
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
 /// The same for a tensor's storage (from `storage_and_layout`), which must be on the CPU.
-pub(super) fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match s {
         Storage::Cpu(c) => values(c, l),
         _ => candle_core::bail!("custom op: operand is not on the CPU"),

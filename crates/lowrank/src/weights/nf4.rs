@@ -22,7 +22,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::qmatmul::WeightRows;
+use crate::kernels::WeightRows;
 use crate::{Error, Result};
 
 mod bnb;

@@ -1,0 +1,17 @@
+//! CPU kernels on plain slices, no autograd: the f32 gemm, products with GGUF-quantized and NF4
+//! weights a tile at a time (`qmatmul.rs`) and the decode-time quantized gemv (`qgemv.rs`), a
+//! vectorised `exp`, and the f64 linear algebra of PiSSA and adapter combination (`linalg.rs`).
+//! The differentiable ops of [`crate::ops`] and the weight formats of [`crate::weights`] call them.
+
+mod exp;
+mod gemm;
+mod linalg;
+mod qgemv;
+mod qmatmul;
+mod storage;
+
+pub use exp::{exp, exp_shifted, exp_shifted_into};
+pub use gemm::{gemm, Mat};
+pub use linalg::{leading_qr, orthonormal_columns, top_svd, truncated_svd_of_product};
+pub use qmatmul::{dyw_tiled, qmatmul_f32, qmatmul_t_f32, xwt_tiled, DenseRows, WeightRows};
+pub(crate) use storage::{stored, values};

@@ -3,16 +3,16 @@
 //! Three layers: [`TrainArgs`] (flags, also the keys of `--config FILE.toml`) → [`Settings`]
 //! (flags over file over defaults, destructured so no flag is ignored) → the run.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
+use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, LoraInit, LoraSpec, ModuleSelector};
 use lowrank::bundle::ModelBundle;
 use lowrank::data::{load_jsonl, DataOptions, Dataset};
-use lowrank::train::{metrics, AdamWConfig, RunEnd, Schedule, TrainConfig, Trainer};
+use lowrank::train::{metrics, AdamWConfig, ResidualBase, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
 use super::common::{load_options, memory, mib, model_path, DeviceArg, QuantizeArg};
@@ -158,6 +158,17 @@ enum InitArg {
     Olora,
 }
 
+impl From<InitArg> for LoraInit {
+    fn from(i: InitArg) -> Self {
+        match i {
+            InitArg::Kaiming => LoraInit::Kaiming,
+            InitArg::Gaussian => LoraInit::Gaussian,
+            InitArg::Pissa => LoraInit::Pissa,
+            InitArg::Olora => LoraInit::Olora,
+        }
+    }
+}
+
 /// The resolved settings of a run, written to `OUT/lowrank_train.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Settings {
@@ -173,7 +184,7 @@ pub struct Settings {
     #[serde(default)]
     pub quantize: Option<QuantizeArg>,
     pub device: DeviceArg,
-    pub adapter: serde_json::Value,
+    pub adapter: LoraSpec,
     pub train: TrainConfig,
     /// The shipped example task trained on, if any: show before/after answers at the end.
     #[serde(default, deserialize_with = "example::deserialize_task")]
@@ -262,29 +273,21 @@ impl Settings {
         };
         let rank = rank.or(file.rank).unwrap_or(16);
         let targets = target_modules.or(file.target_modules).unwrap_or_else(|| "all-linear".into());
-        let target_json = if targets == "all-linear" {
-            serde_json::json!("all-linear")
+        let target_modules = if targets == "all-linear" {
+            ModuleSelector::Pattern(targets)
         } else {
-            serde_json::json!(targets.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
+            ModuleSelector::List(targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
         };
-        let adapter = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": rank,
-            "lora_alpha": alpha.or(file.alpha).unwrap_or(2.0 * rank as f64),
-            "lora_dropout": dropout.or(file.dropout).unwrap_or(0.0),
-            "target_modules": target_json,
-            "use_rslora": rslora.or(file.rslora).unwrap_or(false),
-            "use_dora": dora.or(file.dora).unwrap_or(false),
-            "init_lora_weights": match init.or(file.init).unwrap_or(InitArg::Kaiming) {
-                InitArg::Kaiming => serde_json::json!(true),
-                InitArg::Gaussian => serde_json::json!("gaussian"),
-                InitArg::Pissa => serde_json::json!("pissa"),
-                InitArg::Olora => serde_json::json!("olora"),
-            },
-            "bias": "none",
-            "base_model_name_or_path": model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
-        });
+        let adapter = LoraSpec {
+            r: rank,
+            lora_alpha: alpha.or(file.alpha).unwrap_or(2.0 * rank as f64),
+            lora_dropout: dropout.or(file.dropout).unwrap_or(0.0),
+            target_modules,
+            use_rslora: rslora.or(file.rslora).unwrap_or(false),
+            use_dora: dora.or(file.dora).unwrap_or(false),
+            init_lora_weights: init.or(file.init).unwrap_or(InitArg::Kaiming).into(),
+            base_model_name_or_path: model.as_ref().or(file.model.as_ref()).map(|p| p.display().to_string()),
+        };
         let max_grad_norm = max_grad_norm.or(file.max_grad_norm).unwrap_or(1.0);
         let lora_plus_ratio = lora_plus_ratio.or(file.lora_plus_ratio);
         if let Some(r) = lora_plus_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
@@ -437,7 +440,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         s.train.steps = ((per_epoch as f64 * epochs).ceil() as usize).max(1);
     }
     // The initial adapter before anything is written: a config it cannot start from leaves no output.
-    let adapter_cfg = AdapterConfig::from_json(&s.adapter.to_string(), Path::new(SETTINGS_FILE))?;
+    let adapter_cfg = AdapterConfig::new_lora(&s.adapter)?;
     let start = Arc::new(Adapter::init("adapter", adapter_cfg, &bundle.model, s.train.seed)?);
     std::fs::create_dir_all(&s.output).with_context(|| format!("creating {}", s.output.display()))?;
     let settings_json = serde_json::to_vec_pretty(&s)?;
@@ -447,15 +450,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(task) if resume.is_none() => Some(example::exact_match(task, &bundle, &[])?),
         _ => None,
     };
-    // PiSSA / OLoRA take their initial s·B₀A₀ out of the base (a resumed run redoes it: the init
-    // is a function of the weights); the final adapter is converted back to the original base.
-    let residual = start.takes_from_base();
-    if residual {
-        bundle
-            .model
-            .unmerge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }])
-            .context("writing the residual base")?;
-    }
+    // PiSSA / OLoRA train on the residual base; the result is converted back for the original.
+    let residual = ResidualBase::enter(&mut bundle.model, &start).context("writing the residual base")?;
     let model = &bundle.model;
     let mut trainer = match &resume {
         Some(dir) => Trainer::resume(model, s.train.clone(), &s.output, dir)?,
@@ -468,7 +464,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainable,
         total,
         100.0 * trainable as f64 / total as f64,
-        s.adapter["r"],
+        s.adapter.r,
         trainer.adapter().num_layers(),
         s.train.steps,
         s.train.batch_size,
@@ -499,14 +495,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let trained = trainer.adapter().clone();
     drop(trainer);
-    let trained = if residual {
-        bundle
-            .model
-            .merge(&[ActiveAdapter { adapter: start.clone(), weight: 1.0 }])
-            .context("restoring the original base")?;
-        Arc::new(trained.relative_to_original(&start, bundle.model.modules())?)
-    } else {
-        trained
+    let trained = match residual {
+        Some(r) => Arc::new(r.leave(&mut bundle.model, &trained).context("restoring the original base")?),
+        None => trained,
     };
     trained.save_peft_into(&s.output, bundle.model.modules())?;
     if let Some((_, peak)) = memory() {

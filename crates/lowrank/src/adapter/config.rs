@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{Error, Result};
 
 /// `target_modules` / `exclude_modules`: a list of names (suffix match), a regex (full match),
 /// or PEFT's `all-linear` shorthand.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ModuleSelector {
     /// Module names; a path matches if it equals a name or ends with `.name`.
@@ -111,6 +111,64 @@ fn default_bias() -> String {
 
 /// Keys whose non-default value changes the math in ways lowrank does not implement yet.
 /// Each entry: key, and whether a value counts as "off".
+/// A new adapter, typed: what `lowrank train` (or a library user) asks for. Serialised with
+/// PEFT's key names, so a run's settings file reads like the `adapter_config.json` it makes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    /// Rank `r`.
+    pub r: usize,
+    /// `lora_alpha`: the update is scaled by `alpha / r` (`alpha / √r` with rsLoRA).
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub lora_dropout: f64,
+    /// The modules to adapt: names, a regex, or `"all-linear"`.
+    pub target_modules: ModuleSelector,
+    /// rsLoRA scaling.
+    pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row.
+    pub use_dora: bool,
+    /// How `A` (and `B`) start.
+    pub init_lora_weights: super::LoraInit,
+    /// The base model, as a note for whoever loads the adapter.
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl AdapterConfig {
+    /// The config of a new adapter for `spec` (a causal LM, no bias), checked as a read one is.
+    pub fn new_lora(spec: &LoraSpec) -> Result<Self> {
+        let path = Path::new("adapter_config.json");
+        let Value::Object(mut raw) =
+            serde_json::to_value(spec).map_err(|e| Error::Json { path: path.into(), source: e })?
+        else {
+            unreachable!("a struct serialises to a JSON object")
+        };
+        raw.insert("peft_type".into(), "LORA".into());
+        raw.insert("task_type".into(), "CAUSAL_LM".into());
+        raw.insert("bias".into(), "none".into());
+        let cfg = AdapterConfig {
+            peft_type: default_peft_type(),
+            r: spec.r,
+            lora_alpha: spec.lora_alpha,
+            use_rslora: spec.use_rslora,
+            use_dora: spec.use_dora,
+            target_modules: Some(spec.target_modules.clone()),
+            exclude_modules: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            lora_dropout: spec.lora_dropout,
+            fan_in_fan_out: false,
+            bias: default_bias(),
+            modules_to_save: None,
+            base_model_name_or_path: spec.base_model_name_or_path.clone(),
+            raw,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}
+
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("use_qalora", "QA-LoRA"),
     ("lora_bias", "a bias on lora_B"),
@@ -204,5 +262,46 @@ mod tests {
         assert!(e.to_string().contains("use_qalora"), "{e}");
         let e = AdapterConfig::from_json(r#"{"r":4,"target_modules":["q"],"peft_type":"IA3"}"#, p).unwrap_err();
         assert!(e.to_string().contains("IA3"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod new_lora_tests {
+    use super::*;
+    use crate::adapter::LoraInit;
+
+    fn spec() -> LoraSpec {
+        LoraSpec {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.05,
+            target_modules: ModuleSelector::List(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+            use_dora: true,
+            init_lora_weights: LoraInit::Gaussian,
+            base_model_name_or_path: Some("m".into()),
+        }
+    }
+
+    /// The typed spec gives the config reading its JSON gives, PEFT's key names and all.
+    #[test]
+    fn a_spec_makes_the_config_its_json_reads_as() {
+        let cfg = AdapterConfig::new_lora(&spec()).unwrap();
+        let text = serde_json::to_string(&cfg.raw).unwrap();
+        let read = AdapterConfig::from_json(&text, Path::new("x")).unwrap();
+        assert_eq!(cfg, read);
+        assert_eq!(LoraInit::from_config(&cfg).unwrap(), LoraInit::Gaussian);
+        assert_eq!(
+            (cfg.raw["peft_type"].as_str(), cfg.raw["init_lora_weights"].as_str()),
+            (Some("LORA"), Some("gaussian"))
+        );
+        let spec_back: LoraSpec = serde_json::from_str(&serde_json::to_string(&spec()).unwrap()).unwrap();
+        assert_eq!(spec_back, spec());
+    }
+
+    #[test]
+    fn a_spec_is_checked_as_a_file_is() {
+        let error = AdapterConfig::new_lora(&LoraSpec { r: 0, ..spec() }).unwrap_err().to_string();
+        assert!(error.contains("r must be positive"), "{error}");
     }
 }

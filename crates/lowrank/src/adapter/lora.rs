@@ -23,7 +23,8 @@ pub struct LoraLayer {
 }
 
 /// How `A` starts (PEFT's `init_lora_weights`); `B` starts at zero either way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "serde_json::Value")]
 pub enum LoraInit {
     /// `true` (the default): kaiming-uniform with a = √5, i.e. uniform on ±1/√K.
     Kaiming,
@@ -41,13 +42,36 @@ impl LoraInit {
     /// The init an adapter config asks for; an error for those lowrank cannot make.
     pub fn from_config(cfg: &AdapterConfig) -> Result<Self> {
         match cfg.raw.get("init_lora_weights") {
-            None | Some(serde_json::Value::Bool(true)) => Ok(LoraInit::Kaiming),
-            Some(serde_json::Value::String(s)) if s == "gaussian" => Ok(LoraInit::Gaussian),
-            Some(serde_json::Value::String(s)) if s == "pissa" => Ok(LoraInit::Pissa),
-            Some(serde_json::Value::String(s)) if s == "olora" => Ok(LoraInit::Olora),
-            Some(v) => Err(crate::Error::InvalidArgument(format!(
+            None => Ok(LoraInit::Kaiming),
+            Some(v) => LoraInit::try_from(v.clone()).map_err(crate::Error::InvalidArgument),
+        }
+    }
+}
+
+/// PEFT's `init_lora_weights` value.
+impl TryFrom<serde_json::Value> for LoraInit {
+    type Error = String;
+
+    fn try_from(v: serde_json::Value) -> std::result::Result<Self, String> {
+        match v {
+            serde_json::Value::Bool(true) => Ok(LoraInit::Kaiming),
+            serde_json::Value::String(s) if s == "gaussian" => Ok(LoraInit::Gaussian),
+            serde_json::Value::String(s) if s == "pissa" => Ok(LoraInit::Pissa),
+            serde_json::Value::String(s) if s == "olora" => Ok(LoraInit::Olora),
+            v => Err(format!(
                 "init_lora_weights = {v}: a new adapter can start from true (kaiming-uniform), \"gaussian\", \"pissa\" or \"olora\" (pissa_niter_*, loftq, corda, eva, ... are not supported)"
-            ))),
+            )),
+        }
+    }
+}
+
+impl From<LoraInit> for serde_json::Value {
+    fn from(init: LoraInit) -> Self {
+        match init {
+            LoraInit::Kaiming => true.into(),
+            LoraInit::Gaussian => "gaussian".into(),
+            LoraInit::Pissa => "pissa".into(),
+            LoraInit::Olora => "olora".into(),
         }
     }
 }

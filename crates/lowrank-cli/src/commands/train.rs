@@ -475,7 +475,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
-    let mut progress = Progress::new(stop, trainer.step());
+    let mut progress = Progress::new(stop, trainer.step(), s.train.steps);
     let empty = Vec::new();
     let eval_examples = eval.as_ref().map(|e| &e.examples).unwrap_or(&empty);
     let end = trainer.run(&train.examples, eval_examples, &mut progress);

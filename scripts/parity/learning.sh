@@ -24,7 +24,7 @@
 #    default model (scripts/reference/setup.sh; scripts/reference/env.sh finds them), taking its
 #    hyper-parameters, data files and seed from the lowrank run's lowrank_train.json; the script's docstring lists what
 #    it mirrors (target tokens, loss averaging, schedule, exact-match scoring).
-# Then one table: final train loss (last step, and mean of the last 10 steps, since one batch of 4
+# Then one table: final train loss (last step, and mean of the last 10 steps, since one batch
 # is noisy), held-out loss after the last step (mean over every eval target token, the same
 # definition on both sides), held-out exact match, wall seconds of each run.
 #
@@ -93,7 +93,7 @@ done
 
 echo
 echo "# Example task examples/$EXAMPLE, LoRA r 16 alpha 32 all-linear, example defaults of lowrank train; PEFT data order: $ORDER; $THREADS threads"
-echo "# final train loss: last step's micro-batch (4 rows), and the mean of the last 10 steps; held-out loss: mean over every eval target token after the last step"
+echo "# final train loss: last step's batch, and the mean of the last 10 steps; held-out loss: mean over every eval target token after the last step"
 awk '
     BEGIN { printf "%-8s %5s %10s %13s %12s %12s %8s\n", "tool", "seed", "train_loss", "train_last10", "heldout_loss", "exact_match", "wall_s" }
     { printf "%-8s %5s %10.4f %13.4f %12.4f %12s %8d\n", $1, $2, $3, $4, $5, $6 "/" $7, $8

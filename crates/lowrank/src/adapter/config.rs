@@ -128,9 +128,63 @@ pub struct LoraSpec {
     /// DoRA: a trained magnitude per output row.
     pub use_dora: bool,
     /// How `A` (and `B`) start.
-    pub init_lora_weights: super::LoraInit,
+    pub init_lora_weights: LoraInit,
     /// The base model, as a note for whoever loads the adapter.
     pub base_model_name_or_path: Option<String>,
+}
+
+/// How `A` starts (PEFT's `init_lora_weights`); `B` starts at zero either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "serde_json::Value")]
+pub enum LoraInit {
+    /// `true` (the default): kaiming-uniform with a = √5, i.e. uniform on ±1/√K.
+    Kaiming,
+    /// `"gaussian"`: normal with standard deviation 1/r.
+    Gaussian,
+    /// `"pissa"`: `A`, `B` from the top `r` singular triplets of `W` (`s·B A` is its best
+    /// rank-`r` part), the base then holding the residual.
+    Pissa,
+    /// `"olora"`: `B`, `A` the first `r` columns of `W`'s QR and rows of `R`, the base then
+    /// holding the residual.
+    Olora,
+}
+
+impl LoraInit {
+    /// The init an adapter config asks for; an error for those lowrank cannot make.
+    pub fn from_config(cfg: &AdapterConfig) -> Result<Self> {
+        match cfg.raw.get("init_lora_weights") {
+            None => Ok(LoraInit::Kaiming),
+            Some(v) => LoraInit::try_from(v.clone()).map_err(crate::Error::InvalidArgument),
+        }
+    }
+}
+
+/// PEFT's `init_lora_weights` value.
+impl TryFrom<serde_json::Value> for LoraInit {
+    type Error = String;
+
+    fn try_from(v: serde_json::Value) -> std::result::Result<Self, String> {
+        match v {
+            serde_json::Value::Bool(true) => Ok(LoraInit::Kaiming),
+            serde_json::Value::String(s) if s == "gaussian" => Ok(LoraInit::Gaussian),
+            serde_json::Value::String(s) if s == "pissa" => Ok(LoraInit::Pissa),
+            serde_json::Value::String(s) if s == "olora" => Ok(LoraInit::Olora),
+            v => Err(format!(
+                "init_lora_weights = {v}: a new adapter can start from true (kaiming-uniform), \"gaussian\", \"pissa\" or \"olora\" (pissa_niter_*, loftq, corda, eva, ... are not supported)"
+            )),
+        }
+    }
+}
+
+impl From<LoraInit> for serde_json::Value {
+    fn from(init: LoraInit) -> Self {
+        match init {
+            LoraInit::Kaiming => true.into(),
+            LoraInit::Gaussian => "gaussian".into(),
+            LoraInit::Pissa => "pissa".into(),
+            LoraInit::Olora => "olora".into(),
+        }
+    }
 }
 
 impl AdapterConfig {
@@ -268,7 +322,6 @@ mod tests {
 #[cfg(test)]
 mod new_lora_tests {
     use super::*;
-    use crate::adapter::LoraInit;
 
     fn spec() -> LoraSpec {
         LoraSpec {

@@ -19,8 +19,9 @@ use std::sync::Mutex;
 use candle_core::{Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 
+use super::config::LoraInit;
 use super::dropout::Dropout;
-use super::lora::{LoraInit, LoraLayer};
+use super::lora::LoraLayer;
 use super::{AdapterLayer, MergeParts};
 use crate::ops::{lora_linear, FrozenLinear};
 use crate::weights::WeightKey;

@@ -24,11 +24,11 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 
 pub use combine::{combine, CombineMethod, MajoritySign};
-pub use config::{AdapterConfig, LayerSelector, LoraSpec, ModuleSelector, StringOrList};
+pub use config::{AdapterConfig, LayerSelector, LoraInit, LoraSpec, ModuleSelector, StringOrList};
 pub use dora::DoraLayer;
 pub use dropout::{Dropout, DropoutControl};
 pub use io::PEFT_PREFIX;
-pub use lora::{LoraInit, LoraLayer};
+pub use lora::LoraLayer;
 pub use save::{json_dumps_sorted, peft_config_json, PEFT_VERSION};
 pub use target::{plan, ModulePlan};
 

@@ -7,7 +7,8 @@
 
 use candle_core::Tensor;
 
-use super::lora::{LoraInit, LoraLayer};
+use super::config::LoraInit;
+use super::lora::LoraLayer;
 use super::target::plan;
 use super::{Adapter, AdapterLayer};
 use crate::module_table::ModuleTable;

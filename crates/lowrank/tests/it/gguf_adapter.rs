@@ -1,7 +1,7 @@
 //! llama.cpp LoRA adapters: exported with llama.cpp's scale and row order (checked against the
 //! converter's layout of the tiny GGUF fixture), read back to the same update, refused for DoRA.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

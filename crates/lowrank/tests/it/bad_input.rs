@@ -1,6 +1,6 @@
 //! Bad input gives a typed error that names what and where, never a panic.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

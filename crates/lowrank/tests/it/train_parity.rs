@@ -1,7 +1,7 @@
 //! Gradients and AdamW steps against PEFT + torch (scripts/fixtures/training.py): the loss and
 //! every lora_A / lora_B gradient after one backward, the adapter after 5 AdamW steps.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! fresh DoRA adapter is the identity, save/load keeps every tensor, a mixed batch equals its rows
 //! run alone, unmerge undoes merge.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! of each rank-one component: PEFT's SVD and QR are LAPACK's), the residual base, the identity at
 //! step 0; and the conversion to a plain LoRA against the original base.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

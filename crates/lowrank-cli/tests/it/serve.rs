@@ -430,7 +430,7 @@ fn a_model_that_does_not_load_stops_the_server_with_its_error() {
 /// start with the completion's first token, and agree with each other.
 #[test]
 fn prompts_ending_in_a_space_are_continued_with_the_completion() {
-    let rows: Vec<(String, String)> = include_str!("../../../examples/roman/train.jsonl")
+    let rows: Vec<(String, String)> = include_str!("../../../../examples/roman/train.jsonl")
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|r| r["prompt"].as_str().unwrap().starts_with("Convert "))

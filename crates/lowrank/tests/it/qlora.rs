@@ -2,7 +2,7 @@
 //! the dense model holding its dequantised weights computes — logits, loss, and the gradients of
 //! LoRA and DoRA adapters — while holding about 4.1 bits per projection weight.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

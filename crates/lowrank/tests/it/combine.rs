@@ -2,7 +2,7 @@
 //! svd, ties with both sign elections, magnitude pruning), and its
 //! invariants: linear of one adapter at weight 1 is that adapter, cat of two is both at once.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -1,7 +1,7 @@
 //! The training loop on a tiny model: resume equals an uninterrupted run bit for bit, the same
 //! seed gives the same adapter, a blow-up stops the run and keeps the last good checkpoint.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Logits of our transformer against transformers/PEFT fixtures (scripts/fixtures/models.py),
 //! within 1e-4 in f32.
 
-mod common;
+use crate::common;
 
 use common::*;
 use lowrank::model::{LoadOptions, Model};

@@ -1,7 +1,7 @@
 //! Writing merged models as HF directories: what is written loads back to the same logits as
 //! base + adapters, in shards, in bf16, and a non-finite merge writes nothing.
 
-mod common;
+use crate::common;
 
 use candle_core::DType;
 use common::*;

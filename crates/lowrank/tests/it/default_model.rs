@@ -2,7 +2,7 @@
 //! lowrank cache): greedy output against transformers (scripts/fixtures/models.py), from the GGUF
 //! and from an HF directory.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -134,13 +134,17 @@ fn merged_default_model_equals_base_plus_adapter() {
         AdapterConfig::from_json(r#"{"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}"#, Path::new("test"))
             .unwrap();
     let dev = candle_core::Device::Cpu;
+    // Seeded uniform noise of standard deviation 0.05: the same adapter on every run.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let mut noise =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rand::Rng::random_range(&mut rng, -0.0866f32..0.0866)).collect() };
     let layers: Vec<Option<Box<dyn AdapterLayer>>> = model
         .modules()
         .modules()
         .iter()
         .map(|m| {
-            let a = candle_core::Tensor::randn(0f32, 0.05, (8, m.in_features), &dev).unwrap();
-            let b = candle_core::Tensor::randn(0f32, 0.05, (m.out_features, 8), &dev).unwrap();
+            let a = candle_core::Tensor::from_vec(noise(8 * m.in_features), (8, m.in_features), &dev).unwrap();
+            let b = candle_core::Tensor::from_vec(noise(m.out_features * 8), (m.out_features, 8), &dev).unwrap();
             (m.path != "lm_head")
                 .then(|| Box::new(LoraLayer { a, b, scale: 2.0, dropout: None }) as Box<dyn AdapterLayer>)
         })

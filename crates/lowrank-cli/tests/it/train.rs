@@ -12,7 +12,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn example_rows(n: usize) -> String {
-    let all = include_str!("../../../examples/dates/train.jsonl");
+    let all = include_str!("../../../../examples/dates/train.jsonl");
     all.lines().take(n).map(|l| format!("{l}\n")).collect()
 }
 

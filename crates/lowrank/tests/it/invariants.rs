@@ -1,7 +1,7 @@
 //! Invariants that hold whatever the reference says: a fresh adapter is the identity, weights
 //! scale and add linearly, a mixed batch equals its rows run alone, the KV cache changes nothing.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

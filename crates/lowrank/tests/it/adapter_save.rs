@@ -2,7 +2,7 @@
 //! tensors bit for bit and the same logits, and its `adapter_config.json` has PEFT's key set
 //! (byte-identical to what PEFT wrote, unless `"all-linear"` had to be resolved).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

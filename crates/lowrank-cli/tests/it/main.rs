@@ -1,0 +1,7 @@
+//! The `lowrank` binary as a user runs it, one test binary: each file is a module named for the
+//! commands it drives.
+
+mod cli;
+mod merge_combine_export;
+mod serve;
+mod train;

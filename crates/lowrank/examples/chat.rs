@@ -26,8 +26,7 @@ fn main() -> Result<()> {
     let adapter = Adapter::load_peft(&adapter_dir, bundle.model.modules(), bundle.model.device())?;
     let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
     // The ids generation starts from: the conversation rendered for the assistant's turn.
-    let template =
-        bundle.chat_template.as_ref().ok_or(Error::InvalidArgument("the model has no chat template".into()))?;
+    let template = bundle.chat_template.as_ref().ok_or(Error::ChatTemplate("the model has no chat template".into()))?;
     let prompt = lowrank::prompt::chat_ids(&bundle.tokenizer, template, &[Message::new("user", question)])?;
     let options = GenerateOptions { max_new_tokens: 64, sampling: SamplingParams::greedy(), stop: Vec::new() };
     let mut out = std::io::stdout();

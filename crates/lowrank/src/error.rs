@@ -89,14 +89,44 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// Invalid argument to a library call (sampling parameters, batch layout, ...).
+    /// A generation request with an empty prompt.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// A prompt that leaves no room for a new token in the model's context.
+    #[error("the prompt has {tokens} tokens; the model's context is {context}")]
+    PromptTooLong {
+        /// Prompt length in tokens.
+        tokens: usize,
+        /// The model's context (`max_position_embeddings`).
+        context: usize,
+    },
+    /// Sampling parameters out of range (temperature, top-p, top-k), or logits that cannot be
+    /// sampled from.
+    #[error("sampling: {0}")]
+    Sampling(String),
+    /// Tensors handed to a forward or loss computation that do not fit together (sequence and
+    /// cache counts, target counts, shapes inside an op).
     #[error("{0}")]
-    InvalidArgument(String),
+    Batch(String),
+    /// A new adapter that cannot be made for this model (no module matched, an init that the
+    /// base's storage cannot support, a combination of adapters that does not fit).
+    #[error("new adapter: {0}")]
+    NewAdapter(String),
+    /// A weight that cannot be quantised (non-finite values, a shape the format cannot hold).
+    #[error("quantising: {0}")]
+    Quantize(String),
+    /// The serving engine's limits are not usable.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// lowrank's cache directory cannot be placed.
+    #[error("{0}")]
+    Home(String),
     /// Writing a model or adapter in another form failed (non-finite values, an adapter the
     /// target format cannot represent).
     #[error("export: {0}")]
     Export(String),
-    /// Training cannot continue (non-finite loss, a checkpoint that does not fit the run).
+    /// Training cannot start or continue: settings or data that cannot train (an empty
+    /// evaluation set, a bad split), a non-finite loss, a checkpoint that does not fit the run.
     #[error("training: {0}")]
     Training(String),
     /// An error from the tensor engine.

@@ -79,9 +79,7 @@ fn resolve_home(lowrank_home: Option<OsString>, home: Option<OsString>) -> Resul
     }
     match home.filter(|h| !h.is_empty()) {
         Some(h) => Ok(PathBuf::from(h).join(".cache").join("lowrank")),
-        None => {
-            Err(Error::InvalidArgument("cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set".into()))
-        }
+        None => Err(Error::Home("cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set".into())),
     }
 }
 

@@ -80,7 +80,7 @@ enum FactorMerge {
 
 /// The adapters `inputs` (with their weights) combined into a new adapter named `name`.
 pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &ModuleTable, name: &str) -> Result<Adapter> {
-    let err = |m: String| Error::InvalidArgument(format!("combine: {m}"));
+    let err = |m: String| Error::NewAdapter(format!("combine: {m}"));
     let Some((first, _)) = inputs.first() else { return Err(err("no adapters given".into())) };
     if let Some((a, w)) = inputs.iter().find(|(_, w)| !w.is_finite()) {
         return Err(err(format!("weight {w} of {} is not finite", a.name)));
@@ -163,7 +163,7 @@ pub fn combine(inputs: &[(&Adapter, f64)], method: CombineMethod, table: &Module
 fn factors(parts: &[(Tensor, Tensor, f64)], how: FactorMerge) -> Result<(Tensor, Tensor)> {
     let (a0, b0) = (&parts[0].0, &parts[0].1);
     if parts.iter().any(|(a, b, _)| a.dims() != a0.dims() || b.dims() != b0.dims()) {
-        return Err(Error::InvalidArgument(format!("ranks differ in this module ({:?} and others)", a0.dims())));
+        return Err(Error::NewAdapter(format!("ranks differ in this module ({:?} and others)", a0.dims())));
     }
     let wa: Vec<f64> = parts.iter().map(|(_, _, c)| c.abs().sqrt() * c.signum()).collect();
     let wb: Vec<f64> = parts.iter().map(|(_, _, c)| c.abs().sqrt()).collect();
@@ -283,7 +283,7 @@ fn union_of_targets(inputs: &[(&Adapter, f64)], table: &ModuleTable) -> Result<M
     match (lists.is_empty(), patterns.is_empty()) {
         (true, false) => Ok(ModuleSelector::Pattern(patterns.iter().map(|p| format!("({p})")).collect::<Vec<_>>().join("|"))),
         (false, true) => Ok(ModuleSelector::List(lists.into_iter().flatten().collect::<BTreeSet<_>>().into_iter().collect())),
-        _ => Err(Error::InvalidArgument(
+        _ => Err(Error::NewAdapter(
             "combine: the adapters' target_modules mix lists and regex strings; PEFT cannot represent their union either".into(),
         )),
     }

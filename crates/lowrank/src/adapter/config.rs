@@ -154,7 +154,7 @@ impl LoraInit {
     pub fn from_config(cfg: &AdapterConfig) -> Result<Self> {
         match cfg.raw.get("init_lora_weights") {
             None => Ok(LoraInit::Kaiming),
-            Some(v) => LoraInit::try_from(v.clone()).map_err(crate::Error::InvalidArgument),
+            Some(v) => LoraInit::try_from(v.clone()).map_err(crate::Error::NewAdapter),
         }
     }
 }

@@ -159,12 +159,11 @@ impl AdapterLayer for DoraLayer {
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
-        Err(Error::InvalidArgument("a DoRA layer has no weight-independent update: merge it into its base".into()))
+        Err(Error::NewAdapter("a DoRA layer has no weight-independent update: merge it into its base".into()))
     }
 
     fn merge_parts(&self, w: Option<&Tensor>) -> Result<MergeParts> {
-        let mut slot =
-            self.merged_norm.lock().map_err(|_| Error::InvalidArgument("DoRA merge state poisoned".into()))?;
+        let mut slot = self.merged_norm.lock().map_err(|_| Error::NewAdapter("DoRA merge state poisoned".into()))?;
         let norm = match w {
             // PEFT's get_weight_norm on the unmerged weight: ‖W + s·B A‖ formed densely.
             Some(w) => {
@@ -172,9 +171,9 @@ impl AdapterLayer for DoraLayer {
                 *slot = Some(n.clone());
                 n
             }
-            None => slot.take().ok_or_else(|| {
-                Error::InvalidArgument("this DoRA adapter is not merged, so it cannot be unmerged".into())
-            })?,
+            None => slot
+                .take()
+                .ok_or_else(|| Error::NewAdapter("this DoRA adapter is not merged, so it cannot be unmerged".into()))?,
         };
         let g = (&self.magnitude / norm)?; // [M]
         Ok(MergeParts {

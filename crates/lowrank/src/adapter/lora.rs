@@ -40,7 +40,7 @@ impl LoraLayer {
             }
             LoraInit::Gaussian => (0..r * in_features).map(|_| standard_normal(rng) / r as f32).collect(),
             LoraInit::Pissa | LoraInit::Olora => {
-                return Err(crate::Error::InvalidArgument(
+                return Err(crate::Error::NewAdapter(
                     "pissa and olora start from the base weight: use LoraLayer::from_weight".into(),
                 ))
             }
@@ -59,7 +59,7 @@ impl LoraLayer {
     pub fn from_weight(w: &Tensor, r: usize, scale: f64, init: LoraInit) -> Result<Self> {
         let (m, k) = w.dims2()?;
         if r > m.min(k) {
-            return Err(crate::Error::InvalidArgument(format!("rank {r} exceeds the {m}×{k} weight's")));
+            return Err(crate::Error::NewAdapter(format!("rank {r} exceeds the {m}×{k} weight's")));
         }
         let wv: Vec<f64> = w.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         let (b, a) = match init {
@@ -77,7 +77,7 @@ impl LoraLayer {
             }
             LoraInit::Olora => crate::kernels::leading_qr(&wv, m, k, r),
             LoraInit::Kaiming | LoraInit::Gaussian => {
-                return Err(crate::Error::InvalidArgument("from_weight is for pissa and olora".into()))
+                return Err(crate::Error::NewAdapter("from_weight is for pissa and olora".into()))
             }
         };
         let dev = w.device();

@@ -127,7 +127,7 @@ impl Adapter {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            return Err(crate::Error::InvalidArgument(format!(
+            return Err(crate::Error::NewAdapter(format!(
                 "target_modules matches none of the model's linear projections ({}); {kind} on embeddings or the LM head is not supported",
                 names.join(", ")
             )));
@@ -144,16 +144,16 @@ impl Adapter {
             let base = || {
                 model
                     .frozen(id)
-                    .ok_or_else(|| crate::Error::InvalidArgument(format!("no projection for module `{}`", m.path)))
+                    .ok_or_else(|| crate::Error::NewAdapter(format!("no projection for module `{}`", m.path)))
             };
             layers.push(Some(if matches!(init, LoraInit::Pissa | LoraInit::Olora) {
                 if config.use_dora {
-                    return Err(crate::Error::InvalidArgument("pissa and olora inits are for LoRA, not DoRA".into()));
+                    return Err(crate::Error::NewAdapter("pissa and olora inits are for LoRA, not DoRA".into()));
                 }
                 let w = match base()?.weight() {
                     FrozenWeight::Dense(w) => w.to_dtype(candle_core::DType::F32)?,
                     other => {
-                        return Err(crate::Error::InvalidArgument(format!(
+                        return Err(crate::Error::NewAdapter(format!(
                             "`{}` is stored as {}: pissa and olora write the residual W − s·B A back into the base, which a quantized base cannot hold exactly (use a full-precision base)",
                             m.path,
                             other.dtype_name()

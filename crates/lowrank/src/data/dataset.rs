@@ -90,7 +90,7 @@ pub fn load_jsonl(
     opts: &DataOptions,
 ) -> Result<Dataset> {
     if opts.max_seq_len < 2 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Training(format!(
             "max_seq_len must be at least 2 (one token to predict from, one to predict); got {}",
             opts.max_seq_len
         )));
@@ -197,14 +197,14 @@ impl Dataset {
     /// not in (0, 1).
     pub fn split(self, eval_fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
         if !(eval_fraction > 0.0 && eval_fraction < 1.0) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Training(format!(
                 "eval fraction must be between 0 and 1 (exclusive); got {eval_fraction}"
             )));
         }
         let n = self.examples.len();
         let n_eval = ((n as f64 * eval_fraction).round() as usize).max(1);
         if n_eval >= n {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Training(format!(
                 "cannot split {n} examples with eval fraction {eval_fraction}: train and eval need at least one each"
             )));
         }

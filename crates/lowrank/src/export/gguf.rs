@@ -34,11 +34,7 @@ pub fn write_gguf_model(
         GgmlDType::Q4_0 => 2,
         GgmlDType::Q8_0 => 7,
         GgmlDType::BF16 => 32,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "GGUF export writes f32, f16, bf16, q8_0 or q4_0, not {other:?}"
-            )))
-        }
+        other => return Err(Error::Export(format!("GGUF export writes f32, f16, bf16, q8_0 or q4_0, not {other:?}"))),
     };
     let arch = match metadata.get("general.architecture") {
         Some(Value::String(a)) => a.clone(),

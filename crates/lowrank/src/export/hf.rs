@@ -55,7 +55,7 @@ pub fn write_hf_model(
         DType::F32 => "float32",
         DType::F16 => "float16",
         DType::BF16 => "bfloat16",
-        other => return Err(Error::InvalidArgument(format!("HF export writes f32, f16 or bf16, not {other:?}"))),
+        other => return Err(Error::Export(format!("HF export writes f32, f16 or bf16, not {other:?}"))),
     };
     let staged = Staged::dir(out, existing)?;
     let dir = staged.path();
@@ -165,7 +165,7 @@ fn st_dtype(dt: DType) -> Result<safetensors::Dtype> {
         DType::F32 => safetensors::Dtype::F32,
         DType::F16 => safetensors::Dtype::F16,
         DType::BF16 => safetensors::Dtype::BF16,
-        other => return Err(Error::InvalidArgument(format!("no safetensors writer for {other:?}"))),
+        other => return Err(Error::Export(format!("no safetensors writer for {other:?}"))),
     })
 }
 
@@ -176,7 +176,7 @@ fn le_bytes(t: &Tensor) -> Result<Vec<u8>> {
         DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        other => return Err(Error::InvalidArgument(format!("no byte writer for {other:?}"))),
+        other => return Err(Error::Export(format!("no byte writer for {other:?}"))),
     })
 }
 

@@ -50,17 +50,17 @@ impl Sampler {
     /// `top_p` in (0, 1].
     pub fn new(params: SamplingParams) -> Result<Self> {
         if !(params.temperature.is_finite() && params.temperature >= 0.0) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Sampling(format!(
                 "temperature must be a finite number >= 0, got {}",
                 params.temperature
             )));
         }
         if params.top_k == Some(0) {
-            return Err(Error::InvalidArgument("top_k must be >= 1, got 0".into()));
+            return Err(Error::Sampling("top_k must be >= 1, got 0".into()));
         }
         if let Some(p) = params.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::InvalidArgument(format!("top_p must be in (0, 1], got {p}")));
+                return Err(Error::Sampling(format!("top_p must be in (0, 1], got {p}")));
             }
         }
         let rng = StdRng::seed_from_u64(params.seed);
@@ -73,7 +73,7 @@ impl Sampler {
     }
 
     /// Picks a token id from `logits` (one row, `[vocab]`). `-inf` marks a forbidden token; a NaN,
-    /// an empty row or a row with no allowed token is an [`Error::InvalidArgument`].
+    /// an empty row or a row with no allowed token is an [`Error::Sampling`].
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         let (argmax, max) = checked_argmax(logits)?;
         if self.params.temperature == 0.0 {
@@ -117,22 +117,22 @@ impl Sampler {
 /// rows where every token is `-inf`.
 fn checked_argmax(logits: &[f32]) -> Result<(u32, f32)> {
     if logits.is_empty() {
-        return Err(Error::InvalidArgument("sampling from an empty row of logits".into()));
+        return Err(Error::Sampling("sampling from an empty row of logits".into()));
     }
     if u32::try_from(logits.len()).is_err() {
-        return Err(Error::InvalidArgument(format!("vocabulary of {} tokens exceeds u32", logits.len())));
+        return Err(Error::Sampling(format!("vocabulary of {} tokens exceeds u32", logits.len())));
     }
     let (mut best, mut max) = (0u32, f32::NEG_INFINITY);
     for (i, &l) in logits.iter().enumerate() {
         if l.is_nan() {
-            return Err(Error::InvalidArgument(format!("logit {i} is NaN")));
+            return Err(Error::Sampling(format!("logit {i} is NaN")));
         }
         if l > max {
             (best, max) = (i as u32, l);
         }
     }
     if max == f32::NEG_INFINITY {
-        return Err(Error::InvalidArgument("every logit is -inf: no token can be sampled".into()));
+        return Err(Error::Sampling("every logit is -inf: no token can be sampled".into()));
     }
     Ok((best, max))
 }
@@ -361,7 +361,7 @@ mod tests {
         ];
         for (p, field) in bad {
             let err = Sampler::new(p.clone()).err().unwrap_or_else(|| panic!("{p:?} accepted"));
-            assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains(field), "{err}");
+            assert!(matches!(err, Error::Sampling(_)) && err.to_string().contains(field), "{err}");
         }
         assert!(Sampler::new(params(0.0, Some(1), Some(1.0))).is_ok());
     }

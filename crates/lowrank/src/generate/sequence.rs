@@ -55,13 +55,10 @@ impl<'t> Sequence<'t> {
     ) -> Result<Self> {
         let context = model.config().max_position_embeddings;
         if prompt.is_empty() {
-            return Err(Error::InvalidArgument("the prompt is empty".into()));
+            return Err(Error::EmptyPrompt);
         }
         if prompt.len() >= context {
-            return Err(Error::InvalidArgument(format!(
-                "the prompt has {} tokens; the model's context is {context}",
-                prompt.len()
-            )));
+            return Err(Error::PromptTooLong { tokens: prompt.len(), context });
         }
         Ok(Sequence {
             adapters: adapters.to_vec(),
@@ -108,7 +105,7 @@ impl<'t> Sequence<'t> {
     /// last position) and applies the stop rules. Calling it on a finished sequence is an error.
     pub fn step(&mut self, logits: &[f32]) -> Result<Step> {
         if self.finish.is_some() {
-            return Err(Error::InvalidArgument("the sequence has already finished".into()));
+            return Err(Error::Batch("the sequence has already finished".into()));
         }
         let next = self.sampler.sample(logits)?;
         let mut text = String::new();

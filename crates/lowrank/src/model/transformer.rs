@@ -164,7 +164,7 @@ impl Model {
     ) -> Result<Tensor> {
         if let Some(c) = caches.as_deref() {
             if c.len() != seqs.len() {
-                return Err(Error::InvalidArgument(format!("{} sequences but {} caches", seqs.len(), c.len())));
+                return Err(Error::Batch(format!("{} sequences but {} caches", seqs.len(), c.len())));
             }
         }
         let mut ids = Vec::new();
@@ -172,10 +172,10 @@ impl Model {
         let mut spans = Vec::with_capacity(seqs.len());
         for (i, s) in seqs.iter().enumerate() {
             if s.tokens.is_empty() {
-                return Err(Error::InvalidArgument(format!("sequence {i} has no tokens")));
+                return Err(Error::Batch(format!("sequence {i} has no tokens")));
             }
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Batch(format!(
                     "token id {bad} is outside the vocabulary ({})",
                     self.config.vocab_size
                 )));

@@ -47,7 +47,7 @@ pub fn causal_attention(
     let (nq, heads, d) = q.dims3()?;
     let (nk, kv, dk) = k.dims3()?;
     if v.dims3()? != (nk, kv, dk) || dk != d || kv == 0 || heads % kv != 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Batch(format!(
             "attention: q {:?}, k {:?}, v {:?} do not fit [Nq, heads, D], [Nk, kv, D] with heads a multiple of kv",
             q.dims(),
             k.dims(),
@@ -56,7 +56,7 @@ pub fn causal_attention(
     }
     for s in segments {
         if s.q_len > s.k_len || s.q_start + s.q_len > nq || s.k_start + s.k_len > nk {
-            return Err(Error::InvalidArgument(format!("attention: segment {s:?} outside q rows {nq} / k rows {nk}")));
+            return Err(Error::Batch(format!("attention: segment {s:?} outside q rows {nq} / k rows {nk}")));
         }
     }
     let op = Attention {
@@ -385,7 +385,7 @@ mod tests {
         let q = Tensor::zeros((4, 2, 8), DType::F32, &dev)?;
         let k = Tensor::zeros((4, 1, 8), DType::F32, &dev)?;
         let seg = [Segment { q_start: 2, q_len: 3, k_start: 0, k_len: 4 }];
-        assert!(matches!(causal_attention(&q, &k, &k, &seg, None), Err(Error::InvalidArgument(_))));
+        assert!(matches!(causal_attention(&q, &k, &k, &seg, None), Err(Error::Batch(_))));
         Ok(())
     }
 }

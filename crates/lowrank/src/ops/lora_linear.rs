@@ -30,7 +30,7 @@ pub fn lora_linear(x: &Tensor, w: &FrozenWeight, lr: &LowRank) -> Result<Option<
     let (n, kx) = x.dims2()?;
     let (r, ka) = lr.a.dims2()?;
     if kx != k || ka != k || lr.b.dims2()? != (m, r) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Batch(format!(
             "low-rank linear: x {:?}, W [{m}, {k}], A {:?}, B {:?} do not fit",
             x.dims(),
             lr.a.dims(),
@@ -165,7 +165,7 @@ mod tests {
         let x = Tensor::zeros((2, 6), DType::F32, &dev)?;
         let (a, b) = (Tensor::zeros((2, 6), DType::F32, &dev)?, Tensor::zeros((7, 2), DType::F32, &dev)?);
         let lr = LowRank { a: &a, b: &b, scale: 1.0 };
-        assert!(matches!(lora_linear(&x, &w, &lr), Err(Error::InvalidArgument(_))));
+        assert!(matches!(lora_linear(&x, &w, &lr), Err(Error::Batch(_))));
         Ok(())
     }
 }

@@ -105,12 +105,7 @@ impl RopeTable {
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (n, _heads, d) = x.dims3()?;
     if cos.dims3()? != (n, 1, d / 2) || sin.dims3()? != (n, 1, d / 2) || d % 2 != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "rope: x {:?} with cos {:?}, sin {:?}",
-            x.dims(),
-            cos.dims(),
-            sin.dims()
-        )));
+        return Err(Error::Batch(format!("rope: x {:?} with cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims())));
     }
     if x.device().is_cpu() && [x.dtype(), cos.dtype(), sin.dtype()].iter().all(|t| *t == DType::F32) {
         return Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)?);

@@ -17,7 +17,7 @@ const CHUNK: usize = 1 << 14;
 /// `g, u: [..] -> silu(g) ⊙ u` (same shape), where `silu(g) = g · σ(g)`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.shape() != u.shape() {
-        return Err(Error::InvalidArgument(format!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims())));
+        return Err(Error::Batch(format!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims())));
     }
     if g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 {
         return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?);

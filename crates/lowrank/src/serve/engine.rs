@@ -104,7 +104,7 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Result<(Engine, std::thread::JoinHandle<()>)> {
         if config.max_batch == 0 || config.kv_budget_tokens == 0 {
-            return Err(Error::InvalidArgument("max_batch and kv_budget_tokens must be positive".into()));
+            return Err(Error::Engine("max_batch and kv_budget_tokens must be positive".into()));
         }
         let (tx, rx) = mpsc::sync_channel::<Job>(config.max_queue);
         let context = bundle.model.config().max_position_embeddings;

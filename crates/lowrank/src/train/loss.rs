@@ -56,13 +56,13 @@ fn chunked(
 ) -> Result<LossAndSurrogate> {
     let (n, _h) = hidden.dims2()?;
     if targets.len() != n {
-        return Err(Error::InvalidArgument(format!("{} targets for {n} rows", targets.len())));
+        return Err(Error::Batch(format!("{} targets for {n} rows", targets.len())));
     }
     let rows: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize].is_some()).collect();
     let labels: Vec<u32> = targets.iter().flatten().copied().collect();
     let count = rows.len();
     if count == 0 {
-        return Err(Error::InvalidArgument("the batch has no target tokens".into()));
+        return Err(Error::Batch("the batch has no target tokens".into()));
     }
     let dev = hidden.device();
     let h = hidden.detach();
@@ -104,10 +104,10 @@ struct LogitGrad {
 fn ce_rows(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Result<(f64, Option<LogitGrad>)> {
     let (c, v) = z.dims2()?;
     if labels.len() != c {
-        return Err(Error::InvalidArgument(format!("{} labels for {c} rows of logits", labels.len())));
+        return Err(Error::Batch(format!("{} labels for {c} rows of logits", labels.len())));
     }
     if labels.iter().any(|&l| l as usize >= v) {
-        return Err(Error::InvalidArgument(format!("a target id is outside the vocabulary of {v}")));
+        return Err(Error::Batch(format!("a target id is outside the vocabulary of {v}")));
     }
     if z.device().is_cpu() && z.dtype() == DType::F32 {
         return ce_rows_cpu(&z.contiguous()?, labels, gscale, with_grad);
@@ -143,7 +143,7 @@ fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Resu
     let dev = z.device().clone();
     let (storage, layout) = z.storage_and_layout();
     let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-        return Err(Error::InvalidArgument("logits are not a contiguous CPU tensor".into()));
+        return Err(Error::Batch("logits are not a contiguous CPU tensor".into()));
     };
     let z = &cpu.as_slice::<f32>()?[a..b];
     let row_max = |row: &[f32]| row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -231,10 +231,7 @@ mod tests {
         let (g, g_ref) = (full(g.expect("gradient"))?, full(g_ref.expect("gradient"))?);
         let d = (g - g_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-6, "gradients differ by {d}");
-        assert!(
-            matches!(ce_rows(&z, &[300], 1.0, false), Err(Error::InvalidArgument(_))),
-            "label outside the vocabulary"
-        );
+        assert!(matches!(ce_rows(&z, &[300], 1.0, false), Err(Error::Batch(_))), "label outside the vocabulary");
         Ok(())
     }
 }

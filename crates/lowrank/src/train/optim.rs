@@ -47,7 +47,7 @@ impl AdamW {
     /// parameter in order.
     pub fn with_lr_scales(mut self, scales: Vec<f64>) -> Result<Self> {
         if scales.len() != self.params.len() {
-            return Err(crate::Error::InvalidArgument(format!(
+            return Err(crate::Error::Training(format!(
                 "{} learning-rate scales for {} parameters",
                 scales.len(),
                 self.params.len()
@@ -100,7 +100,7 @@ impl AdamW {
                 let key = format!("{name}.{i}");
                 let t = tensors
                     .get(&key)
-                    .ok_or_else(|| crate::Error::InvalidArgument(format!("optimizer state lacks `{key}`")))?;
+                    .ok_or_else(|| crate::Error::Training(format!("optimizer state lacks `{key}`")))?;
                 crate::model::check_shape(&key, slot.dims(), t.dims())?;
                 *slot = t.clone();
             }

@@ -220,7 +220,7 @@ pub fn eval_loss(
         count += c;
     }
     if count == 0 {
-        return Err(Error::InvalidArgument("the evaluation set has no target tokens".into()));
+        return Err(Error::Training("the evaluation set has no target tokens".into()));
     }
     Ok(sum / count as f64)
 }

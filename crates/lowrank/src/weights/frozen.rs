@@ -105,10 +105,7 @@ impl FrozenWeight {
         let (m, k) = self.dims()?;
         let (n, m2) = dy.dims2()?;
         if m != m2 {
-            return Err(crate::Error::InvalidArgument(format!(
-                "input gradient: dy {:?} against W [{m}, {k}]",
-                dy.dims()
-            )));
+            return Err(crate::Error::Quantize(format!("input gradient: dy {:?} against W [{m}, {k}]", dy.dims())));
         }
         if !(dy.device().is_cpu() && dy.dtype() == DType::F32) {
             return Ok(dy.matmul(&self.to_dense()?.to_dtype(dy.dtype())?)?);

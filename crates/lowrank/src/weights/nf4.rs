@@ -81,7 +81,7 @@ impl Nf4Tensor {
         let (rows, cols) = w.dims2()?;
         let values: Vec<f32> = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::InvalidArgument(format!("NF4: element {i} of a {rows}×{cols} weight is not finite")));
+            return Err(Error::Quantize(format!("NF4: element {i} of a {rows}×{cols} weight is not finite")));
         }
         let bounds: [f32; 15] = std::array::from_fn(|i| (NF4[i] + NF4[i + 1]) / 2.0);
         let mut packed = vec![0u8; values.len().div_ceil(2)];

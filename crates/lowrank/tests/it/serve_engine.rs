@@ -191,8 +191,8 @@ fn decoding_paths_agree_at_the_context_limit() {
         assert_eq!((text, finish, n), (alone.text, FinishReason::Length, room), "engine, room {room}");
     }
     let full = prompt(ctx);
-    let error = generate(&b.model, &b.tokenizer, &[], &full, &opts, |_| Ok(())).unwrap_err().to_string();
-    assert!(error.contains("context is 256"), "{error}");
+    let error = generate(&b.model, &b.tokenizer, &[], &full, &opts, |_| Ok(())).unwrap_err();
+    assert!(matches!(error, lowrank::Error::PromptTooLong { tokens: 256, context: 256 }), "{error}");
     assert!(greedy_batch(&b.model, &b.tokenizer, &[], std::slice::from_ref(&full), 10).is_err());
     let (tx, rx) = mpsc::channel();
     engine.submit(job(full, vec![], 10, tx)).unwrap();

@@ -1,13 +1,14 @@
 //! The `lowrank` command: parse, dispatch, report errors.
 
 mod commands;
+mod process;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    lowrank::threads::configure();
+    process::configure();
     let cli = commands::Cli::parse();
     match lowrank::threads::run(|| commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+
+/// The CLI's process setup (threads, allocator), so the bench runs as `lowrank train` does.
+#[path = "../../lowrank-cli/src/process.rs"]
+mod process;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig};
 use lowrank::model::{LoadOptions, Model};
 use lowrank::train::{collect_grads, forward_backward, AdamW, AdamWConfig, TrainSeq};
@@ -81,7 +85,7 @@ struct Settings {
     batch: usize,
     /// Tokens per sequence `T`.
     seq: usize,
-    /// Worker threads (sets `RAYON_NUM_THREADS`; default: what `threads::configure` picks).
+    /// Worker threads (sets `RAYON_NUM_THREADS`; default: what the CLI's `process::configure` picks).
     threads: Option<usize>,
     /// Rows of logits materialised at a time in the loss (the CLI's value).
     loss_chunk: usize,
@@ -170,7 +174,7 @@ fn main() -> Result<()> {
     if let Some(n) = s.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    lowrank::threads::configure();
+    process::configure();
     lowrank::threads::run(|| run(&s))
 }
 

@@ -270,7 +270,7 @@ fn main() -> Result<()> {
     let s = Settings::parse(std::env::args().skip(1))?;
     // Before candle's first kernel creates the rayon pool (and reads the variable).
     std::env::set_var("RAYON_NUM_THREADS", s.threads.to_string());
-    let gguf = lowrank::home::default_model_gguf().context("fetching the default model")?;
+    let gguf = lowrank_home::default_model_gguf().context("fetching the default model")?;
     let mut modes: Vec<(&str, PathBuf, bool)> = vec![("gguf-q4_1", gguf.clone(), false), ("gguf-f32", gguf, true)];
     if let Some(dir) = &s.hf_dir {
         modes.push(("hf-f32", dir.clone(), false));

@@ -187,7 +187,7 @@ fn run(s: &Settings) -> Result<()> {
         None if s.mode == Mode::Nf4 => bail!(
             "--mode nf4 needs --model: a full-precision HF directory (e.g. ~/.cache/lowrank-reference/smollm2-hf)"
         ),
-        None => lowrank::home::default_model_gguf().context("fetching the default model")?,
+        None => lowrank_home::default_model_gguf().context("fetching the default model")?,
     };
     let quantize = (s.mode == Mode::Nf4).then_some(lowrank::model::Quantize::Nf4);
     let opts = LoadOptions { dequantize: s.mode == Mode::F32, quantize, ..Default::default() };

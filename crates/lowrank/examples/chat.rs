@@ -12,16 +12,17 @@ use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
 use lowrank::generate::{generate, GenerateOptions, SamplingParams};
 use lowrank::model::LoadOptions;
-use lowrank::{Error, Result};
+use lowrank::Error;
 
-fn main() -> Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(adapter_dir), Some(question)) = (args.next().map(PathBuf::from), args.next()) else {
         eprintln!("usage: chat ADAPTER_DIR QUESTION");
         std::process::exit(2);
     };
-    // The model, its tokenizer and chat template (fetched once into ~/.cache/lowrank).
-    let bundle = ModelBundle::open(&lowrank::home::default_model_gguf()?, &LoadOptions::default())?;
+    // The model, its tokenizer and chat template (the default one, fetched once into
+    // ~/.cache/lowrank by lowrank-home; any HF directory or GGUF file works).
+    let bundle = ModelBundle::open(&lowrank_home::default_model_gguf()?, &LoadOptions::default())?;
     // The adapter, checked against the model's modules; it stays outside the model.
     let adapter = Adapter::load_peft(&adapter_dir, bundle.model.modules(), bundle.model.device())?;
     let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];

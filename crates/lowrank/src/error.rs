@@ -76,9 +76,6 @@ pub enum Error {
     /// A chat template failed to parse or render.
     #[error("chat template: {0}")]
     ChatTemplate(String),
-    /// Fetching the default model failed.
-    #[error("fetching the default model: {0}")]
-    Fetch(String),
     /// A training data file has a malformed row, or nothing to train on.
     #[error("{}{}: {message}", .path.display(), .line.map(|l| format!(":{l}")).unwrap_or_default())]
     Data {
@@ -118,9 +115,6 @@ pub enum Error {
     /// The serving engine's limits are not usable.
     #[error("engine: {0}")]
     Engine(String),
-    /// lowrank's cache directory cannot be placed.
-    #[error("{0}")]
-    Home(String),
     /// Writing a model or adapter in another form failed (non-finite values, an adapter the
     /// target format cannot represent).
     #[error("export: {0}")]

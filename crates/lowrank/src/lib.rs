@@ -15,7 +15,6 @@ pub mod error;
 pub mod export;
 pub mod formats;
 pub mod generate;
-pub mod home;
 pub mod kernels;
 pub mod model;
 pub mod module_table;

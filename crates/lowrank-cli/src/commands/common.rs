@@ -58,7 +58,7 @@ pub fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
     match arg {
         Some(p) => Ok(p.to_path_buf()),
         None => {
-            let p = lowrank::home::default_model_gguf().context("getting the default model")?;
+            let p = lowrank_home::default_model_gguf().context("getting the default model")?;
             Ok(p)
         }
     }

@@ -67,7 +67,7 @@ impl ExampleTask {
 
     /// Writes the embedded dataset into the cache and returns (train, eval) paths.
     pub fn write_dataset(self) -> Result<(PathBuf, PathBuf)> {
-        let dir = lowrank::home::home_dir()?.join("example-data").join(self.name());
+        let dir = lowrank_home::home_dir()?.join("example-data").join(self.name());
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let (train, eval) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
         let (train_rows, eval_rows) = self.files();
@@ -79,7 +79,7 @@ impl ExampleTask {
     /// `<home>/runs/example-NAME-<unix seconds>`.
     pub fn default_output(self) -> Result<PathBuf> {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Ok(lowrank::home::home_dir()?.join("runs").join(format!("example-{}-{secs}", self.name())))
+        Ok(lowrank_home::home_dir()?.join("runs").join(format!("example-{}-{secs}", self.name())))
     }
 }
 

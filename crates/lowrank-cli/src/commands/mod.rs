@@ -54,9 +54,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A known fix for an error, if we have one.
 pub fn hint(e: &anyhow::Error) -> Option<String> {
+    e.chain().find_map(|c| {
+        if let Some(lowrank_home::Error::Fetch(_)) = c.downcast_ref::<lowrank_home::Error>() {
+            return Some("pass --model PATH to use a model you already have".into());
+        }
+        hint_for(c.downcast_ref::<lowrank::Error>()?)
+    })
+}
+
+/// A known fix for a library error, if we have one.
+fn hint_for(e: &lowrank::Error) -> Option<String> {
     use lowrank::Error;
-    e.chain().find_map(|c| match c.downcast_ref::<Error>()? {
-        Error::Fetch(_) => Some("pass --model PATH to use a model you already have".into()),
+    match e {
         Error::ShapeMismatch { .. } => {
             Some("the adapter was trained for a model of another size; check `lowrank inspect` on both".into())
         }
@@ -67,5 +76,5 @@ pub fn hint(e: &anyhow::Error) -> Option<String> {
             Some("the file may be truncated or not safetensors; re-download or re-save it".into())
         }
         _ => None,
-    })
+    }
 }

@@ -17,7 +17,7 @@ fn example_rows(n: usize) -> String {
 }
 
 fn default_gguf() -> PathBuf {
-    lowrank::home::default_model_gguf().expect("default model")
+    lowrank_home::default_model_gguf().expect("default model")
 }
 
 #[test]

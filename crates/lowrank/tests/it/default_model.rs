@@ -21,7 +21,7 @@ const EOS: usize = 2;
 fn default_gguf() -> PathBuf {
     match std::env::var_os("LOWRANK_DEFAULT_GGUF") {
         Some(p) => p.into(),
-        None => lowrank::home::default_model_gguf().expect("fetching the default model"),
+        None => lowrank_home::default_model_gguf().expect("fetching the default model"),
     }
 }
 

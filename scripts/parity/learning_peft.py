@@ -83,8 +83,23 @@ class Encoder:
 
     def example(self, row):
         if "messages" not in row:
-            p, c = self.prompt_ids(row["prompt"]), self.tok(row["completion"], add_special_tokens=False).input_ids
-            ids, targets = p + c + [self.eos], [False] * len(p) + [True] * (len(c) + 1)
+            # lowrank's rule (data/encode.rs): the joined ids when they extend the prompt's, else the
+            # prompt's ids then the completion's, unless that reads differently (SentencePiece's
+            # dummy prefix), where the joined ids stay, split at the first difference.
+            p = self.prompt_ids(row["prompt"])
+            joined = self.tok(row["prompt"] + row["completion"]).input_ids
+            if joined[: len(p)] == p:
+                ids, boundary = joined, len(p)
+            else:
+                apart = p + self.tok(row["completion"], add_special_tokens=False).input_ids
+                if self.tok.decode(apart) == self.tok.decode(joined):
+                    ids, boundary = apart, len(p)
+                else:
+                    boundary = next((i for i, (a, b) in enumerate(zip(joined, apart)) if a != b), min(len(joined), len(apart)))
+                    ids = joined
+            if ids[-1:] != [self.eos]:
+                ids = ids + [self.eos]
+            targets = [t >= boundary for t in range(len(ids))]
             targets[0] = False
             return ids[: self.max_len], targets[: self.max_len]
         messages = row["messages"]

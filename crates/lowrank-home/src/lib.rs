@@ -29,17 +29,9 @@ pub enum Error {
     /// Neither `$LOWRANK_HOME` nor `$HOME` is set.
     #[error("cannot place lowrank's cache: neither LOWRANK_HOME nor HOME is set")]
     NoHome,
-    /// A file or directory could not be read or made.
-    #[error("{op} {path}")]
-    Io {
-        /// What we were doing.
-        op: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or made, or the model not installed (the library's error).
+    #[error(transparent)]
+    Lowrank(#[from] lowrank::Error),
     /// The file at the default model's place is not GGUF.
     #[error("{path} is not a GGUF file (starts with {magic:02x?}); delete it to fetch the default model again")]
     NotGguf {
@@ -55,7 +47,7 @@ pub enum Error {
 
 impl Error {
     fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.to_path_buf(), source }
+        Error::Lowrank(lowrank::Error::io(op, path, source))
     }
 }
 
@@ -318,7 +310,7 @@ mod tests {
         assert!(matches!(err, Error::NotGguf { .. }), "{err}");
         let short = dir.path().join("short.gguf");
         fs::write(&short, b"GG").unwrap();
-        assert!(matches!(check_gguf_magic(&short), Err(Error::Io { .. })));
+        assert!(matches!(check_gguf_magic(&short), Err(Error::Lowrank(lowrank::Error::Io { .. }))));
     }
 
     /// Writes a zip archive holding `member` with `contents`, using the same Python as the fetch.

@@ -191,11 +191,8 @@ impl AdapterConfig {
     /// The config of a new adapter for `spec` (a causal LM, no bias), checked as a read one is.
     pub fn new_lora(spec: &LoraSpec) -> Result<Self> {
         let path = Path::new("adapter_config.json");
-        let Value::Object(mut raw) =
-            serde_json::to_value(spec).map_err(|e| Error::Json { path: path.into(), source: e })?
-        else {
-            unreachable!("a struct serialises to a JSON object")
-        };
+        let value = serde_json::to_value(spec).map_err(|e| Error::Json { path: path.into(), source: e })?;
+        let mut raw = value.as_object().cloned().unwrap_or_default();
         raw.insert("peft_type".into(), "LORA".into());
         raw.insert("task_type".into(), "CAUSAL_LM".into());
         raw.insert("bias".into(), "none".into());
@@ -317,11 +314,6 @@ mod tests {
         let e = AdapterConfig::from_json(r#"{"r":4,"target_modules":["q"],"peft_type":"IA3"}"#, p).unwrap_err();
         assert!(e.to_string().contains("IA3"), "{e}");
     }
-}
-
-#[cfg(test)]
-mod new_lora_tests {
-    use super::*;
 
     fn spec() -> LoraSpec {
         LoraSpec {

@@ -254,7 +254,8 @@ fn svd(parts: &[(Tensor, Tensor, f64)], rank: usize) -> Result<(Tensor, Tensor)>
     let (inner, k) = a.dims2()?;
     let m = b.dim(0)?;
     let to64 = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?) };
-    let (b2, a2) = truncated_svd_of_product(&to64(&b)?, m, inner, &to64(&a)?, k, rank);
+    let (b2, a2) = truncated_svd_of_product(&to64(&b)?, m, inner, &to64(&a)?, k, rank)
+        .ok_or_else(|| Error::NewAdapter("the SVD combination needs finite adapter weights".into()))?;
     let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     let dev = a.device();
     Ok((Tensor::from_vec(to32(a2), (rank, k), dev)?, Tensor::from_vec(to32(b2), (m, rank), dev)?))

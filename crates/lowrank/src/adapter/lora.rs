@@ -66,7 +66,7 @@ impl LoraLayer {
             // B = V_r sqrt(S_r / s), A = sqrt(S_r / s) U_rᵀ (PEFT names W's SVD V S Uᵀ).
             LoraInit::Pissa => {
                 let (u, sv, vt) = if m.min(k) <= EXACT_SVD_MAX {
-                    crate::kernels::top_svd(&wv, m, k, r)
+                    crate::kernels::top_svd(&wv, m, k, r).ok_or_else(non_finite)?
                 } else {
                     randomized_top_svd(w, r)?
                 };
@@ -96,7 +96,11 @@ impl LoraLayer {
     }
 }
 
-/// Up to this `min(M, K)`, PiSSA's SVD is exact (Jacobi, `min(M, K)³`); above it, randomized.
+fn non_finite() -> crate::Error {
+    crate::Error::NewAdapter("PiSSA needs a finite base weight".into())
+}
+
+/// Up to this `min(M, K)`, PiSSA's SVD is exact (`min(M, K)²·max(M, K)`); above it, randomized.
 const EXACT_SVD_MAX: usize = 256;
 
 /// Power iterations of [`randomized_top_svd`].
@@ -126,7 +130,7 @@ fn randomized_top_svd(w: &Tensor, r: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f
         y = crate::kernels::orthonormal_columns(&to_v(&w.matmul(&to_t(&z, k, q)?)?)?, m, q);
     }
     let small = to_v(&to_t(&y, m, q)?.t()?.matmul(&w)?)?; // Qᵀ W: [q, k]
-    let (us, s, vt) = crate::kernels::top_svd(&small, q, k, r); // [q, r], [r], [r, k]
+    let (us, s, vt) = crate::kernels::top_svd(&small, q, k, r).ok_or_else(non_finite)?; // [q, r], [r], [r, k]
     let u: Vec<f64> = (0..m * r).map(|idx| (0..q).map(|t| y[(idx / r) * q + t] * us[t * r + idx % r]).sum()).collect();
     Ok((u, s, vt))
 }

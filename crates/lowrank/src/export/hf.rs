@@ -192,6 +192,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         Family::Llama => "LlamaForCausalLM",
         Family::Mistral => "MistralForCausalLM",
         Family::Qwen2 => "Qwen2ForCausalLM",
+        Family::Qwen3 => "Qwen3ForCausalLM",
     };
     let rope_scaling = match &cfg.rope_scaling {
         RopeScaling::None | RopeScaling::Factors(_) => serde_json::Value::Null,
@@ -224,8 +225,15 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         v["attention_bias"] = json!(cfg.qkv_bias);
         v["mlp_bias"] = json!(cfg.mlp_bias);
     }
-    if cfg.family == Family::Mistral {
-        v["sliding_window"] = json!(cfg.sliding_window);
+    match cfg.family {
+        Family::Mistral => v["sliding_window"] = json!(cfg.sliding_window),
+        Family::Qwen2 | Family::Qwen3 => {
+            v["use_sliding_window"] = json!(cfg.sliding_window.is_some());
+            v["sliding_window"] = json!(cfg.sliding_window);
+            let kind = |&s: &bool| if s { "sliding_attention" } else { "full_attention" };
+            v["layer_types"] = json!(cfg.sliding_layers.iter().map(kind).collect::<Vec<_>>());
+        }
+        Family::Llama => {}
     }
     v
 }

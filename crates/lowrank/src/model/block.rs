@@ -32,12 +32,22 @@ pub struct BlockCtx<'a> {
     pub runs: &'a [AdapterRun<'a>],
 }
 
+/// A block's RMSNorm weights, each under its HF name within the block.
+#[derive(Clone, Debug)]
+struct Norms {
+    /// `input_layernorm: [H]`, before attention.
+    input: Tensor,
+    /// `post_attention_layernorm: [H]`, before the MLP.
+    post_attention: Tensor,
+    /// `self_attn.q_norm` and `self_attn.k_norm: [D]`, on each head before RoPE (Qwen3).
+    qk: Option<(Tensor, Tensor)>,
+}
+
 /// One transformer block.
 #[derive(Clone, Debug)]
 pub struct Block {
     layer: usize,
-    input_norm: Tensor,
-    post_norm: Tensor,
+    norms: Norms,
     q: Projection,
     k: Projection,
     v: Projection,
@@ -59,10 +69,15 @@ impl Block {
         let (h, d, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         let l = Some(layer);
+        let norm = |name: &str, len: usize| dense_checked(src, &format!("{p}.{name}.weight"), &[len]);
+        let norms = Norms {
+            input: norm("input_layernorm", h)?,
+            post_attention: norm("post_attention_layernorm", h)?,
+            qk: if cfg.qk_norm { Some((norm("self_attn.q_norm", d)?, norm("self_attn.k_norm", d)?)) } else { None },
+        };
         Ok(Self {
             layer,
-            input_norm: dense_checked(src, &format!("{p}.input_layernorm.weight"), &[h])?,
-            post_norm: dense_checked(src, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            norms,
             q: f.linear(&format!("{p}.self_attn.q_proj"), l, h, qd, cfg.qkv_bias)?,
             k: f.linear(&format!("{p}.self_attn.k_proj"), l, h, kvd, cfg.qkv_bias)?,
             v: f.linear(&format!("{p}.self_attn.v_proj"), l, h, kvd, cfg.qkv_bias)?,
@@ -74,7 +89,7 @@ impl Block {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: d,
-            sliding_window: cfg.sliding_window,
+            sliding_window: cfg.window(layer),
         })
     }
 
@@ -91,9 +106,14 @@ impl Block {
         ]
     }
 
-    /// The two norm weights: `(input_layernorm, post_attention_layernorm)`.
-    pub fn norms(&self) -> (&Tensor, &Tensor) {
-        (&self.input_norm, &self.post_norm)
+    /// `(HF name suffix, weight)` for every norm of the block, e.g. `("input_layernorm", [H])`.
+    pub fn named_norms(&self) -> Vec<(&'static str, &Tensor)> {
+        let n = &self.norms;
+        let mut out = vec![("input_layernorm", &n.input), ("post_attention_layernorm", &n.post_attention)];
+        if let Some((q, k)) = &n.qk {
+            out.extend([("self_attn.q_norm", q), ("self_attn.k_norm", k)]);
+        }
+        out
     }
 
     /// Every projection of the block.
@@ -108,10 +128,10 @@ impl Block {
 
     /// `x: [N, H] -> [N, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &BlockCtx, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
-        let h = rms_norm(x, &self.input_norm, self.eps)?;
+        let h = rms_norm(x, &self.norms.input, self.eps)?;
         let attn = self.attention(&h, ctx, caches)?;
         let x = (x + self.o.forward(&attn, ctx.runs)?)?;
-        let h = rms_norm(&x, &self.post_norm, self.eps)?;
+        let h = rms_norm(&x, &self.norms.post_attention, self.eps)?;
         let gate = self.gate.forward(&h, ctx.runs)?;
         let up = self.up.forward(&h, ctx.runs)?;
         let mlp = self.down.forward(&swiglu(&gate, &up)?, ctx.runs)?;
@@ -125,6 +145,10 @@ impl Block {
         let q = self.q.forward(h, ctx.runs)?.reshape((n, self.heads, d))?;
         let k = self.k.forward(h, ctx.runs)?.reshape((n, self.kv_heads, d))?;
         let v = self.v.forward(h, ctx.runs)?.reshape((n, self.kv_heads, d))?;
+        let (q, k) = match &self.norms.qk {
+            Some((qn, kn)) => (rms_norm(&q, qn, self.eps)?, rms_norm(&k, kn, self.eps)?),
+            None => (q, k),
+        };
         let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
         let o = match caches {

@@ -18,6 +18,8 @@ pub enum Family {
     Mistral,
     /// Qwen2 / Qwen2.5 (q/k/v bias).
     Qwen2,
+    /// Qwen3 dense (RMSNorm of q and k per head before RoPE, `head_dim` of its own).
+    Qwen3,
 }
 
 impl Family {
@@ -27,6 +29,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -36,6 +39,7 @@ impl Family {
         match self {
             Family::Llama | Family::Mistral => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -44,6 +48,11 @@ impl ModelConfig {
     /// The attention head counts.
     pub fn heads(&self) -> Heads {
         Heads { query: self.num_heads, kv: self.num_kv_heads }
+    }
+
+    /// The attention window of block `layer`: `None` for full causal attention.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
     }
 }
 
@@ -82,8 +91,13 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections.
     pub mlp_bias: bool,
-    /// Attention window (Mistral); `None` for full causal attention.
+    /// Attention window of the sliding-window layers; `None` when no layer has one.
     pub sliding_window: Option<usize>,
+    /// Per block: whether it attends within [`ModelConfig::sliding_window`] (transformers'
+    /// `layer_types`, `"sliding_attention"` against `"full_attention"`). Use [`ModelConfig::window`].
+    pub sliding_layers: Vec<bool>,
+    /// RMSNorm of each query and key head before RoPE (`self_attn.q_norm` / `k_norm`, Qwen3).
+    pub qk_norm: bool,
 }
 
 /// Mirror of the fields of `config.json` that we read; unknown fields are ignored.
@@ -108,6 +122,8 @@ struct HfConfig {
     mlp_bias: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
 }
 
 impl ModelConfig {
@@ -119,9 +135,10 @@ impl ModelConfig {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
             other => {
                 return Err(Error::Config(format!(
-                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2)",
+                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3)",
                     path.display()
                 )))
             }
@@ -136,11 +153,8 @@ impl ModelConfig {
             Some(v) if !v.is_null() => parse_rope_scaling(v)?,
             _ => RopeScaling::None,
         };
-        let sliding_window = match family {
-            Family::Mistral => raw.sliding_window,
-            Family::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
-            _ => None,
-        };
+        let (sliding_window, sliding_layers) =
+            sliding_layers(&raw, family).map_err(|m| Error::Config(format!("{}: {m}", path.display())))?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let cfg = ModelConfig {
             family,
@@ -160,6 +174,8 @@ impl ModelConfig {
             o_bias: family != Family::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_window,
+            sliding_layers,
+            qk_norm: family == Family::Qwen3,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -180,6 +196,12 @@ impl ModelConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
         }
+        if self.sliding_layers.len() != self.num_layers {
+            return bad(format!("{} layer types for {} layers", self.sliding_layers.len(), self.num_layers));
+        }
+        if self.sliding_layers.contains(&true) && self.sliding_window.is_none_or(|w| w == 0) {
+            return bad("sliding-window layers need a positive sliding_window".into());
+        }
         Ok(())
     }
 
@@ -191,10 +213,45 @@ impl ModelConfig {
         let bias = if self.qkv_bias { (self.num_heads + 2 * self.num_kv_heads) * d } else { 0 };
         let o = self.num_heads * d * h;
         let mlp = 3 * h * self.intermediate_size;
-        let block = q + kv + bias + o + mlp + 2 * h;
+        let qk_norm = if self.qk_norm { 2 * d } else { 0 };
+        let block = q + kv + bias + o + mlp + 2 * h + qk_norm;
         let emb = self.vocab_size * h;
         emb * if self.tie_word_embeddings { 1 } else { 2 } + self.num_layers * block + h
     }
+}
+
+/// The sliding window and which blocks use it, as transformers decides: Mistral windows every
+/// layer when `sliding_window` is set (its `layer_types` are ignored); Qwen2/Qwen3 only with
+/// `use_sliding_window`, on the `layer_types` marked `sliding_attention` or else on the layers
+/// from `max_window_layers` on; Llama never.
+fn sliding_layers(raw: &HfConfig, family: Family) -> std::result::Result<(Option<usize>, Vec<bool>), String> {
+    let n = raw.num_hidden_layers;
+    let window = match family {
+        Family::Llama => None,
+        Family::Mistral => raw.sliding_window,
+        Family::Qwen2 | Family::Qwen3 => raw.sliding_window.filter(|_| raw.use_sliding_window == Some(true)),
+    };
+    let Some(window) = window else { return Ok((None, vec![false; n])) };
+    let layers = match (&raw.layer_types, family) {
+        (_, Family::Mistral) => vec![true; n],
+        (Some(types), _) => {
+            if types.len() != n {
+                return Err(format!("layer_types has {} entries for {n} layers", types.len()));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(false),
+                    "sliding_attention" => Ok(true),
+                    other => Err(format!(
+                        "layer_types entry `{other}` is not supported (supported: full_attention, sliding_attention)"
+                    )),
+                })
+                .collect::<std::result::Result<_, _>>()?
+        }
+        (None, _) => (0..n).map(|l| l >= raw.max_window_layers.unwrap_or(28)).collect(),
+    };
+    Ok((Some(window).filter(|_| layers.contains(&true)), layers))
 }
 
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {

@@ -123,16 +123,16 @@ impl GgufFile {
         let family = match arch.as_str() {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
-            other => {
-                return Err(self.err(format!(
-                    "architecture `{other}` is not supported (supported: llama, qwen2; Mistral GGUFs use `llama`)"
-                )))
-            }
+            "qwen3" => Family::Qwen3,
+            other => return Err(self.err(format!(
+                "architecture `{other}` is not supported (supported: llama, qwen2, qwen3; Mistral GGUFs use `llama`)"
+            ))),
         };
         let req = |s: &Self, k: &str| -> Result<usize> {
             s.meta_usize(&format!("{arch}.{k}"))?.ok_or_else(|| s.err(format!("metadata `{arch}.{k}` is missing")))
         };
         let hidden_size = req(self, "embedding_length")?;
+        let num_layers = req(self, "block_count")?;
         let num_heads = req(self, "attention.head_count")?;
         let num_kv_heads = self.meta_usize(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(num_heads);
         let head_dim =
@@ -162,7 +162,7 @@ impl GgufFile {
             vocab_size,
             hidden_size,
             intermediate_size: req(self, "feed_forward_length")?,
-            num_layers: req(self, "block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -178,6 +178,8 @@ impl GgufFile {
             o_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
             mlp_bias: self.content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
             sliding_window: None,
+            sliding_layers: vec![false; num_layers],
+            qk_norm: family == Family::Qwen3,
         };
         cfg.validate()?;
         self.heads = (num_heads, num_kv_heads);

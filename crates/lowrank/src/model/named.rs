@@ -11,9 +11,9 @@ impl Model {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_weight().to_dense()?)];
         for (l, b) in self.blocks().iter().enumerate() {
             let p = format!("model.layers.{l}");
-            let (n1, n2) = b.norms();
-            out.push((format!("{p}.input_layernorm.weight"), n1.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), n2.clone()));
+            for (name, w) in b.named_norms() {
+                out.push((format!("{p}.{name}.weight"), w.clone()));
+            }
             for (name, proj) in b.named_projections() {
                 out.push((format!("{p}.{name}.weight"), proj.base().weight().to_dense()?));
                 if let Some(bias) = proj.base().bias() {

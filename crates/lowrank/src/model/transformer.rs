@@ -137,7 +137,7 @@ impl Model {
                 n += p.base().weight().size_in_bytes() + p.base().bias().map_or(0, t);
             }
         }
-        n + self.blocks.len() * 2 * t(&self.norm)
+        n + self.blocks.iter().flat_map(|b| b.named_norms()).map(|(_, w)| t(w)).sum::<usize>()
     }
 
     /// Runs `seqs` (flattened into `N` rows) through the blocks and the final norm.

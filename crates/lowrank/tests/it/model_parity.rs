@@ -17,7 +17,7 @@ fn check(family: &str, case: &str, model: &Model, adapters: &[lowrank::adapter::
 
 #[test]
 fn base_models_match_transformers() {
-    for family in ["llama", "llama3", "qwen2", "mistral"] {
+    for family in ["llama", "llama3", "qwen2", "mistral", "qwen3"] {
         check(family, "base", &tiny_model(family), &[]);
     }
 }
@@ -28,6 +28,7 @@ fn peft_adapters_match_peft() {
         ("llama", &["qv", "all_linear", "rslora", "patterns", "layers", "regex", "zero"]),
         ("qwen2", &["qv", "all_linear"]),
         ("mistral", &["qv", "all_linear"]),
+        ("qwen3", &["qv", "all_linear"]),
     ];
     for (family, names) in cases {
         let model = tiny_model(family);

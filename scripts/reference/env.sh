@@ -7,6 +7,9 @@ export LOWRANK_REFERENCE
 REF_PYTHON=${LOWRANK_REF_PYTHON:-$LOWRANK_REFERENCE/venv/bin/python}
 REF_MODEL=${LOWRANK_REF_MODEL:-$LOWRANK_REFERENCE/smollm2-hf}
 REF_GGUF=$LOWRANK_REFERENCE/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+# llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), from the
+# llama-cpp-python source package; nothing is built.
+REF_LLAMA_CPP=$LOWRANK_REFERENCE/llama.cpp-src
 
 # Exits with a hint unless the interpreter and the f32 model are there.
 require_reference() {

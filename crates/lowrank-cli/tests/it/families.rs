@@ -1,0 +1,115 @@
+//! Every command on the tiny model of each family added after Llama/Qwen2/Mistral, as a user runs
+//! them: the HF directory (which carries a tokenizer) and the GGUF files llama.cpp's own converter
+//! wrote from it (scripts/fixtures/converted.py). Greedy answers must agree wherever the same
+//! weights are reached by two routes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const FAMILIES: [&str; 1] = ["qwen3"];
+
+fn lowrank(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lowrank")).args(args).output().expect("running lowrank")
+}
+
+/// Runs `lowrank args`, asserting success; its stdout.
+fn ok(args: &[&str]) -> String {
+    let r = lowrank(args);
+    assert!(r.status.success(), "lowrank {}: {}", args.join(" "), String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lowrank/tests/fixtures/models").join(family)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The greedy continuation of a fixed prompt (16 tokens, never stopping early on eos).
+fn answer(model: &Path, adapter: Option<&Path>) -> String {
+    let mut args = vec!["generate", "--model", s(model), "--prompt", "the the", "--max-new-tokens", "16"];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    ok(&args)
+}
+
+fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "train",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+        "--steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--rank",
+        "4",
+        "--lr",
+        "3e-2",
+    ];
+    args.extend(extra);
+    ok(&args);
+    assert!(out.join("adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn every_command_runs_on_each_family_and_the_routes_agree() {
+    for family in FAMILIES {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = fixture(family).join("model");
+        let gguf = fixture(family).join("gguf/tiny-F32.gguf");
+        let data = tmp.path().join("train.jsonl");
+        let rows: String =
+            (0..8).map(|i| format!("{{\"prompt\": \"the {i}\", \"completion\": \" he{i}\"}}\n")).collect();
+        std::fs::write(&data, rows).unwrap();
+
+        let info = ok(&["inspect", s(&model)]);
+        assert!(info.contains(family), "{family}: inspect says\n{info}");
+        let info = ok(&["inspect", s(&gguf)]);
+        assert!(info.contains(family), "{family}: inspect of the GGUF says\n{info}");
+
+        // All seven projections, then merged into HF and GGUF models that answer as base + adapter.
+        let run = tmp.path().join("run");
+        train(&model, &data, &run, &[]);
+        let want = answer(&model, Some(&run));
+        assert_ne!(want, answer(&model, None), "{family}: the trained adapter changes nothing");
+        let merged = tmp.path().join("merged");
+        ok(&["merge", "--model", s(&model), "--adapter", s(&run), "--output", s(&merged)]);
+        assert_eq!(answer(&merged, None), want, "{family}: merged HF model");
+        let merged_gguf = tmp.path().join("merged.gguf");
+        ok(&["merge", "--model", s(&model), "--adapter", s(&run), "--format", "gguf", "--output", s(&merged_gguf)]);
+        // GGUF routes are compared with each other: a GGUF says nothing of a sliding window where
+        // llama.cpp does not implement one for the family (tiny qwen3 has one on layer 1).
+        let want_gguf = answer(&gguf, Some(&run));
+        assert_eq!(answer(&merged_gguf, None), want_gguf, "{family}: merged GGUF model");
+
+        // The adapter as a llama.cpp LoRA GGUF, read back, answers as the PEFT directory.
+        let exported = tmp.path().join("adapter.gguf");
+        ok(&["export", "--model", s(&model), "--adapter", s(&run), "--output", s(&exported)]);
+        let back = tmp.path().join("back");
+        ok(&["export", "--model", s(&gguf), "--from-gguf", s(&exported), "--output", s(&back)]);
+        assert_eq!(answer(&gguf, Some(&back)), want_gguf, "{family}: exported adapter");
+
+        // Two adapters stacked into one (cat: exact) answer as one merged under the other.
+        let other = tmp.path().join("other");
+        train(&model, &data, &other, &["--target-modules", "q_proj,v_proj", "--seed", "7"]);
+        let combined = tmp.path().join("combined");
+        ok(&["combine", "--model", s(&model), "--adapter", s(&run), "--adapter", s(&other), "--output", s(&combined)]);
+        assert_eq!(answer(&model, Some(&combined)), answer(&merged, Some(&other)), "{family}: combined adapter");
+
+        // DoRA with NF4 and checkpointing on the HF model; plain LoRA on the Q8_0 GGUF base.
+        let qlora = tmp.path().join("qlora");
+        train(&model, &data, &qlora, &["--dora", "--quantize", "nf4", "--gradient-checkpointing"]);
+        answer(&model, Some(&qlora));
+        let on_q8 = tmp.path().join("on_q8");
+        train(&fixture(family).join("gguf/tiny-Q8_0.gguf"), &data, &on_q8, &[]);
+        answer(&model, Some(&on_q8));
+    }
+}

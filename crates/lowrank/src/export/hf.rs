@@ -186,15 +186,9 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     write_synced(path, format!("{text}\n").as_bytes())
 }
 
-/// The HF `config.json` for a configuration.
-pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
-    let arch = match cfg.family {
-        Family::Llama => "LlamaForCausalLM",
-        Family::Mistral => "MistralForCausalLM",
-        Family::Qwen2 => "Qwen2ForCausalLM",
-        Family::Qwen3 => "Qwen3ForCausalLM",
-    };
-    let rope_scaling = match &cfg.rope_scaling {
+/// `rope_scaling` as config.json writes it (`null` for none).
+fn rope_scaling_json(scaling: &RopeScaling) -> serde_json::Value {
+    match scaling {
         RopeScaling::None | RopeScaling::Factors(_) => serde_json::Value::Null,
         RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
@@ -202,7 +196,20 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
             "high_freq_factor": high_freq_factor,
             "original_max_position_embeddings": *original_max_position_embeddings as usize,
         }),
+    }
+}
+
+/// The HF `config.json` for a configuration.
+pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
+    let arch = match cfg.family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Mistral => "MistralForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+        Family::Qwen3 => "Qwen3ForCausalLM",
+        Family::Gemma2 => "Gemma2ForCausalLM",
+        Family::Gemma3 => "Gemma3ForCausalLM",
     };
+    let rope_scaling = rope_scaling_json(&cfg.rope_scaling);
     let mut v = json!({
         "architectures": [arch],
         "model_type": cfg.family.name(),
@@ -213,7 +220,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": cfg.activation.hf_name(),
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": rope_scaling,
@@ -225,13 +232,45 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         v["attention_bias"] = json!(cfg.qkv_bias);
         v["mlp_bias"] = json!(cfg.mlp_bias);
     }
+    let kind = |&s: &bool| if s { "sliding_attention" } else { "full_attention" };
+    let layer_types = json!(cfg.sliding_layers.iter().map(kind).collect::<Vec<_>>());
     match cfg.family {
         Family::Mistral => v["sliding_window"] = json!(cfg.sliding_window),
         Family::Qwen2 | Family::Qwen3 => {
             v["use_sliding_window"] = json!(cfg.sliding_window.is_some());
             v["sliding_window"] = json!(cfg.sliding_window);
-            let kind = |&s: &bool| if s { "sliding_attention" } else { "full_attention" };
-            v["layer_types"] = json!(cfg.sliding_layers.iter().map(kind).collect::<Vec<_>>());
+            v["layer_types"] = layer_types;
+        }
+        Family::Gemma2 | Family::Gemma3 => {
+            v["hidden_activation"] = json!(cfg.activation.hf_name());
+            // q from the scale q^-1/2; configs carry integers (transformers types it `int`).
+            let q = cfg.attn_scale.powi(-2);
+            v["query_pre_attn_scalar"] = if (q - q.round()).abs() < 1e-6 { json!(q.round() as i64) } else { json!(q) };
+            v["sliding_window"] = json!(cfg.sliding_window);
+            v["layer_types"] = layer_types;
+            v["final_logit_softcapping"] = json!(cfg.final_softcap);
+            if cfg.family == Family::Gemma2 {
+                v["attn_logit_softcapping"] = json!(cfg.attn_softcap);
+            } else {
+                let rope = |theta: f32, scaling: &RopeScaling| {
+                    let mut r = rope_scaling_json(scaling);
+                    if r.is_null() {
+                        r = json!({"rope_type": "default"});
+                    }
+                    r["rope_theta"] = json!(theta);
+                    r
+                };
+                let (local_theta, local_scaling) =
+                    cfg.sliding_rope.clone().unwrap_or((cfg.rope_theta, cfg.rope_scaling.clone()));
+                v["rope_parameters"] = json!({
+                    "full_attention": rope(cfg.rope_theta, &cfg.rope_scaling),
+                    "sliding_attention": rope(local_theta, &local_scaling),
+                });
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("rope_theta");
+                    m.remove("rope_scaling");
+                }
+            }
         }
         Family::Llama => {}
     }

@@ -1,4 +1,6 @@
-//! The one transformer block (pre-norm attention + SwiGLU MLP) shared by every family.
+//! The one transformer block shared by every family: pre-norm attention and a gated MLP, with the
+//! family's switches from [`ModelConfig`] (q/k norms, Gemma's norms after attention and around
+//! the MLP, the activation, how scores are scaled, capped and windowed, which RoPE).
 
 use candle_core::Tensor;
 
@@ -6,7 +8,7 @@ use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, Projection};
 use super::weights::{dense_checked, WeightSource};
-use crate::ops::{apply_rope, causal_attention, rms_norm, swiglu, Segment};
+use crate::ops::{apply_rope, causal_attention, glu, rms_norm, Activation, Scores, Segment};
 use crate::Result;
 
 /// Where each sequence sits in the flattened batch.
@@ -26,20 +28,26 @@ pub struct BlockCtx<'a> {
     pub cos: Tensor,
     /// `[N, 1, D/2]` sines.
     pub sin: Tensor,
+    /// The sliding-window layers' own `(cos, sin)` where their RoPE differs (Gemma 3).
+    pub sliding: Option<(Tensor, Tensor)>,
     /// Each sequence's rows.
     pub spans: &'a [SeqSpan],
     /// Adapter selection by rows.
     pub runs: &'a [AdapterRun<'a>],
 }
 
-/// A block's RMSNorm weights, each under its HF name within the block.
+/// A block's RMSNorm multipliers. For Gemma they are `1 + w` of the HF weight `w` (as llama.cpp's
+/// converter stores them), so every family normalises as `x / rms(x) ⊙ weight`.
 #[derive(Clone, Debug)]
 struct Norms {
     /// `input_layernorm: [H]`, before attention.
     input: Tensor,
-    /// `post_attention_layernorm: [H]`, before the MLP.
-    post_attention: Tensor,
-    /// `self_attn.q_norm` and `self_attn.k_norm: [D]`, on each head before RoPE (Qwen3).
+    /// Before the MLP: `post_attention_layernorm` (Gemma: `pre_feedforward_layernorm`).
+    pre_mlp: Tensor,
+    /// Gemma: `post_attention_layernorm` on the attention output and `post_feedforward_layernorm`
+    /// on the MLP output, each before its residual add.
+    sandwich: Option<(Tensor, Tensor)>,
+    /// `self_attn.q_norm` and `self_attn.k_norm: [D]`, on each head before RoPE (Qwen3, Gemma 3).
     qk: Option<(Tensor, Tensor)>,
 }
 
@@ -59,7 +67,10 @@ pub struct Block {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    sliding_window: Option<usize>,
+    activation: Activation,
+    scores: Scores,
+    /// Uses [`BlockCtx::sliding`]'s rotary tables.
+    sliding_rope: bool,
 }
 
 impl Block {
@@ -69,10 +80,19 @@ impl Block {
         let (h, d, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         let l = Some(layer);
-        let norm = |name: &str, len: usize| dense_checked(src, &format!("{p}.{name}.weight"), &[len]);
+        let norm = |name: &str, len: usize| -> Result<Tensor> {
+            let w = dense_checked(src, &format!("{p}.{name}.weight"), &[len])?;
+            Ok(if cfg.family.is_gemma() && !src.norms_plus_one() { (w + 1.0)? } else { w })
+        };
+        let gemma = cfg.family.is_gemma();
         let norms = Norms {
             input: norm("input_layernorm", h)?,
-            post_attention: norm("post_attention_layernorm", h)?,
+            pre_mlp: norm(if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }, h)?,
+            sandwich: if gemma {
+                Some((norm("post_attention_layernorm", h)?, norm("post_feedforward_layernorm", h)?))
+            } else {
+                None
+            },
             qk: if cfg.qk_norm { Some((norm("self_attn.q_norm", d)?, norm("self_attn.k_norm", d)?)) } else { None },
         };
         Ok(Self {
@@ -89,7 +109,9 @@ impl Block {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: d,
-            sliding_window: cfg.window(layer),
+            activation: cfg.activation,
+            scores: cfg.scores(layer),
+            sliding_rope: cfg.sliding_rope.is_some() && cfg.is_sliding(layer),
         })
     }
 
@@ -106,10 +128,19 @@ impl Block {
         ]
     }
 
-    /// `(HF name suffix, weight)` for every norm of the block, e.g. `("input_layernorm", [H])`.
+    /// `(HF name suffix, multiplier)` for every norm of the block, e.g. `("input_layernorm", [H])`
+    /// (for Gemma the multiplier is `1 + w` of the HF weight `w`).
     pub fn named_norms(&self) -> Vec<(&'static str, &Tensor)> {
         let n = &self.norms;
-        let mut out = vec![("input_layernorm", &n.input), ("post_attention_layernorm", &n.post_attention)];
+        let mut out = vec![("input_layernorm", &n.input)];
+        match &n.sandwich {
+            Some((post_attn, post_mlp)) => out.extend([
+                ("post_attention_layernorm", post_attn),
+                ("pre_feedforward_layernorm", &n.pre_mlp),
+                ("post_feedforward_layernorm", post_mlp),
+            ]),
+            None => out.push(("post_attention_layernorm", &n.pre_mlp)),
+        }
         if let Some((q, k)) = &n.qk {
             out.extend([("self_attn.q_norm", q), ("self_attn.k_norm", k)]);
         }
@@ -128,14 +159,18 @@ impl Block {
 
     /// `x: [N, H] -> [N, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &BlockCtx, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let post = |t: Tensor, which: fn(&(Tensor, Tensor)) -> &Tensor| match &self.norms.sandwich {
+            Some(pair) => rms_norm(&t, which(pair), self.eps),
+            None => Ok(t),
+        };
         let h = rms_norm(x, &self.norms.input, self.eps)?;
-        let attn = self.attention(&h, ctx, caches)?;
-        let x = (x + self.o.forward(&attn, ctx.runs)?)?;
-        let h = rms_norm(&x, &self.norms.post_attention, self.eps)?;
+        let attn = self.o.forward(&self.attention(&h, ctx, caches)?, ctx.runs)?;
+        let x = (x + post(attn, |p| &p.0)?)?;
+        let h = rms_norm(&x, &self.norms.pre_mlp, self.eps)?;
         let gate = self.gate.forward(&h, ctx.runs)?;
         let up = self.up.forward(&h, ctx.runs)?;
-        let mlp = self.down.forward(&swiglu(&gate, &up)?, ctx.runs)?;
-        Ok((x + mlp)?)
+        let mlp = self.down.forward(&glu(&gate, &up, self.activation)?, ctx.runs)?;
+        Ok((x + post(mlp, |p| &p.1)?)?)
     }
 
     /// `h: [N, H] -> [N, heads·D]`, causal attention within each sequence.
@@ -149,8 +184,12 @@ impl Block {
             Some((qn, kn)) => (rms_norm(&q, qn, self.eps)?, rms_norm(&k, kn, self.eps)?),
             None => (q, k),
         };
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let (cos, sin) = match &ctx.sliding {
+            Some((cos, sin)) if self.sliding_rope => (cos, sin),
+            _ => (&ctx.cos, &ctx.sin),
+        };
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
         let o = match caches {
             // Every sequence attends to its own new rows: one call for the whole batch.
             None => {
@@ -159,7 +198,7 @@ impl Block {
                     .iter()
                     .map(|s| Segment { q_start: s.start, q_len: s.len, k_start: s.start, k_len: s.len })
                     .collect();
-                causal_attention(&q, &k, &v, &segs, self.sliding_window)? // [N, heads, D]
+                causal_attention(&q, &k, &v, &segs, self.scores)? // [N, heads, D]
             }
             // Each sequence's keys are its cache plus its new rows.
             Some(caches) => {
@@ -168,7 +207,7 @@ impl Block {
                     let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
                     let (ks, vs) = cache.append(self.layer, &rows(&k)?, &rows(&v)?)?; // [S, kv, D]
                     let seg = Segment { q_start: 0, q_len: span.len, k_start: 0, k_len: ks.dim(0)? };
-                    outs.push(causal_attention(&rows(&q)?, &ks, &vs, &[seg], self.sliding_window)?);
+                    outs.push(causal_attention(&rows(&q)?, &ks, &vs, &[seg], self.scores)?);
                     // [T, heads, D]
                 }
                 Tensor::cat(&outs, 0)?

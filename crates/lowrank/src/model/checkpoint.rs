@@ -65,6 +65,7 @@ pub fn checkpointed(block: &Block, x: &Tensor, ctx: &BlockCtx, sink: &Arc<GradSi
         block: block.clone(),
         cos: ctx.cos.clone(),
         sin: ctx.sin.clone(),
+        sliding: ctx.sliding.clone(),
         spans: ctx.spans.to_vec(),
         runs,
         vars,
@@ -84,6 +85,7 @@ struct Checkpoint {
     block: Block,
     cos: Tensor,
     sin: Tensor,
+    sliding: Option<(Tensor, Tensor)>,
     spans: Vec<SeqSpan>,
     runs: Vec<(Range<usize>, Vec<ActiveAdapter>)>,
     vars: Vec<TensorId>,
@@ -94,7 +96,13 @@ impl Checkpoint {
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let runs: Vec<AdapterRun> =
             self.runs.iter().map(|(rows, adapters)| AdapterRun { rows: rows.clone(), adapters }).collect();
-        let ctx = BlockCtx { cos: self.cos.clone(), sin: self.sin.clone(), spans: &self.spans, runs: &runs };
+        let ctx = BlockCtx {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            sliding: self.sliding.clone(),
+            spans: &self.spans,
+            runs: &runs,
+        };
         self.block.forward(x, &ctx, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }

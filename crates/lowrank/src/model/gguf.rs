@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{Family, ModelConfig};
 use super::weights::WeightSource;
 use crate::formats::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk};
-use crate::ops::RopeScaling;
+use crate::ops::{Activation, RopeScaling};
 use crate::weights::FrozenWeight;
 use crate::{Error, Result};
 
@@ -182,6 +182,11 @@ impl GgufFile {
             sliding_window: None,
             sliding_layers: vec![false; num_layers],
             qk_norm: family == Family::Qwen3,
+            activation: Activation::Silu,
+            attn_scale: (head_dim as f64).powf(-0.5),
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_rope: None,
         };
         cfg.validate()?;
         self.heads = (num_heads, num_kv_heads);

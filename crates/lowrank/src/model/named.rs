@@ -6,13 +6,16 @@ use super::transformer::Model;
 use crate::Result;
 
 impl Model {
-    /// Every weight under its HF name, dense f32 (quantized weights dequantised).
+    /// Every weight under its HF name, dense f32 (quantized weights dequantised), as HF stores it:
+    /// Gemma's norms as `w`, not the `1 + w` the model multiplies by.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let norm =
+            |w: &Tensor| -> Result<Tensor> { Ok(if self.config().family.is_gemma() { (w - 1.0)? } else { w.clone() }) };
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_weight().to_dense()?)];
         for (l, b) in self.blocks().iter().enumerate() {
             let p = format!("model.layers.{l}");
             for (name, w) in b.named_norms() {
-                out.push((format!("{p}.{name}.weight"), w.clone()));
+                out.push((format!("{p}.{name}.weight"), norm(w)?));
             }
             for (name, proj) in b.named_projections() {
                 out.push((format!("{p}.{name}.weight"), proj.base().weight().to_dense()?));
@@ -21,7 +24,7 @@ impl Model {
                 }
             }
         }
-        out.push(("model.norm.weight".into(), self.final_norm().clone()));
+        out.push(("model.norm.weight".into(), norm(self.final_norm())?));
         if !self.config().tie_word_embeddings {
             out.push(("lm_head.weight".into(), self.head_weight().to_dense()?));
         }

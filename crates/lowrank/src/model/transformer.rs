@@ -34,6 +34,8 @@ pub struct Model {
     norm: Tensor,
     lm_head: FrozenLinear,
     rope: RopeTable,
+    /// The sliding-window layers' RoPE where it is not `rope` (Gemma 3).
+    sliding_rope: Option<RopeTable>,
     modules: ModuleTable,
     device: Device,
 }
@@ -47,6 +49,7 @@ impl Model {
         let blocks =
             (0..config.num_layers).map(|l| Block::load(&config, l, src, &mut factory)).collect::<Result<Vec<_>>>()?;
         let norm = dense_checked(src, "model.norm.weight", &[h])?;
+        let norm = if config.family.is_gemma() && !src.norms_plus_one() { (norm + 1.0)? } else { norm };
         let head = if config.tie_word_embeddings {
             embed.clone()
         } else if src.contains("lm_head.weight") {
@@ -58,12 +61,17 @@ impl Model {
             });
         };
         let rope = RopeTable::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
+        let sliding_rope = match &config.sliding_rope {
+            Some((theta, scaling)) => Some(RopeTable::new(config.head_dim, *theta, scaling)?),
+            None => None,
+        };
         Ok(Self {
             embed,
             blocks,
             norm,
             lm_head: FrozenLinear::new(head, None),
             rope,
+            sliding_rope,
             modules: factory.finish(),
             device: device.clone(),
             config,
@@ -193,8 +201,13 @@ impl Model {
             FrozenWeight::Quant(q) => q.embedding(&ids)?.to_dtype(DType::F32)?,
             FrozenWeight::Nf4(q) => q.dequantize(&self.device)?.embedding(&ids)?,
         }; // [N, H]
+        if self.config.family.is_gemma() {
+            // transformers: the embedding times √H, the factor rounded to the embedding's dtype.
+            x = (x * (self.config.hidden_size as f64).sqrt() as f32 as f64)?;
+        }
         let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
-        let ctx = BlockCtx { cos, sin, spans: &spans, runs: &runs };
+        let sliding = self.sliding_rope.as_ref().map(|r| r.cos_sin(&positions, &self.device)).transpose()?;
+        let ctx = BlockCtx { cos, sin, sliding, spans: &spans, runs: &runs };
         for (i, block) in self.blocks.iter().enumerate() {
             x = match checkpoint {
                 Some((sink, every)) if i % every == 0 => checkpointed(block, &x, &ctx, sink)?,
@@ -204,9 +217,14 @@ impl Model {
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
-    /// `hidden: [N, H] -> logits [N, V]`.
+    /// `hidden: [N, H] -> logits [N, V]` (soft-capped where the model caps them).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        self.output_head().logits(hidden)
+    }
+
+    /// The output head with its soft cap, as the loss uses it.
+    pub fn output_head(&self) -> OutputHead<'_> {
+        OutputHead { linear: &self.lm_head, softcap: self.config.final_softcap }
     }
 
     /// Logits of the last token of each sequence: `[B, V]`.
@@ -220,6 +238,27 @@ impl Model {
         }
         let idx = Tensor::from_vec(last, seqs.len(), &self.device)?;
         self.logits(&hidden.index_select(&idx, 0)?)
+    }
+}
+
+/// The frozen output projection `[V, H]` and the cap `c` of `c · tanh(z / c)` on its logits
+/// (Gemma's `final_logit_softcapping`).
+#[derive(Clone, Copy, Debug)]
+pub struct OutputHead<'a> {
+    /// The projection (the embedding matrix when tied).
+    pub linear: &'a FrozenLinear,
+    /// The soft cap, if any.
+    pub softcap: Option<f64>,
+}
+
+impl OutputHead<'_> {
+    /// `hidden: [N, H] -> logits [N, V]`, capped.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let z = self.linear.forward(hidden)?;
+        match self.softcap {
+            Some(c) => Ok(((z / c)?.tanh()? * c)?),
+            None => Ok(z),
+        }
     }
 }
 

@@ -19,6 +19,11 @@ pub trait WeightSource {
     /// A projection or embedding matrix `[rows, cols]`, kept quantized when stored quantized
     /// (unless the source was opened to dequantise).
     fn matrix(&self, name: &str) -> Result<FrozenWeight>;
+    /// Whether Gemma's norm weights are stored as the multiplier `1 + w` (llama.cpp's converter
+    /// writes them so) rather than as HF's `w`.
+    fn norms_plus_one(&self) -> bool {
+        false
+    }
 }
 
 /// Loads `name` and checks its shape.

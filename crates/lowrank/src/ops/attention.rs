@@ -1,4 +1,6 @@
-//! Causal self-attention as one op with a backward: `softmax(q kᵀ · scale + mask) v` per head.
+//! Causal self-attention as one op with a backward: `softmax(cap(q kᵀ · scale) + mask) v` per
+//! head, where `cap(x) = c · tanh(x / c)` when the model soft-caps its scores (Gemma 2) and
+//! `cap(x) = x` otherwise.
 //!
 //! Queries are processed a block of rows at a time against only the keys they can see
 //! (FlashAttention's tiling, on CPU): the `[heads, T, S]` score matrix is never held, the
@@ -35,15 +37,27 @@ pub struct Segment {
     pub k_len: usize,
 }
 
+/// How a layer scores its keys.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// Multiplies `q kᵀ`: `1/√D` for most models, `query_pre_attn_scalar^-1/2` for Gemma.
+    pub scale: f32,
+    /// `c` of `c · tanh(x / c)` applied to the scaled scores (Gemma 2's `attn_logit_softcapping`).
+    pub softcap: Option<f32>,
+    /// Keys this many positions back or further are masked (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+impl Scores {
+    /// `1/√head_dim`, no cap, no window.
+    pub fn plain(head_dim: usize) -> Self {
+        Self { scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, window: None }
+    }
+}
+
 /// `q: [Nq, heads, D]`, `k, v: [Nk, kv, D]` -> `[Nq, heads, D]`: every segment's queries attend
-/// causally (and within `window` positions, if given) to that segment's keys, scaled by `1/√D`.
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segments: &[Segment],
-    window: Option<usize>,
-) -> Result<Tensor> {
+/// causally (and within the window, if any) to that segment's keys, scored as `scores` says.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Segment], scores: Scores) -> Result<Tensor> {
     let (nq, heads, d) = q.dims3()?;
     let (nk, kv, dk) = k.dims3()?;
     if v.dims3()? != (nk, kv, dk) || dk != d || kv == 0 || heads % kv != 0 {
@@ -64,8 +78,9 @@ pub fn causal_attention(
         heads,
         kv,
         d,
-        window: window.unwrap_or(usize::MAX).max(1),
-        scale: 1.0 / (d as f32).sqrt(),
+        window: scores.window.unwrap_or(usize::MAX).max(1),
+        scale: scores.scale,
+        softcap: scores.softcap,
     };
     if q.device().is_cpu() && [q.dtype(), k.dtype(), v.dtype()].iter().all(|t| *t == DType::F32) {
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
@@ -83,6 +98,7 @@ struct Attention {
     /// Keys further back than this many positions are masked (`usize::MAX`: none).
     window: usize,
     scale: f32,
+    softcap: Option<f32>,
 }
 
 /// Contiguous f32 views of the inputs: `q`, `k`, `v` and their row strides.
@@ -113,9 +129,21 @@ impl Attention {
     }
 
     /// Query rows `[t0, t1)` of head `h` against keys `[lo, hi)`: probabilities into
-    /// `p: [t1 - t0, hi - lo]`, masked entries 0.
+    /// `p: [t1 - t0, hi - lo]`, masked entries 0. With a soft cap and `slopes`, also the cap's
+    /// derivative `1 − tanh²` at every score, for the backward.
     #[allow(clippy::too_many_arguments)]
-    fn probs(&self, x: &Views, s: &Segment, h: usize, t0: usize, t1: usize, lo: usize, hi: usize, p: &mut Vec<f32>) {
+    fn probs(
+        &self,
+        x: &Views,
+        s: &Segment,
+        h: usize,
+        t0: usize,
+        t1: usize,
+        lo: usize,
+        hi: usize,
+        p: &mut Vec<f32>,
+        slopes: Option<&mut Vec<f32>>,
+    ) {
         let (rows, keys, d) = (t1 - t0, hi - lo, self.d);
         p.clear();
         p.resize(rows * keys, 0.0);
@@ -134,6 +162,20 @@ impl Attention {
             self.scale,
             false,
         );
+        if let Some(c) = self.softcap {
+            let inv = 1.0 / c;
+            match slopes {
+                Some(sl) => {
+                    sl.clear();
+                    sl.extend(p.iter_mut().map(|e| {
+                        let t = (*e * inv).tanh();
+                        *e = c * t;
+                        1.0 - t * t
+                    }));
+                }
+                None => p.iter_mut().for_each(|e| *e = c * (*e * inv).tanh()),
+            }
+        }
         let past = s.k_len - s.q_len;
         for (i, row) in p.chunks_exact_mut(keys).enumerate() {
             let pos = past + t0 + i;
@@ -157,7 +199,7 @@ impl Attention {
         for t0 in (0..s.q_len).step_by(BLOCK) {
             let t1 = (t0 + BLOCK).min(s.q_len);
             let (lo, hi) = self.key_range(s, t0, t1);
-            self.probs(x, s, h, t0, t1, lo, hi, &mut p);
+            self.probs(x, s, h, t0, t1, lo, hi, &mut p, None);
             let v = &x.v[(s.k_start + lo) * self.k_stride() + self.kv_head(h) * d..];
             // out[t0..t1] = p[rows, keys] · v[keys, D]
             gemm(
@@ -182,13 +224,13 @@ impl Attention {
     fn backward_head(&self, x: &Views, o: &[f32], go: &[f32], s: &Segment, h: usize) -> [Vec<f32>; 3] {
         let (d, qs, ks) = (self.d, self.q_stride(), self.k_stride());
         let (mut dq, mut dk, mut dv) = (vec![0f32; s.q_len * d], vec![0f32; s.k_len * d], vec![0f32; s.k_len * d]);
-        let (mut p, mut dp) = (Vec::new(), Vec::new());
+        let (mut p, mut dp, mut slopes) = (Vec::new(), Vec::new(), Vec::new());
         let g = self.kv_head(h);
         for t0 in (0..s.q_len).step_by(BLOCK) {
             let t1 = (t0 + BLOCK).min(s.q_len);
             let (lo, hi) = self.key_range(s, t0, t1);
             let (rows, keys) = (t1 - t0, hi - lo);
-            self.probs(x, s, h, t0, t1, lo, hi, &mut p);
+            self.probs(x, s, h, t0, t1, lo, hi, &mut p, Some(&mut slopes));
             let row0 = (s.q_start + t0) * qs + h * d;
             let (q, go_blk, o_blk) = (&x.q[row0..], &go[row0..], &o[row0..]);
             let k = &x.k[(s.k_start + lo) * ks + g * d..];
@@ -199,13 +241,17 @@ impl Attention {
             dp.clear();
             dp.resize(rows * keys, 0.0);
             gemm(rows, keys, d, &mut dp, keys, false, Mat::rows(go_blk, qs), Mat::cols(v, ks), 1.0, false);
-            // ds = p ⊙ (dp − Σ_d go·o) · scale (softmax backward, then the score scale)
+            // ds = p ⊙ (dp − Σ_d go·o) · scale (softmax backward, then the score scale), times
+            // the cap's slope where scores are capped
             for i in 0..rows {
                 let delta: f32 =
                     go_blk[i * qs..i * qs + d].iter().zip(&o_blk[i * qs..i * qs + d]).map(|(a, b)| a * b).sum();
                 for (e, pe) in dp[i * keys..(i + 1) * keys].iter_mut().zip(&p[i * keys..(i + 1) * keys]) {
                     *e = pe * (*e - delta) * self.scale;
                 }
+            }
+            if self.softcap.is_some() {
+                dp.iter_mut().zip(&slopes).for_each(|(e, sl)| *e *= sl);
             }
             // dq[t0..t1] = ds[rows, keys] · k[keys, D]
             gemm(rows, d, keys, &mut dq[t0 * d..], d, false, Mat::rows(&dp, keys), Mat::rows(k, ks), 1.0, false);
@@ -226,7 +272,10 @@ impl Attention {
             let qs = q.narrow(0, s.q_start, t)?.transpose(0, 1)?.contiguous()?.reshape((self.kv, groups * t, d))?;
             let ks = k.narrow(0, s.k_start, n)?.transpose(0, 1)?.contiguous()?; // [kv, S, D]
             let vs = v.narrow(0, s.k_start, n)?.transpose(0, 1)?.contiguous()?;
-            let scores = (qs.matmul(&ks.t()?)? * self.scale as f64)?; // [kv, groups·T, S]
+            let mut scores = (qs.matmul(&ks.t()?)? * self.scale as f64)?; // [kv, groups·T, S]
+            if let Some(c) = self.softcap {
+                scores = ((scores / c as f64)?.tanh()? * c as f64)?;
+            }
             let past = n - t;
             let mut mask = vec![0f32; t * n];
             for i in 0..t {
@@ -350,28 +399,38 @@ mod tests {
             Segment { q_start: 150, q_len: 7, k_start: 150, k_len: 7 },
             Segment { q_start: 157, q_len: 3, k_start: 157, k_len: 8 },
         ];
-        for window in [None, Some(70)] {
+        for (window, softcap) in [(None, None), (Some(70), None), (Some(70), Some(2.0f32))] {
             let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (160, heads, d), &dev)?)?;
             // 170 key rows: the last 5 belong to no segment.
             let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (170, kv, d), &dev)?)?;
             let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (170, kv, d), &dev)?)?;
             let up = Tensor::randn(0f32, 1.0, (160, heads, d), &dev)?;
-            let got = causal_attention(&q, &k, &v, &segs, window)?;
+            let scores = Scores { scale: 0.3, softcap, window };
+            let got = causal_attention(&q, &k, &v, &segs, scores)?;
             let op = Attention {
                 segments: segs.to_vec(),
                 heads,
                 kv,
                 d,
                 window: window.unwrap_or(usize::MAX),
-                scale: 1.0 / (d as f32).sqrt(),
+                scale: 0.3,
+                softcap,
             };
             let want = op.composed(&q, &k, &v)?;
-            assert!(max_diff(&got, &want) < 1e-5, "window {window:?}: forward differs by {}", max_diff(&got, &want));
+            assert!(
+                max_diff(&got, &want) < 1e-5,
+                "window {window:?} cap {softcap:?}: forward differs by {}",
+                max_diff(&got, &want)
+            );
             let g = (got * &up)?.sum_all()?.backward()?;
             let g_ref = (want * &up)?.sum_all()?.backward()?;
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, b) = (g.get(var.as_tensor()).expect("grad"), g_ref.get(var.as_tensor()).expect("grad"));
-                assert!(max_diff(a, b) < 1e-4, "window {window:?}: d{name} differs by {}", max_diff(a, b));
+                assert!(
+                    max_diff(a, b) < 1e-4,
+                    "window {window:?} cap {softcap:?}: d{name} differs by {}",
+                    max_diff(a, b)
+                );
             }
             let unused = g.get(k.as_tensor()).expect("grad").narrow(0, 165, 5)?.abs()?.sum_all()?.to_scalar::<f32>()?;
             assert_eq!(unused, 0.0, "rows no segment reads get no gradient");
@@ -385,7 +444,7 @@ mod tests {
         let q = Tensor::zeros((4, 2, 8), DType::F32, &dev)?;
         let k = Tensor::zeros((4, 1, 8), DType::F32, &dev)?;
         let seg = [Segment { q_start: 2, q_len: 3, k_start: 0, k_len: 4 }];
-        assert!(matches!(causal_attention(&q, &k, &k, &seg, None), Err(Error::Batch(_))));
+        assert!(matches!(causal_attention(&q, &k, &k, &seg, Scores::plain(8)), Err(Error::Batch(_))));
         Ok(())
     }
 }

@@ -8,17 +8,17 @@
 //! out-features, `H` hidden size, `S` key length, `D` head dim.
 
 mod attention;
+mod glu;
 mod linear;
 mod lora_linear;
 mod rms_norm;
 mod rope;
 mod softmax;
-mod swiglu;
 
-pub use attention::{causal_attention, Segment};
+pub use attention::{causal_attention, Scores, Segment};
+pub use glu::{glu, Activation};
 pub use linear::FrozenLinear;
 pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};
 pub use softmax::softmax_last_dim;
-pub use swiglu::swiglu;

@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::kernels::{exp, exp_shifted_into};
-use crate::ops::FrozenLinear;
+use crate::model::OutputHead;
 use crate::{Error, Result};
 
 /// Loss value and the tensor to call `backward()` on.
@@ -27,7 +27,7 @@ pub struct LossAndSurrogate {
 /// logits are materialised at a time.
 pub fn chunked_cross_entropy(
     hidden: &Tensor,
-    head: &FrozenLinear,
+    head: OutputHead,
     targets: &[Option<u32>],
     chunk: usize,
     scale: f64,
@@ -38,7 +38,7 @@ pub fn chunked_cross_entropy(
 /// Sum of the cross-entropy over the target rows and their count, no gradient (evaluation).
 pub fn cross_entropy_sum(
     hidden: &Tensor,
-    head: &FrozenLinear,
+    head: OutputHead,
     targets: &[Option<u32>],
     chunk: usize,
 ) -> Result<(f64, usize)> {
@@ -48,7 +48,7 @@ pub fn cross_entropy_sum(
 
 fn chunked(
     hidden: &Tensor,
-    head: &FrozenLinear,
+    head: OutputHead,
     targets: &[Option<u32>],
     chunk: usize,
     scale: f64,
@@ -71,12 +71,17 @@ fn chunked(
     for (rows_c, labels_c) in rows.chunks(chunk.max(1)).zip(labels.chunks(chunk.max(1))) {
         let idx = Tensor::from_slice(rows_c, rows_c.len(), dev)?;
         let hc = h.index_select(&idx, 0)?; // [c, H]
-        let z = head.forward(&hc)?; // [c, V]
+        let z = head.logits(&hc)?; // [c, V]
         let (ce, gz) = ce_rows(&z, labels_c, (scale / count as f64) as f32, with_grad)?;
         loss += ce;
         if let Some(gz) = gz {
+            // Through the cap z = c·tanh(u/c): du = dz ⊙ (1 − (z/c)²).
+            let unscaled = match head.softcap {
+                Some(c) => (gz.unscaled * (z / c)?.sqr()?.affine(-1.0, 1.0)?)?,
+                None => gz.unscaled,
+            };
             // [c, V] x [V, H] -> [c, H], each row scaled afterwards (H columns, not V).
-            grads.push(head.weight().input_grad(&gz.unscaled)?.broadcast_mul(&gz.row_scale)?);
+            grads.push(head.linear.weight().input_grad(&unscaled)?.broadcast_mul(&gz.row_scale)?);
         }
     }
     if !with_grad {
@@ -192,31 +197,37 @@ fn ce_rows_cpu(z: &Tensor, labels: &[u32], gscale: f32, with_grad: bool) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::FrozenLinear;
     use crate::weights::FrozenWeight;
     use candle_core::{Device, Var};
 
     #[test]
-    fn matches_full_cross_entropy_and_its_gradient() -> Result<()> {
+    fn matches_full_cross_entropy_and_its_gradient_with_and_without_a_soft_cap() -> Result<()> {
         let dev = Device::Cpu;
         let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 8), &dev)?)?;
-        let w = Tensor::randn(0f32, 1.0, (11, 8), &dev)?;
-        let head = FrozenLinear::new(FrozenWeight::Dense(w.clone()), None);
+        let w = (Tensor::randn(0f32, 1.0, (11, 8), &dev)? * 3.0)?;
+        let linear = FrozenLinear::new(FrozenWeight::Dense(w.clone()), None);
         let targets = [Some(3), None, Some(10), Some(0), None, Some(5), Some(5)];
-        let out = chunked_cross_entropy(h.as_tensor(), &head, &targets, 2, 1.0)?;
-        // Reference: full logits, candle's log_softmax, autograd.
-        let rows: Vec<u32> = vec![0, 2, 3, 5, 6];
-        let labels = Tensor::new(&[3u32, 10, 0, 5, 5], &dev)?;
-        let z = h.as_tensor().index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?.matmul(&w.t()?)?;
-        let want = candle_nn::loss::cross_entropy(&z, &labels)?;
-        let want_loss = want.to_scalar::<f32>()? as f64;
-        assert!((out.loss - want_loss).abs() < 1e-5, "{} vs {want_loss}", out.loss);
-        let g = out.surrogate.backward()?;
-        let g_ref = want.backward()?;
-        let d = (g.get(h.as_tensor()).unwrap() - g_ref.get(h.as_tensor()).unwrap())?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(d < 1e-5, "grad differs by {d}");
+        for softcap in [None, Some(4.0)] {
+            let out = chunked_cross_entropy(h.as_tensor(), OutputHead { linear: &linear, softcap }, &targets, 2, 1.0)?;
+            // Reference: full logits, capped by candle ops, candle's log_softmax, autograd.
+            let rows: Vec<u32> = vec![0, 2, 3, 5, 6];
+            let labels = Tensor::new(&[3u32, 10, 0, 5, 5], &dev)?;
+            let mut z = h.as_tensor().index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?.matmul(&w.t()?)?;
+            if let Some(c) = softcap {
+                z = ((z / c)?.tanh()? * c)?;
+            }
+            let want = candle_nn::loss::cross_entropy(&z, &labels)?;
+            let want_loss = want.to_scalar::<f32>()? as f64;
+            assert!((out.loss - want_loss).abs() < 1e-5, "cap {softcap:?}: {} vs {want_loss}", out.loss);
+            let g = out.surrogate.backward()?;
+            let g_ref = want.backward()?;
+            let d = (g.get(h.as_tensor()).unwrap() - g_ref.get(h.as_tensor()).unwrap())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-5, "cap {softcap:?}: grad differs by {d}");
+        }
         Ok(())
     }
 

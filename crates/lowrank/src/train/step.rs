@@ -59,7 +59,7 @@ pub fn forward_backward(
         None => model.forward(&inputs, None)?,
     }; // [N, H]
     let targets = row_targets(seqs);
-    let out = chunked_cross_entropy(&hidden, model.head(), &targets, loss_chunk, scale)?;
+    let out = chunked_cross_entropy(&hidden, model.output_head(), &targets, loss_chunk, scale)?;
     let mut grads = out.surrogate.backward()?;
     if let Some(sink) = sink {
         sink.merge_into(&mut grads)?;

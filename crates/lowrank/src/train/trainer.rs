@@ -215,7 +215,7 @@ pub fn eval_loss(
         let seqs: Vec<TrainSeq> = batch.iter().map(|e| TrainSeq { ids: &e.ids, targets: &e.targets }).collect();
         let inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput { tokens: s.ids, adapters }).collect();
         let hidden = model.forward(&inputs, None)?.detach();
-        let (s, c) = cross_entropy_sum(&hidden, model.head(), &row_targets(&seqs), chunk)?;
+        let (s, c) = cross_entropy_sum(&hidden, model.output_head(), &row_targets(&seqs), chunk)?;
         sum += s;
         count += c;
     }

@@ -59,6 +59,34 @@ fn unsupported_model_type_is_refused() {
     assert!(load(tmp.path()).to_string().contains("gpt2"));
 }
 
+/// A family option lowrank does not implement is refused at load, naming the key and the value,
+/// never run with wrong numbers.
+#[test]
+fn unimplemented_family_options_are_refused_by_key_and_value() {
+    let cases: &[(&str, &str, serde_json::Value, &[&str])] = &[
+        ("qwen3", "num_experts", serde_json::json!(8), &["num_experts", "8"]),
+        ("gemma3", "vision_config", serde_json::json!({"hidden_size": 8}), &["vision_config"]),
+        ("gemma3", "model_type", serde_json::json!("gemma3"), &["gemma3", "vision tower"]),
+        ("gemma2", "use_bidirectional_attention", serde_json::json!(true), &["use_bidirectional_attention"]),
+        ("gemma3", "hidden_activation", serde_json::json!("relu"), &["relu"]),
+        ("qwen3", "layer_types", serde_json::json!(["full_attention", "chunked_attention"]), &["chunked_attention"]),
+        ("gemma2", "rope_parameters", serde_json::json!({"rope_type": "yarn", "factor": 2.0}), &["yarn"]),
+        ("gemma2", "query_pre_attn_scalar", serde_json::json!(0), &["query_pre_attn_scalar"]),
+    ];
+    for (family, key, value, words) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&models_dir().join(family).join("model"), tmp.path());
+        let p = tmp.path().join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg[*key] = value.clone();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let e = load(tmp.path());
+        assert!(matches!(e, Error::Config(_)), "{family} {key}: {e:?}");
+        let msg = e.to_string();
+        assert!(words.iter().all(|w| msg.contains(w)) && msg.contains("config.json"), "{family} {key}: {msg}");
+    }
+}
+
 /// Rewrites one tensor of a copied adapter.
 fn tampered_adapter(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();

@@ -59,7 +59,7 @@ fn weighted_adapters_add_linearly_in_every_projection() {
 #[test]
 fn mixed_batch_rows_equal_each_sequence_alone() {
     // qwen3's second layer attends within a window of 5, which the longer rows cross.
-    for family in ["qwen2", "qwen3"] {
+    for family in ["qwen2", "qwen3", "gemma2", "gemma3"] {
         let model = tiny_model(family);
         let qv = adapter(&model, family, "qv");
         let all = adapter(&model, family, "all_linear");
@@ -88,7 +88,7 @@ fn mixed_batch_rows_equal_each_sequence_alone() {
 #[test]
 fn kv_cache_decoding_equals_full_forward() {
     // qwen3: a prefix of 6 and then 6 decoded tokens through a window of 5 in its second layer.
-    for family in ["llama3", "mistral", "qwen3"] {
+    for family in ["llama3", "mistral", "qwen3", "gemma2", "gemma3"] {
         let model = tiny_model(family);
         let ids = ids(family).into_iter().max_by_key(Vec::len).unwrap();
         let ids = &ids;
@@ -109,7 +109,7 @@ fn kv_cache_decoding_equals_full_forward() {
 
 #[test]
 fn merged_model_equals_base_plus_adapters_and_unmerge_restores_it() {
-    for family in ["llama", "qwen2", "qwen3"] {
+    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3"] {
         let mut model = tiny_model(family);
         let (qv, all) = (adapter(&model, family, "qv"), adapter(&model, family, "all_linear"));
         let set = [active(&qv, 0.7), active(&all, -0.4)];

@@ -17,7 +17,7 @@ fn check(family: &str, case: &str, model: &Model, adapters: &[lowrank::adapter::
 
 #[test]
 fn base_models_match_transformers() {
-    for family in ["llama", "llama3", "qwen2", "mistral", "qwen3"] {
+    for family in ["llama", "llama3", "qwen2", "mistral", "qwen3", "gemma2", "gemma3"] {
         check(family, "base", &tiny_model(family), &[]);
     }
 }
@@ -29,6 +29,8 @@ fn peft_adapters_match_peft() {
         ("qwen2", &["qv", "all_linear"]),
         ("mistral", &["qv", "all_linear"]),
         ("qwen3", &["qv", "all_linear"]),
+        ("gemma2", &["qv", "all_linear"]),
+        ("gemma3", &["qv", "all_linear"]),
     ];
     for (family, names) in cases {
         let model = tiny_model(family);

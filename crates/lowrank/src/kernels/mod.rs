@@ -1,6 +1,7 @@
 //! CPU kernels on plain slices, no autograd: the f32 gemm, products with GGUF-quantized and NF4
 //! weights a tile at a time (`qmatmul.rs`) and the decode-time quantized gemv (`qgemv.rs`), a
-//! vectorised `exp`, and the f64 linear algebra of PiSSA and adapter combination (`linalg.rs`).
+//! vectorised `exp`, and the f64 SVD / QR of PiSSA, OLoRA and adapter combination on `faer`
+//! (`linalg.rs`).
 //! The differentiable ops of [`crate::ops`] and the weight formats of [`crate::weights`] call them.
 
 mod exp;

@@ -53,7 +53,7 @@ impl Adapter {
             let Some(layer) = self.layer(id) else { continue };
             let Some(lr) = layer.low_rank() else { return refuse(&format!("`{}` is not a plain LoRA layer", m.path)) };
             let weight = format!("{}.weight", m.path);
-            let (name, qk) = to_gguf(&weight)
+            let (name, qk) = to_gguf(&weight, arch)
                 .ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{weight}`")))?;
             let r = lr.a.dim(0)?;
             let fold = lr.scale * r as f64 / alpha; // llama.cpp's alpha/r times this = our scale
@@ -115,7 +115,8 @@ impl Adapter {
                 (_, Some(b)) => (b, false),
                 _ => return Err(err(format!("tensor `{name}` is not a lora_a/lora_b tensor"))),
             };
-            let (hf, qk) = to_hf(base).ok_or_else(|| err(format!("tensor `{name}`: no HF module for `{base}`")))?;
+            let (hf, qk) =
+                to_hf(base, &arch).ok_or_else(|| err(format!("tensor `{name}`: no HF module for `{base}`")))?;
             let module = hf.strip_suffix(".weight").unwrap_or(&hf);
             let id = table.id(module).ok_or_else(|| {
                 err(format!("tensor `{name}`: the model has no module `{module}` (an adapter for another model?)"))

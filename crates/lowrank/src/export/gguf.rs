@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use super::hf::check_finite;
 use crate::chat::ChatTemplate;
 use crate::formats::gguf_names::{permute_rows, permutes_qk, to_gguf};
-use crate::model::{Model, ModelConfig};
+use crate::model::{Family, Model, ModelConfig};
 use crate::ops::RopeScaling;
 use crate::staging::{Existing, Staged};
 use crate::tokenizer::gguf_tokenizer_metadata;
@@ -44,7 +44,9 @@ pub fn write_gguf_model(
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (hf, t) in model.named_weights()? {
         let (name, qk) =
-            to_gguf(&hf).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{hf}`")))?;
+            to_gguf(&hf, &arch).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{hf}`")))?;
+        // llama.cpp's converter stores Gemma's norms as the multiplier 1 + w.
+        let t = if model.config().family.is_gemma() && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
         let t = match qk.filter(|_| permutes_qk(&arch)) {
             Some(qk) => permute_rows(&t, qk.heads(model.config().heads()))?,
             None => t,
@@ -115,6 +117,9 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
             )))
         }
     }
+    if cfg.family.is_gemma() {
+        put_gemma(cfg, &mut put)?;
+    }
     if !dir.join("tokenizer.json").is_file() {
         return Err(Error::Export(format!(
             "{} has no tokenizer.json, and llama.cpp needs the tokenizer in the GGUF",
@@ -126,6 +131,39 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
         put(&k, v);
     }
     Ok(m)
+}
+
+/// Gemma's `<arch>.*` keys as llama.cpp reads them; what llama.cpp cannot represent is refused.
+fn put_gemma(cfg: &ModelConfig, put: &mut impl FnMut(&str, Value)) -> Result<()> {
+    // llama.cpp scales scores by 1/√head_dim (1/√(hidden/heads) for the 27B models); the file
+    // cannot say query_pre_attn_scalar.
+    let big = matches!((cfg.family, cfg.num_layers), (Family::Gemma2, 46) | (Family::Gemma3, 62));
+    let dim = if big { cfg.hidden_size / cfg.num_heads } else { cfg.head_dim };
+    if (cfg.attn_scale - (dim as f64).powf(-0.5)).abs() > 1e-9 * cfg.attn_scale {
+        return Err(Error::Export(format!(
+            "query_pre_attn_scalar {:.0} is not what llama.cpp assumes for this model ({dim})",
+            cfg.attn_scale.powi(-2)
+        )));
+    }
+    if let Some(w) = cfg.sliding_window {
+        put("attention.sliding_window", Value::U32(w as u32));
+        let flags = cfg.sliding_layers.iter().map(|&b| Value::Bool(b)).collect();
+        put("attention.sliding_window_pattern", Value::Array(flags));
+    }
+    if let Some(c) = cfg.attn_softcap {
+        put("attn_logit_softcapping", Value::F32(c as f32));
+    }
+    if let Some(c) = cfg.final_softcap {
+        put("final_logit_softcapping", Value::F32(c as f32));
+    }
+    match &cfg.sliding_rope {
+        Some((base, RopeScaling::None)) => put("rope.freq_base_swa", Value::F32(*base)),
+        Some((_, scaling)) => {
+            return Err(Error::Export(format!("llama.cpp does not scale the sliding layers' RoPE ({scaling:?})")))
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 /// Writes a GGUF file (candle's writer) at `path` and syncs it.

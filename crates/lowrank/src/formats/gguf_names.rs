@@ -51,33 +51,49 @@ const BLOCK: &[(&str, &str)] = &[
     ("mlp.down_proj", "ffn_down"),
 ];
 
+/// Gemma 2/3's norms where their names or meanings differ: HF's `post_attention_layernorm` is the
+/// norm on the attention output there, not the one before the MLP.
+const GEMMA_NORMS: &[(&str, &str)] = &[
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+];
+
+/// The block table of an architecture: its own entries first.
+fn block_names(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let own: &[(&str, &str)] = if matches!(arch, "gemma2" | "gemma3") { GEMMA_NORMS } else { &[] };
+    own.iter().chain(BLOCK.iter().filter(move |(h, g)| !own.iter().any(|(oh, og)| oh == h || og == g)))
+}
+
 const TOP: &[(&str, &str)] = &[
     ("model.embed_tokens.weight", "token_embd.weight"),
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
 ];
 
-/// The llama.cpp name of an HF tensor name, and whether it is q or k.
-pub fn to_gguf(hf: &str) -> Option<(String, Option<Qk>)> {
+/// The llama.cpp name of an HF tensor name in a model of architecture `arch` (llama.cpp's
+/// `general.architecture`), and whether it is q or k.
+pub fn to_gguf(hf: &str, arch: &str) -> Option<(String, Option<Qk>)> {
     if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf) {
         return Some((g.to_string(), None));
     }
     let (layer, module) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let (module, suffix) = module.rsplit_once('.')?;
     layer.parse::<usize>().ok()?;
-    let (_, g) = BLOCK.iter().find(|(h, _)| *h == module)?;
+    let (_, g) = block_names(arch).find(|(h, _)| *h == module)?;
     Some((format!("blk.{layer}.{g}.{suffix}"), qk(g)))
 }
 
-/// The HF name of a llama.cpp tensor name, and whether it is q or k.
-pub fn to_hf(gguf: &str) -> Option<(String, Option<Qk>)> {
+/// The HF name of a llama.cpp tensor name in a model of architecture `arch`, and whether it is
+/// q or k.
+pub fn to_hf(gguf: &str, arch: &str) -> Option<(String, Option<Qk>)> {
     if let Some((h, _)) = TOP.iter().find(|(_, g)| *g == gguf) {
         return Some((h.to_string(), None));
     }
     let (layer, module) = gguf.strip_prefix("blk.")?.split_once('.')?;
     let (module, suffix) = module.rsplit_once('.')?;
     layer.parse::<usize>().ok()?;
-    let (h, g) = BLOCK.iter().find(|(_, g)| *g == module)?;
+    let (h, g) = block_names(arch).find(|(_, g)| *g == module)?;
     Some((format!("model.layers.{layer}.{h}.{suffix}"), qk(g)))
 }
 
@@ -124,15 +140,30 @@ mod tests {
             "lm_head.weight",
             "model.layers.3.input_layernorm.weight",
         ] {
-            let (g, _) = to_gguf(hf).expect("mapped");
-            assert_eq!(to_hf(&g).map(|(h, _)| h).as_deref(), Some(hf));
+            let (g, _) = to_gguf(hf, "llama").expect("mapped");
+            assert_eq!(to_hf(&g, "llama").map(|(h, _)| h).as_deref(), Some(hf));
         }
         assert_eq!(
-            to_gguf("model.layers.1.self_attn.q_proj.weight"),
+            to_gguf("model.layers.1.self_attn.q_proj.weight", "llama"),
             Some(("blk.1.attn_q.weight".into(), Some(Qk::Q)))
         );
         assert!(
-            to_gguf("model.layers.x.self_attn.q_proj.weight").is_none() && to_hf("blk.0.attn_qkv.weight").is_none()
+            to_gguf("model.layers.x.self_attn.q_proj.weight", "llama").is_none()
+                && to_hf("blk.0.attn_qkv.weight", "llama").is_none()
+        );
+        // Gemma: post_attention_layernorm is the attention output's norm, ffn_norm the MLP's input.
+        let gemma = |hf: &str| to_gguf(&format!("model.layers.2.{hf}.weight"), "gemma3").map(|(g, _)| g);
+        assert_eq!(gemma("post_attention_layernorm").as_deref(), Some("blk.2.post_attention_norm.weight"));
+        assert_eq!(gemma("pre_feedforward_layernorm").as_deref(), Some("blk.2.ffn_norm.weight"));
+        assert_eq!(gemma("post_feedforward_layernorm").as_deref(), Some("blk.2.post_ffw_norm.weight"));
+        assert_eq!(gemma("self_attn.q_norm").as_deref(), Some("blk.2.attn_q_norm.weight"));
+        assert_eq!(
+            to_hf("blk.2.ffn_norm.weight", "gemma2").map(|(h, _)| h).as_deref(),
+            Some("model.layers.2.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            to_hf("blk.2.ffn_norm.weight", "qwen3").map(|(h, _)| h).as_deref(),
+            Some("model.layers.2.post_attention_layernorm.weight")
         );
         let t = Tensor::arange(0f32, 48.0, &Device::Cpu)?.reshape((16, 3))?;
         let back = unpermute_rows(&permute_rows(&t, 2)?, 2)?;

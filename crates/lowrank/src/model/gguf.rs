@@ -29,6 +29,8 @@ pub struct GgufFile {
     device: Device,
     /// Dequantise every matrix to f32 at load (exact reference numerics, more memory).
     dequantize: bool,
+    /// `general.architecture`: which tensor names and conventions the converter used.
+    arch: String,
     /// Whether q/k rows were permuted by the converter (llama architecture).
     permuted_qk: bool,
     heads: (usize, usize),
@@ -47,11 +49,12 @@ impl GgufFile {
             reader: Mutex::new(reader),
             device: device.clone(),
             dequantize,
+            arch: String::new(),
             permuted_qk: false,
             heads: (0, 0),
         };
-        let arch = g.architecture()?;
-        g.permuted_qk = permutes_qk(&arch);
+        g.arch = g.architecture()?;
+        g.permuted_qk = permutes_qk(&g.arch);
         Ok(g)
     }
 
@@ -124,10 +127,13 @@ impl GgufFile {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma2" => Family::Gemma2,
+            "gemma3" => Family::Gemma3,
             other => {
                 return Err(self.err(format!(
-                "architecture `{other}` is not supported (supported: llama, qwen2, qwen3; Mistral GGUFs use `llama`)"
-            )))
+                    "architecture `{other}` is not supported (supported: llama, qwen2, qwen3, gemma2, gemma3; \
+                     Mistral GGUFs use `llama`)"
+                )))
             }
         };
         let req = |s: &Self, k: &str| -> Result<usize> {
@@ -159,6 +165,29 @@ impl GgufFile {
                 _ => RopeScaling::None,
             }
         };
+        let gemma = family.is_gemma();
+        let (sliding_window, sliding_layers) = self.sliding_layers(&arch, family, num_layers)?;
+        let rope_theta = self.meta_f32(&format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0);
+        // llama.cpp: the sliding layers' base from `rope.freq_base_swa` (Gemma 3: 10000 when
+        // absent, unscaled; Gemma 2: the global RoPE when absent).
+        let swa_base = self.meta_f32(&format!("{arch}.rope.freq_base_swa"))?;
+        let sliding_rope = match family {
+            Family::Gemma3 if sliding_window.is_some() => Some((swa_base.unwrap_or(10000.0), RopeScaling::None)),
+            Family::Gemma2 => swa_base.map(|b| (b, rope_scaling.clone())),
+            _ => None,
+        };
+        // llama.cpp scales scores by 1/√head_dim, and Gemma's 27B models by 1/√(hidden/heads):
+        // what their query_pre_attn_scalar says, which the GGUF does not carry.
+        let big = matches!((family, num_layers), (Family::Gemma2, 46) | (Family::Gemma3, 62));
+        let scale_dim = if big { hidden_size / num_heads.max(1) } else { head_dim };
+        let cap = |key: &str, default: Option<f64>| -> Result<Option<f64>> {
+            Ok(self.meta_f32(&format!("{arch}.{key}"))?.map(|c| c as f64).or(default).filter(|c| *c != 0.0))
+        };
+        let (attn_softcap, final_softcap) = match family {
+            Family::Gemma2 => (cap("attn_logit_softcapping", Some(50.0))?, cap("final_logit_softcapping", Some(30.0))?),
+            Family::Gemma3 => (None, cap("final_logit_softcapping", None)?),
+            _ => (None, None),
+        };
         let cfg = ModelConfig {
             family,
             vocab_size,
@@ -172,25 +201,55 @@ impl GgufFile {
             rms_norm_eps: self
                 .meta_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?
                 .map_or(1e-5, |e| e.to_string().parse().unwrap_or(e as f64)),
-            rope_theta: self.meta_f32(&format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings: self.meta_usize(&format!("{arch}.context_length"))?.unwrap_or(4096),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             o_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
             mlp_bias: self.content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
-            sliding_window: None,
-            sliding_layers: vec![false; num_layers],
-            qk_norm: family == Family::Qwen3,
-            activation: Activation::Silu,
-            attn_scale: (head_dim as f64).powf(-0.5),
-            attn_softcap: None,
-            final_softcap: None,
-            sliding_rope: None,
+            sliding_window,
+            sliding_layers,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            attn_scale: (scale_dim as f64).powf(-0.5),
+            attn_softcap,
+            final_softcap,
+            sliding_rope,
         };
         cfg.validate()?;
         self.heads = (num_heads, num_kv_heads);
         Ok(cfg)
+    }
+
+    /// The sliding window and its layers as llama.cpp reads them for Gemma: the window from
+    /// `attention.sliding_window` (Gemma 2: 4096 when absent; Gemma 3: none when absent or 0),
+    /// the layers from `attention.sliding_window_pattern`, an array of per-layer flags or a period
+    /// `n` (layer `l` slides unless `l % n == n - 1`), by default 2 (Gemma 2) or 6 (Gemma 3).
+    fn sliding_layers(&self, arch: &str, family: Family, n: usize) -> Result<(Option<usize>, Vec<bool>)> {
+        let default_period = match family {
+            Family::Gemma2 => 2,
+            Family::Gemma3 => 6,
+            _ => return Ok((None, vec![false; n])),
+        };
+        let window = self.meta_usize(&format!("{arch}.attention.sliding_window"))?;
+        let window = if family == Family::Gemma2 { Some(window.unwrap_or(4096)) } else { window };
+        let Some(window) = window.filter(|&w| w > 0) else { return Ok((None, vec![false; n])) };
+        let key = format!("{arch}.attention.sliding_window_pattern");
+        let layers = match self.meta(&key) {
+            Some(Value::Array(flags)) => {
+                let flags: Vec<bool> = flags.iter().filter_map(|v| v.to_bool().ok()).collect();
+                if flags.len() != n {
+                    return Err(self.err(format!("`{key}` has {} boolean entries for {n} layers", flags.len())));
+                }
+                flags
+            }
+            _ => {
+                let period = self.meta_usize(&key)?.unwrap_or(default_period);
+                (0..n).map(|l| period == 0 || l % period < period - 1).collect()
+            }
+        };
+        Ok((Some(window).filter(|_| layers.contains(&true)), layers))
     }
 
     fn read_tensor(&self, gguf_name: &str) -> Result<QTensor> {
@@ -202,7 +261,7 @@ impl GgufFile {
 
     /// The GGUF name of an HF tensor name, and how many heads its rows are permuted over.
     fn gguf_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
-        let (name, qk) = to_gguf(hf)?;
+        let (name, qk) = to_gguf(hf, &self.arch)?;
         let heads = match (self.permuted_qk, qk) {
             (true, Some(Qk::Q)) => Some(self.heads.0),
             (true, Some(Qk::K)) => Some(self.heads.1),
@@ -260,6 +319,10 @@ impl WeightSource for GgufFile {
             Some(h) => unpermute_rows(&t, h),
             None => Ok(t),
         }
+    }
+
+    fn norms_plus_one(&self) -> bool {
+        matches!(self.arch.as_str(), "gemma2" | "gemma3")
     }
 
     fn matrix(&self, name: &str) -> Result<FrozenWeight> {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FAMILIES: [&str; 3] = ["qwen3", "gemma2", "gemma3"];
+const FAMILIES: [&str; 4] = ["qwen3", "gemma2", "gemma3", "phi3"];
 
 fn lowrank(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lowrank")).args(args).output().expect("running lowrank")
@@ -88,7 +88,8 @@ fn every_command_runs_on_each_family_and_the_routes_agree() {
 
         // Two adapters stacked into one (cat: exact) answer as one merged under the other.
         let other = tmp.path().join("other");
-        train(&model, &data, &other, &["--target-modules", "q_proj,v_proj", "--seed", "7"]);
+        let attention = if family == "phi3" { "qkv_proj" } else { "q_proj,v_proj" };
+        train(&model, &data, &other, &["--target-modules", attention, "--seed", "7"]);
         let combined = tmp.path().join("combined");
         ok(&["combine", "--model", s(&model), "--adapter", s(&run), "--adapter", s(&other), "--output", s(&combined)]);
         assert_eq!(answer(&model, Some(&combined)), answer(&merged, Some(&other)), "{family}: combined adapter");

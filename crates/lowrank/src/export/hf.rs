@@ -196,6 +196,13 @@ fn rope_scaling_json(scaling: &RopeScaling) -> serde_json::Value {
             "high_freq_factor": high_freq_factor,
             "original_max_position_embeddings": *original_max_position_embeddings as usize,
         }),
+        RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, attention_factor } => {
+            json!({
+                "rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+                "attention_factor": attention_factor,
+            })
+        }
     }
 }
 
@@ -208,6 +215,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         Family::Qwen3 => "Qwen3ForCausalLM",
         Family::Gemma2 => "Gemma2ForCausalLM",
         Family::Gemma3 => "Gemma3ForCausalLM",
+        Family::Phi3 => "Phi3ForCausalLM",
     };
     let rope_scaling = rope_scaling_json(&cfg.rope_scaling);
     let mut v = json!({
@@ -270,6 +278,13 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
                     m.remove("rope_theta");
                     m.remove("rope_scaling");
                 }
+            }
+        }
+        Family::Phi3 => {
+            v["sliding_window"] = json!(cfg.sliding_window);
+            v["partial_rotary_factor"] = json!(cfg.rotary_dim as f64 / cfg.head_dim as f64);
+            if let RopeScaling::LongRope { original_max_position_embeddings, .. } = &cfg.rope_scaling {
+                v["original_max_position_embeddings"] = json!(original_max_position_embeddings);
             }
         }
         Family::Llama => {}

@@ -44,6 +44,7 @@ const BLOCK: &[(&str, &str)] = &[
     ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"),
     ("self_attn.o_proj", "attn_output"),
+    ("self_attn.qkv_proj", "attn_qkv"),
     ("self_attn.q_norm", "attn_q_norm"),
     ("self_attn.k_norm", "attn_k_norm"),
     ("mlp.gate_proj", "ffn_gate"),
@@ -59,9 +60,16 @@ const GEMMA_NORMS: &[(&str, &str)] = &[
     ("post_feedforward_layernorm", "post_ffw_norm"),
 ];
 
+/// Phi-3's fused gate and up projection, which llama.cpp keeps fused under `ffn_up`.
+const PHI3_MLP: &[(&str, &str)] = &[("mlp.gate_up_proj", "ffn_up")];
+
 /// The block table of an architecture: its own entries first.
 fn block_names(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    let own: &[(&str, &str)] = if matches!(arch, "gemma2" | "gemma3") { GEMMA_NORMS } else { &[] };
+    let own: &[(&str, &str)] = match arch {
+        "gemma2" | "gemma3" => GEMMA_NORMS,
+        "phi3" => PHI3_MLP,
+        _ => &[],
+    };
     own.iter().chain(BLOCK.iter().filter(move |(h, g)| !own.iter().any(|(oh, og)| oh == h || og == g)))
 }
 
@@ -149,7 +157,7 @@ mod tests {
         );
         assert!(
             to_gguf("model.layers.x.self_attn.q_proj.weight", "llama").is_none()
-                && to_hf("blk.0.attn_qkv.weight", "llama").is_none()
+                && to_hf("blk.0.attn_qkvx.weight", "llama").is_none()
         );
         // Gemma: post_attention_layernorm is the attention output's norm, ffn_norm the MLP's input.
         let gemma = |hf: &str| to_gguf(&format!("model.layers.2.{hf}.weight"), "gemma3").map(|(g, _)| g);
@@ -164,6 +172,15 @@ mod tests {
         assert_eq!(
             to_hf("blk.2.ffn_norm.weight", "qwen3").map(|(h, _)| h).as_deref(),
             Some("model.layers.2.post_attention_layernorm.weight")
+        );
+        // Phi-3 keeps its fused projections fused.
+        assert_eq!(
+            to_gguf("model.layers.0.mlp.gate_up_proj.weight", "phi3").map(|(g, _)| g).as_deref(),
+            Some("blk.0.ffn_up.weight")
+        );
+        assert_eq!(
+            to_hf("blk.0.attn_qkv.weight", "phi3").map(|(h, _)| h).as_deref(),
+            Some("model.layers.0.self_attn.qkv_proj.weight")
         );
         let t = Tensor::arange(0f32, 48.0, &Device::Cpu)?.reshape((16, 3))?;
         let back = unpermute_rows(&permute_rows(&t, 2)?, 2)?;

@@ -51,17 +51,30 @@ struct Norms {
     qk: Option<(Tensor, Tensor)>,
 }
 
+/// The projections into attention: three, or one fused `qkv_proj` whose output rows are q, then
+/// k, then v (Phi-3; PEFT adapts it as one module).
+#[derive(Clone, Debug)]
+enum QkvProj {
+    Split { q: Projection, k: Projection, v: Projection },
+    Fused(Projection),
+}
+
+/// The projections into the MLP: two, or one fused `gate_up_proj` whose output rows are the gate,
+/// then up (Phi-3).
+#[derive(Clone, Debug)]
+enum GateUpProj {
+    Split { gate: Projection, up: Projection },
+    Fused(Projection),
+}
+
 /// One transformer block.
 #[derive(Clone, Debug)]
 pub struct Block {
     layer: usize,
     norms: Norms,
-    q: Projection,
-    k: Projection,
-    v: Projection,
+    qkv: QkvProj,
     o: Projection,
-    gate: Projection,
-    up: Projection,
+    gate_up: GateUpProj,
     down: Projection,
     eps: f64,
     heads: usize,
@@ -95,15 +108,30 @@ impl Block {
             },
             qk: if cfg.qk_norm { Some((norm("self_attn.q_norm", d)?, norm("self_attn.k_norm", d)?)) } else { None },
         };
+        let qkv = if cfg.fused_projections {
+            QkvProj::Fused(f.linear(&format!("{p}.self_attn.qkv_proj"), l, h, qd + 2 * kvd, cfg.qkv_bias)?)
+        } else {
+            QkvProj::Split {
+                q: f.linear(&format!("{p}.self_attn.q_proj"), l, h, qd, cfg.qkv_bias)?,
+                k: f.linear(&format!("{p}.self_attn.k_proj"), l, h, kvd, cfg.qkv_bias)?,
+                v: f.linear(&format!("{p}.self_attn.v_proj"), l, h, kvd, cfg.qkv_bias)?,
+            }
+        };
+        let o = f.linear(&format!("{p}.self_attn.o_proj"), l, qd, h, cfg.o_bias)?;
+        let gate_up = if cfg.fused_projections {
+            GateUpProj::Fused(f.linear(&format!("{p}.mlp.gate_up_proj"), l, h, 2 * i, cfg.mlp_bias)?)
+        } else {
+            GateUpProj::Split {
+                gate: f.linear(&format!("{p}.mlp.gate_proj"), l, h, i, cfg.mlp_bias)?,
+                up: f.linear(&format!("{p}.mlp.up_proj"), l, h, i, cfg.mlp_bias)?,
+            }
+        };
         Ok(Self {
             layer,
             norms,
-            q: f.linear(&format!("{p}.self_attn.q_proj"), l, h, qd, cfg.qkv_bias)?,
-            k: f.linear(&format!("{p}.self_attn.k_proj"), l, h, kvd, cfg.qkv_bias)?,
-            v: f.linear(&format!("{p}.self_attn.v_proj"), l, h, kvd, cfg.qkv_bias)?,
-            o: f.linear(&format!("{p}.self_attn.o_proj"), l, qd, h, cfg.o_bias)?,
-            gate: f.linear(&format!("{p}.mlp.gate_proj"), l, h, i, cfg.mlp_bias)?,
-            up: f.linear(&format!("{p}.mlp.up_proj"), l, h, i, cfg.mlp_bias)?,
+            qkv,
+            o,
+            gate_up,
             down: f.linear(&format!("{p}.mlp.down_proj"), l, i, h, cfg.mlp_bias)?,
             eps: cfg.rms_norm_eps,
             heads: cfg.num_heads,
@@ -115,17 +143,41 @@ impl Block {
         })
     }
 
-    /// `(HF module path suffix, projection)` for every projection of the block.
-    pub fn named_projections(&self) -> [(&'static str, &Projection); 7] {
-        [
-            ("self_attn.q_proj", &self.q),
-            ("self_attn.k_proj", &self.k),
-            ("self_attn.v_proj", &self.v),
-            ("self_attn.o_proj", &self.o),
-            ("mlp.gate_proj", &self.gate),
-            ("mlp.up_proj", &self.up),
-            ("mlp.down_proj", &self.down),
-        ]
+    /// `(HF module path suffix, projection)` for every projection of the block, in load order.
+    pub fn named_projections(&self) -> Vec<(&'static str, &Projection)> {
+        let mut out = match &self.qkv {
+            QkvProj::Split { q, k, v } => {
+                vec![("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)]
+            }
+            QkvProj::Fused(qkv) => vec![("self_attn.qkv_proj", qkv)],
+        };
+        out.push(("self_attn.o_proj", &self.o));
+        match &self.gate_up {
+            GateUpProj::Split { gate, up } => out.extend([("mlp.gate_proj", gate), ("mlp.up_proj", up)]),
+            GateUpProj::Fused(gate_up) => out.push(("mlp.gate_up_proj", gate_up)),
+        }
+        out.push(("mlp.down_proj", &self.down));
+        out
+    }
+
+    /// Every projection of the block.
+    pub fn projections(&self) -> Vec<&Projection> {
+        self.named_projections().into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Every projection of the block, to change its frozen weight.
+    pub(crate) fn projections_mut(&mut self) -> Vec<&mut Projection> {
+        let mut out: Vec<&mut Projection> = match &mut self.qkv {
+            QkvProj::Split { q, k, v } => vec![q, k, v],
+            QkvProj::Fused(qkv) => vec![qkv],
+        };
+        out.push(&mut self.o);
+        match &mut self.gate_up {
+            GateUpProj::Split { gate, up } => out.extend([gate, up]),
+            GateUpProj::Fused(gate_up) => out.push(gate_up),
+        }
+        out.push(&mut self.down);
+        out
     }
 
     /// `(HF name suffix, multiplier)` for every norm of the block, e.g. `("input_layernorm", [H])`
@@ -147,16 +199,6 @@ impl Block {
         out
     }
 
-    /// Every projection of the block.
-    pub fn projections(&self) -> [&Projection; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
-    }
-
-    /// Every projection of the block, to change its frozen weight.
-    pub(crate) fn projections_mut(&mut self) -> [&mut Projection; 7] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
-    }
-
     /// `x: [N, H] -> [N, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &BlockCtx, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let post = |t: Tensor, which: fn(&(Tensor, Tensor)) -> &Tensor| match &self.norms.sandwich {
@@ -167,8 +209,14 @@ impl Block {
         let attn = self.o.forward(&self.attention(&h, ctx, caches)?, ctx.runs)?;
         let x = (x + post(attn, |p| &p.0)?)?;
         let h = rms_norm(&x, &self.norms.pre_mlp, self.eps)?;
-        let gate = self.gate.forward(&h, ctx.runs)?;
-        let up = self.up.forward(&h, ctx.runs)?;
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Split { gate, up } => (gate.forward(&h, ctx.runs)?, up.forward(&h, ctx.runs)?),
+            GateUpProj::Fused(gate_up) => {
+                let y = gate_up.forward(&h, ctx.runs)?; // [N, 2I]
+                let i = y.dim(1)? / 2;
+                (y.narrow(1, 0, i)?.contiguous()?, y.narrow(1, i, i)?.contiguous()?)
+            }
+        };
         let mlp = self.down.forward(&glu(&gate, &up, self.activation)?, ctx.runs)?;
         Ok((x + post(mlp, |p| &p.1)?)?)
     }
@@ -177,9 +225,17 @@ impl Block {
     fn attention(&self, h: &Tensor, ctx: &BlockCtx, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let n = h.dim(0)?;
         let d = self.head_dim;
-        let q = self.q.forward(h, ctx.runs)?.reshape((n, self.heads, d))?;
-        let k = self.k.forward(h, ctx.runs)?.reshape((n, self.kv_heads, d))?;
-        let v = self.v.forward(h, ctx.runs)?.reshape((n, self.kv_heads, d))?;
+        let (qd, kvd) = (self.heads * d, self.kv_heads * d);
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Split { q, k, v } => (q.forward(h, ctx.runs)?, k.forward(h, ctx.runs)?, v.forward(h, ctx.runs)?),
+            QkvProj::Fused(qkv) => {
+                let y = qkv.forward(h, ctx.runs)?; // [N, qd + 2·kvd]
+                (y.narrow(1, 0, qd)?, y.narrow(1, qd, kvd)?, y.narrow(1, qd + kvd, kvd)?)
+            }
+        };
+        let q = q.contiguous()?.reshape((n, self.heads, d))?;
+        let k = k.contiguous()?.reshape((n, self.kv_heads, d))?;
+        let v = v.contiguous()?.reshape((n, self.kv_heads, d))?;
         let (q, k) = match &self.norms.qk {
             Some((qn, kn)) => (rms_norm(&q, qn, self.eps)?, rms_norm(&k, kn, self.eps)?),
             None => (q, k),

@@ -22,6 +22,8 @@ pub enum Family {
     /// Gemma 3 text (Gemma 2's block with q/k norms instead of attention capping, five sliding
     /// layers to a global one, each kind with its own RoPE).
     Gemma3,
+    /// Phi-3, Phi-3.5, Phi-4-mini (fused `qkv_proj` and `gate_up_proj`, LongRoPE, partial rotary).
+    Phi3,
 }
 
 impl Family {
@@ -34,6 +36,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -46,6 +49,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -144,6 +148,11 @@ pub struct ModelConfig {
     /// RoPE `(base, scaling)` of the sliding-window layers where it is not the global one
     /// (Gemma 3's `rope_parameters.sliding_attention`, or `rope_local_base_freq`).
     pub sliding_rope: Option<(f32, RopeScaling)>,
+    /// Leading dimensions of each head that RoPE rotates (`head_dim`, or Phi's
+    /// `partial_rotary_factor · head_dim`).
+    pub rotary_dim: usize,
+    /// One `qkv_proj` and one `gate_up_proj` instead of three and two projections (Phi-3).
+    pub fused_projections: bool,
 }
 
 impl ModelConfig {
@@ -161,6 +170,9 @@ impl ModelConfig {
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
+        }
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
+            return bad(format!("rotary dimension {} must be even, positive and at most head_dim", self.rotary_dim));
         }
         if self.sliding_layers.len() != self.num_layers {
             return bad(format!("{} layer types for {} layers", self.sliding_layers.len(), self.num_layers));

@@ -216,6 +216,8 @@ impl GgufFile {
             attn_softcap,
             final_softcap,
             sliding_rope,
+            rotary_dim: head_dim,
+            fused_projections: false,
         };
         cfg.validate()?;
         self.heads = (num_heads, num_kv_heads);

@@ -50,6 +50,10 @@ struct HfConfig {
     #[serde(default, deserialize_with = "present")]
     final_logit_softcapping: Option<Option<f64>>,
     use_bidirectional_attention: Option<bool>,
+    /// Phi-3: the pre-training context LongRoPE scales from.
+    original_max_position_embeddings: Option<usize>,
+    /// Phi: the share of each head RoPE rotates (also inside `rope_parameters`).
+    partial_rotary_factor: Option<f64>,
 }
 
 /// Keeps `null` apart from absent: `Some(None)` for `null`.
@@ -91,6 +95,7 @@ impl HfConfig {
             "qwen3" => Family::Qwen3,
             "gemma2" => Family::Gemma2,
             "gemma3_text" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             "gemma3" => {
                 return Err("model_type `gemma3` is Gemma 3 with its vision tower; lowrank runs the text models \
                             (model_type `gemma3_text`: gemma-3-270m, gemma-3-1b)"
@@ -98,7 +103,7 @@ impl HfConfig {
             }
             other => {
                 return Err(format!(
-                "model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)"
+                "model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)"
             ))
             }
         };
@@ -115,6 +120,15 @@ impl HfConfig {
         let head_dim =
             self.head_dim.unwrap_or(if gemma { 256 } else { self.hidden_size / self.num_attention_heads.max(1) });
         let (global, sliding_rope) = self.ropes(family)?;
+        let partial = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .or(self.partial_rotary_factor)
+            .unwrap_or(1.0);
+        // transformers: int(head_dim * partial_rotary_factor).
+        let rotary_dim = (head_dim as f64 * partial) as usize;
         let (sliding_window, sliding_layers) = self.sliding_layers(family)?;
         let cap = |given: Option<Option<f64>>, default: Option<f64>| given.unwrap_or(default);
         let (attn_softcap, final_softcap) = match family {
@@ -135,7 +149,7 @@ impl HfConfig {
             num_heads: self.num_attention_heads,
             num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
             head_dim,
-            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(if family == Family::Phi3 { 1e-5 } else { 1e-6 }),
             rope_theta: global.0,
             rope_scaling: global.1,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(match family {
@@ -158,6 +172,8 @@ impl HfConfig {
             attn_softcap,
             final_softcap,
             sliding_rope,
+            rotary_dim,
+            fused_projections: family == Family::Phi3,
         };
         cfg.validate().map_err(|e| match e {
             Error::Config(m) => m,
@@ -193,10 +209,42 @@ impl HfConfig {
         }
         let theta = self.rope_theta.or_else(|| theta_of(params)).unwrap_or(10_000.0);
         let scaling = match self.rope_scaling.as_ref().or(params) {
+            Some(v) if family == Family::Phi3 && is_longrope(v) => self.longrope(v)?,
             Some(v) if !v.is_null() => parse_rope_scaling(v)?,
             _ => RopeScaling::None,
         };
         Ok(((theta, scaling), None))
+    }
+
+    /// Phi-3's LongRoPE as transformers computes it: `factor` (else `max_position_embeddings /
+    /// original_max_position_embeddings`) gives the default attention factor
+    /// `√(1 + ln(factor) / ln(original))` (1 when `factor ≤ 1`).
+    fn longrope(&self, v: &Value) -> std::result::Result<RopeScaling, String> {
+        let factors = |key: &str| -> std::result::Result<Vec<f32>, String> {
+            v.get(key)
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<Vec<f32>>>())
+                .ok_or_else(|| format!("longrope needs a list of numbers `{key}`"))
+        };
+        let original = v
+            .get("original_max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .or(self.original_max_position_embeddings)
+            .unwrap_or(4096);
+        let max = self.max_position_embeddings.unwrap_or(4096);
+        let factor = v.get("factor").and_then(Value::as_f64).unwrap_or(max as f64 / original as f64);
+        let attention_factor = match v.get("attention_factor").and_then(Value::as_f64) {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+        };
+        Ok(RopeScaling::LongRope {
+            short_factor: factors("short_factor")?,
+            long_factor: factors("long_factor")?,
+            original_max_position_embeddings: original,
+            attention_factor: attention_factor as f32,
+        })
     }
 
     /// The sliding window and which blocks use it, as transformers decides: Mistral windows every
@@ -208,13 +256,13 @@ impl HfConfig {
         let n = self.num_hidden_layers;
         let window = match family {
             Family::Llama => None,
-            Family::Mistral => self.sliding_window,
+            Family::Mistral | Family::Phi3 => self.sliding_window,
             Family::Qwen2 | Family::Qwen3 => self.sliding_window.filter(|_| self.use_sliding_window == Some(true)),
             Family::Gemma2 | Family::Gemma3 => Some(self.sliding_window.unwrap_or(4096)),
         };
         let Some(window) = window else { return Ok((None, vec![false; n])) };
         let layers = match (&self.layer_types, family) {
-            (_, Family::Mistral) => vec![true; n],
+            (_, Family::Mistral | Family::Phi3) => vec![true; n],
             (Some(types), _) => {
                 if types.len() != n {
                     return Err(format!("layer_types has {} entries for {n} layers", types.len()));
@@ -239,6 +287,13 @@ impl HfConfig {
         };
         Ok((Some(window).filter(|_| layers.contains(&true)), layers))
     }
+}
+
+/// Phi-3's `rope_scaling` types that transformers runs as LongRoPE (`su` and `yarn` are its old
+/// names there).
+fn is_longrope(v: &Value) -> bool {
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str);
+    matches!(kind, Some("longrope" | "su" | "yarn"))
 }
 
 fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {

@@ -60,9 +60,9 @@ impl Model {
                 source_desc: format!("{} (config says the embeddings are not tied)", src.describe()),
             });
         };
-        let rope = RopeTable::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
+        let rope = RopeTable::new(config.rotary_dim, config.rope_theta, &config.rope_scaling)?;
         let sliding_rope = match &config.sliding_rope {
-            Some((theta, scaling)) => Some(RopeTable::new(config.head_dim, *theta, scaling)?),
+            Some((theta, scaling)) => Some(RopeTable::new(config.rotary_dim, *theta, scaling)?),
             None => None,
         };
         Ok(Self {
@@ -205,8 +205,10 @@ impl Model {
             // transformers: the embedding times √H, the factor rounded to the embedding's dtype.
             x = (x * (self.config.hidden_size as f64).sqrt() as f32 as f64)?;
         }
-        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
-        let sliding = self.sliding_rope.as_ref().map(|r| r.cos_sin(&positions, &self.device)).transpose()?;
+        // Each row's sequence length so far: LongRoPE picks its frequencies by it.
+        let lengths: Vec<usize> = spans.iter().flat_map(|s| std::iter::repeat_n(s.past + s.len, s.len)).collect();
+        let (cos, sin) = self.rope.cos_sin(&positions, &lengths, &self.device)?;
+        let sliding = self.sliding_rope.as_ref().map(|r| r.cos_sin(&positions, &lengths, &self.device)).transpose()?;
         let ctx = BlockCtx { cos, sin, sliding, spans: &spans, runs: &runs };
         for (i, block) in self.blocks.iter().enumerate() {
             x = match checkpoint {

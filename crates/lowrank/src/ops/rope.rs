@@ -30,12 +30,29 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors given explicitly (GGUF's `rope_freqs` tensor).
     Factors(Vec<f32>),
+    /// LongRoPE (Phi-3 `longrope`, formerly `su`): per-frequency divisors `short_factor` while a
+    /// sequence fits the original context, `long_factor` once it is longer, and `cos`/`sin`
+    /// multiplied by `attention_factor`.
+    LongRope {
+        /// Divisors within the original context.
+        short_factor: Vec<f32>,
+        /// Divisors beyond it.
+        long_factor: Vec<f32>,
+        /// The context the model was pre-trained with.
+        original_max_position_embeddings: usize,
+        /// Multiplies `cos` and `sin`.
+        attention_factor: f32,
+    },
 }
 
 /// The inverse frequencies of one model; builds `cos`/`sin` for any positions.
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     inv_freq: Vec<f32>,
+    /// LongRoPE: the frequencies of sequences longer than the given length.
+    long: Option<(Vec<f32>, usize)>,
+    /// Multiplies `cos` and `sin` (LongRoPE's attention factor; 1 otherwise).
+    attention_factor: f32,
 }
 
 impl RopeTable {
@@ -45,10 +62,31 @@ impl RopeTable {
             return Err(Error::Config(format!("rotary dimension {head_dim} must be even and > 0")));
         }
         // As transformers computes it: base ** (arange(0, dim, 2) / dim) in f32.
-        let mut inv_freq: Vec<f32> =
-            (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let powers: Vec<f32> = (0..head_dim / 2).map(|i| theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut inv_freq: Vec<f32> = powers.iter().map(|p| 1.0 / p).collect();
+        let (mut long, mut attention_factor) = (None, 1.0);
         match scaling {
             RopeScaling::None => {}
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor: a,
+            } => {
+                if short_factor.len() != powers.len() || long_factor.len() != powers.len() {
+                    return Err(Error::Config(format!(
+                        "longrope: {} short and {} long factors for {} rotary frequencies",
+                        short_factor.len(),
+                        long_factor.len(),
+                        powers.len()
+                    )));
+                }
+                // As transformers: 1 / (factor · base^(2i/dim)) in f32.
+                let freqs = |f: &[f32]| f.iter().zip(&powers).map(|(f, p)| 1.0 / (f * p)).collect::<Vec<f32>>();
+                inv_freq = freqs(short_factor);
+                long = Some((freqs(long_factor), *original_max_position_embeddings));
+                attention_factor = *a;
+            }
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Factors(factors) => {
                 if factors.len() != inv_freq.len() {
@@ -81,19 +119,29 @@ impl RopeTable {
                 }
             }
         }
-        Ok(Self { inv_freq })
+        Ok(Self { inv_freq, long, attention_factor })
     }
 
-    /// `cos, sin: [N, 1, D/2]` for the given absolute positions.
-    pub fn cos_sin(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+    /// `cos, sin: [N, 1, D/2]` for the given absolute positions; `lengths[i]` is the length of
+    /// row `i`'s sequence so far (cached plus new tokens), which picks LongRoPE's frequencies as
+    /// transformers does for that sequence alone.
+    pub fn cos_sin(&self, positions: &[usize], lengths: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        if lengths.len() != positions.len() {
+            return Err(Error::Batch(format!("rope: {} positions but {} lengths", positions.len(), lengths.len())));
+        }
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
+        let m = self.attention_factor;
+        for (&p, &len) in positions.iter().zip(lengths) {
+            let freqs = match &self.long {
+                Some((long, original)) if len > *original => long,
+                _ => &self.inv_freq,
+            };
+            for &f in freqs {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * m);
+                sin.push(a.sin() * m);
             }
         }
         let shape = (positions.len(), 1, half);
@@ -101,9 +149,16 @@ impl RopeTable {
     }
 }
 
-/// Rotate `x: [N, heads, D]` by `cos, sin: [N, 1, D/2]` (rotate-half convention).
+/// Rotate `x: [N, heads, D]` by `cos, sin: [N, 1, R/2]` (rotate-half convention): the first `R`
+/// dimensions of each head, the rest passed through (Phi-3's `partial_rotary_factor`).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (n, _heads, d) = x.dims3()?;
+    let (n, heads, d) = x.dims3()?;
+    let r = 2 * cos.dim(D::Minus1)?;
+    if r < d && cos.dims3()? == (n, 1, r / 2) {
+        let rotated = apply_rope(&x.narrow(2, 0, r)?.contiguous()?, cos, sin)?;
+        let kept = x.narrow(2, r, d - r)?.contiguous()?;
+        return Ok(Tensor::cat(&[rotated, kept], 2)?.reshape((n, heads, d))?);
+    }
     if cos.dims3()? != (n, 1, d / 2) || sin.dims3()? != (n, 1, d / 2) || d % 2 != 0 {
         return Err(Error::Batch(format!("rope: x {:?} with cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims())));
     }
@@ -195,7 +250,7 @@ mod tests {
         let table = RopeTable::new(8, 10000.0, &RopeScaling::None)?;
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 3, 8), &dev)?)?;
         let up = Tensor::randn(0f32, 1.0, (5, 3, 8), &dev)?;
-        let (cos, sin) = table.cos_sin(&[0, 3, 9, 100, 4000], &dev)?;
+        let (cos, sin) = table.cos_sin(&[0, 3, 9, 100, 4000], &[1; 5], &dev)?;
         let (y, want) = (apply_rope(&x, &cos, &sin)?, rope_composed(&x, &cos, &sin)?);
         assert!((&y - &want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
         let (g, g_ref) = ((y * &up)?.sum_all()?.backward()?, (want * &up)?.sum_all()?.backward()?);
@@ -209,7 +264,7 @@ mod tests {
         let dev = Device::Cpu;
         let table = RopeTable::new(8, 10000.0, &RopeScaling::None)?;
         let x = Tensor::randn(0f32, 1.0, (3, 2, 8), &dev)?;
-        let (cos, sin) = table.cos_sin(&[0, 5, 77], &dev)?;
+        let (cos, sin) = table.cos_sin(&[0, 5, 77], &[1; 3], &dev)?;
         let y = apply_rope(&x, &cos, &sin)?;
         let n_x = x.sqr()?.sum(D::Minus1)?;
         let n_y = y.sqr()?.sum(D::Minus1)?;

@@ -17,7 +17,7 @@ fn check(family: &str, case: &str, model: &Model, adapters: &[lowrank::adapter::
 
 #[test]
 fn base_models_match_transformers() {
-    for family in ["llama", "llama3", "qwen2", "mistral", "qwen3", "gemma2", "gemma3"] {
+    for family in ["llama", "llama3", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3"] {
         check(family, "base", &tiny_model(family), &[]);
     }
 }
@@ -31,6 +31,7 @@ fn peft_adapters_match_peft() {
         ("qwen3", &["qv", "all_linear"]),
         ("gemma2", &["qv", "all_linear"]),
         ("gemma3", &["qv", "all_linear"]),
+        ("phi3", &["fused", "all_linear"]),
     ];
     for (family, names) in cases {
         let model = tiny_model(family);

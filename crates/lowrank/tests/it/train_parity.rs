@@ -22,7 +22,7 @@ fn losses(family: &str) -> serde_json::Value {
 
 #[test]
 fn loss_and_adapter_gradients_match_peft() {
-    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3"] {
+    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
         let model = tiny_model(family);
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
         let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
@@ -47,7 +47,7 @@ fn loss_and_adapter_gradients_match_peft() {
 
 #[test]
 fn five_adamw_steps_match_torch() {
-    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3"] {
+    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
         let model = tiny_model(family);
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
         let want = losses(family);
@@ -75,7 +75,7 @@ fn five_adamw_steps_match_torch() {
 /// blocks draw the same masks).
 #[test]
 fn checkpointed_gradients_match_peft_and_the_plain_run() {
-    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3"] {
+    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
         let model = tiny_model(family);
         let init = Adapter::load_peft(&dir(family).join("init"), model.modules(), &Device::Cpu).unwrap();
         let b = TrainBatch::load(family);

@@ -1,6 +1,6 @@
-//! Where lowrank keeps its files, and the default model it fetches into them: process-level
-//! work (running pip, a cache under `$HOME`) that the library does not do. The binary and the
-//! tests use it.
+//! Where lowrank keeps its files, the default model it fetches into them, and models named on the
+//! Hugging Face Hub ([`hub`]): process-level work (running pip, caches under `$HOME`, the
+//! network) that the library does not do. The binary and the tests use it.
 //!
 //! Everything lives under one directory, [`home_dir`]: `$LOWRANK_HOME` when set, else
 //! `~/.cache/lowrank`. The default model (see [`DEFAULT_MODEL`]) is fetched once into
@@ -23,6 +23,8 @@ use std::process::{Command, Output};
 
 use lowrank::staging::{unique_suffix, Existing, Staged};
 
+pub mod hub;
+
 /// What can go wrong placing the cache or fetching the default model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,6 +45,9 @@ pub enum Error {
     /// Fetching failed; the message ends with the manual steps.
     #[error("fetching the default model: {0}")]
     Fetch(String),
+    /// A model named on the Hugging Face Hub could not be found or downloaded.
+    #[error("Hugging Face Hub model {0}")]
+    Hub(String),
 }
 
 impl Error {

@@ -53,14 +53,27 @@ impl std::str::FromStr for AdapterSpec {
     }
 }
 
-/// The model path, or the default model (fetched on first use).
+/// The model path, or the default model (fetched on first use). A name on the Hugging Face Hub
+/// (`org/name[@revision]`, `org/name/file.gguf`) that is not a local path is found in the HF
+/// cache, or downloaded into it.
 pub fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
     match arg {
-        Some(p) => Ok(p.to_path_buf()),
+        Some(p) => local_or_hub(p),
         None => {
             let p = lowrank_home::default_model_gguf().context("getting the default model")?;
             Ok(p)
         }
+    }
+}
+
+/// `p` itself when it exists (or names no Hub repo), else its Hub repo's directory or file.
+pub fn local_or_hub(p: &Path) -> Result<PathBuf> {
+    let hub = p.to_str().filter(|_| !p.exists()).and_then(lowrank_home::hub::HubRef::parse);
+    match hub {
+        Some(r) => {
+            lowrank_home::hub::resolve(&r).with_context(|| format!("getting {} from the Hugging Face Hub", p.display()))
+        }
+        None => Ok(p.to_path_buf()),
     }
 }
 
@@ -82,7 +95,8 @@ pub fn load_adapters(specs: &[AdapterSpec], table: &ModuleTable, device: &Device
     specs
         .iter()
         .map(|s| {
-            let a = Adapter::load_peft(&s.dir, table, device)
+            let dir = local_or_hub(&s.dir)?;
+            let a = Adapter::load_peft(&dir, table, device)
                 .with_context(|| format!("loading adapter {}", s.dir.display()))?;
             Ok(ActiveAdapter { adapter: Arc::new(a), weight: s.weight })
         })

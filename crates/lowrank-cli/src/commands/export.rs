@@ -56,7 +56,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
                 ModelFormat::Gguf => GgufFile::open(&path, base.device(), false)?.architecture()?,
                 ModelFormat::HfDir => base.config().family.gguf_architecture().to_string(),
             };
-            let a = Adapter::load_peft(&dir, base.modules(), base.device())
+            let a = Adapter::load_peft(&super::common::local_or_hub(&dir)?, base.modules(), base.device())
                 .with_context(|| format!("loading adapter {}", dir.display()))?;
             a.save_gguf(&output, base.modules(), base.config().heads(), &arch, existing)
                 .with_context(|| format!("writing {}", output.display()))?;

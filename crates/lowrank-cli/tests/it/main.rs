@@ -3,6 +3,7 @@
 
 mod cli;
 mod families;
+mod hub;
 mod merge_combine_export;
 mod serve;
 mod train;

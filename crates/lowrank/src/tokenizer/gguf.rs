@@ -54,13 +54,13 @@ impl Tokenizer {
                 byte_level::build(&tokens, &types, merges, pre).map_err(tokenizer_error)?
             }
             "llama" => {
+                // Gemma's (transformers' GemmaTokenizer: spaces become `▁`, no prefix, no split)
+                // is the Llama flavor without the space prefix, which its files say.
+                let gemma = matches!(architecture, "gemma" | "gemma2" | "gemma3");
                 let flavor = match architecture {
-                    "gemma" | "gemma2" | "gemma3" => {
-                        return Err(meta.error(format!("the `{architecture}` SentencePiece tokenizer is not supported")))
-                    }
                     "phi3" => sentencepiece::Flavor::Phi3,
                     _ => sentencepiece::Flavor::Llama {
-                        add_space_prefix: meta.flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true),
+                        add_space_prefix: meta.flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(!gemma),
                     },
                 };
                 sentencepiece::build(&tokens, merges, flavor).map_err(tokenizer_error)?

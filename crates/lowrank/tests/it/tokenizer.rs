@@ -188,6 +188,28 @@ fn sentencepiece_hf_dir_matches_transformers() {
     assert_eq!(template.render(&fixture.chat.messages, true).unwrap(), fixture.chat.rendered);
 }
 
+/// A Gemma file's SentencePiece vocabulary (llama.cpp writes Gemma's without a space prefix, and
+/// transformers' GemmaTokenizer spells spaces as `▁` without one) loads, with no prefix even
+/// when the file omits the key. The real gemma-3-270m GGUF is checked against transformers by
+/// scripts/check/gemma3_270m.sh.
+#[test]
+fn gemma_sentencepiece_gguf_loads_without_a_space_prefix() {
+    let path = fixtures().join("tiny-spm.gguf");
+    let mut metadata = read_gguf(&path).metadata;
+    metadata.insert("tokenizer.ggml.add_space_prefix".into(), gguf_file::Value::Bool(false));
+    let llama_without = Tokenizer::from_gguf(&metadata, &path).unwrap();
+    metadata.remove("tokenizer.ggml.add_space_prefix");
+    for arch in ["gemma", "gemma2", "gemma3"] {
+        metadata.insert("general.architecture".into(), gguf_file::Value::String(arch.into()));
+        let gemma = Tokenizer::from_gguf(&metadata, &path).unwrap();
+        for text in ["Hello world", " two  spaces", "line\nbreak"] {
+            let ids = gemma.encode(text, false).unwrap();
+            assert_eq!(ids, llama_without.encode(text, false).unwrap(), "{arch}: {text:?}");
+            assert_eq!(gemma.decode(&ids, false).unwrap(), text, "{arch}: {text:?}");
+        }
+    }
+}
+
 /// `tokenizer.ggml.add_space_prefix = false` turns the SentencePiece prefix space off (llama.cpp's
 /// meaning; transformers ignores the key, so there is no fixture for it).
 #[test]

@@ -42,11 +42,10 @@ pub fn write_gguf_model(
     };
     let staged = Staged::file(out, existing)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (hf, t) in model.named_weights()? {
+    // llama.cpp's converter stores Gemma's norms as the multiplier 1 + w, which the model holds.
+    for (hf, t) in model.named_weights_in(true)? {
         let (name, qk) =
             to_gguf(&hf, &arch).ok_or_else(|| Error::Export(format!("llama.cpp has no tensor name for `{hf}`")))?;
-        // llama.cpp's converter stores Gemma's norms as the multiplier 1 + w.
-        let t = if model.config().family.is_gemma() && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
         let t = match qk.filter(|_| permutes_qk(&arch)) {
             Some(qk) => permute_rows(&t, qk.heads(model.config().heads()))?,
             None => t,

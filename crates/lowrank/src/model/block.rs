@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, Projection};
-use super::weights::{dense_checked, WeightSource};
+use super::weights::{norm_checked, WeightSource};
 use crate::ops::{apply_rope, causal_attention, glu, rms_norm, Activation, Scores, Segment};
 use crate::Result;
 
@@ -93,10 +93,8 @@ impl Block {
         let (h, d, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         let l = Some(layer);
-        let norm = |name: &str, len: usize| -> Result<Tensor> {
-            let w = dense_checked(src, &format!("{p}.{name}.weight"), &[len])?;
-            Ok(if cfg.family.is_gemma() && !src.norms_plus_one() { (w + 1.0)? } else { w })
-        };
+        let norm =
+            |name: &str, len: usize| norm_checked(src, &format!("{p}.{name}.weight"), len, cfg.family.is_gemma());
         let gemma = cfg.family.is_gemma();
         let norms = Norms {
             input: norm("input_layernorm", h)?,

@@ -9,7 +9,7 @@ use super::cache::KvCache;
 use super::checkpoint::{checkpointed, GradSink};
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, Projection};
-use super::weights::{dense_checked, matrix_checked, WeightSource};
+use super::weights::{matrix_checked, norm_checked, WeightSource};
 use crate::adapter::ActiveAdapter;
 use crate::module_table::ModuleTable;
 use crate::ops::{rms_norm, FrozenLinear, RopeTable};
@@ -48,8 +48,7 @@ impl Model {
         let mut factory = LinearFactory::new(src);
         let blocks =
             (0..config.num_layers).map(|l| Block::load(&config, l, src, &mut factory)).collect::<Result<Vec<_>>>()?;
-        let norm = dense_checked(src, "model.norm.weight", &[h])?;
-        let norm = if config.family.is_gemma() && !src.norms_plus_one() { (norm + 1.0)? } else { norm };
+        let norm = norm_checked(src, "model.norm.weight", h, config.family.is_gemma())?;
         let head = if config.tie_word_embeddings {
             embed.clone()
         } else if src.contains("lm_head.weight") {

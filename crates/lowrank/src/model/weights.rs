@@ -33,6 +33,13 @@ pub fn dense_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Res
     Ok(t)
 }
 
+/// Loads the RMSNorm weight `name: [len]` as the multiplier the model applies: for Gemma
+/// (`plus_one`) `1 + w` of HF's `w`, unless the source already stores it so (llama.cpp's GGUF).
+pub fn norm_checked(src: &dyn WeightSource, name: &str, len: usize, plus_one: bool) -> Result<Tensor> {
+    let w = dense_checked(src, name, &[len])?;
+    Ok(if plus_one && !src.norms_plus_one() { (w + 1.0)? } else { w })
+}
+
 /// Loads the matrix `name` and checks it is `[rows, cols]`.
 pub fn matrix_checked(src: &dyn WeightSource, name: &str, rows: usize, cols: usize) -> Result<FrozenWeight> {
     let w = src.matrix(name)?;

@@ -132,8 +132,7 @@ fn answer(stream: TcpStream, repos: &HashMap<String, HashMap<String, Vec<u8>>>, 
         let _ = out.write_all(body);
     };
     for (repo, files) in repos {
-        if let Some(rest) = path.strip_prefix(&format!("/api/models/{repo}/revision/")) {
-            let _ = rest;
+        if path.starts_with(&format!("/api/models/{repo}/revision/")) {
             let siblings: Vec<_> = files.keys().map(|f| serde_json::json!({"rfilename": f})).collect();
             let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
             return reply(&mut out, "200 OK", &[("Content-Type", "application/json".into())], body.as_bytes());

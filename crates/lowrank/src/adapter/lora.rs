@@ -75,7 +75,7 @@ impl LoraLayer {
                 let a: Vec<f64> = (0..r * k).map(|i| vt[i] * root[i / k]).collect();
                 (b, a)
             }
-            LoraInit::Olora => crate::kernels::leading_qr(&wv, m, k, r),
+            LoraInit::Olora => crate::kernels::leading_qr(&wv, m, k, r).ok_or_else(non_finite)?,
             LoraInit::Kaiming | LoraInit::Gaussian => {
                 return Err(crate::Error::NewAdapter("from_weight is for pissa and olora".into()))
             }
@@ -97,7 +97,7 @@ impl LoraLayer {
 }
 
 fn non_finite() -> crate::Error {
-    crate::Error::NewAdapter("PiSSA needs a finite base weight".into())
+    crate::Error::NewAdapter("PiSSA and OLoRA need a finite base weight".into())
 }
 
 /// Up to this `min(M, K)`, PiSSA's SVD is exact (`min(M, K)²·max(M, K)`); above it, randomized.

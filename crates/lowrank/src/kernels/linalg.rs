@@ -2,7 +2,7 @@
 //! PiSSA's top singular triplets, OLoRA's leading QR, and the truncated SVD of a low-rank product
 //! `B A` without forming it. With `B = Q_b R_b` and `Aᵀ = Q_a R_a` (thin QR),
 //! `B A = Q_b (R_b R_aᵀ) Q_aᵀ`, so only the small core needs an SVD, whatever the size of `W`.
-//! The SVDs return `None` for non-finite input (or, should it ever happen, an SVD that does not
+//! The SVDs and the QR return `None` for non-finite input (or, should it ever happen, an SVD that does not
 //! converge).
 
 use faer::{Mat, MatRef};
@@ -35,8 +35,11 @@ pub fn truncated_svd_of_product(
 
 /// OLoRA's factors of `w: [m, k]` (row-major): `Q_r: [m, r]`, the first `r` columns of `w`'s
 /// thin QR, and `R_r = Q_rᵀ w: [r, k]`, its first `r` rows of `R` (the diagonal of `R` positive).
-pub fn leading_qr(w: &[f64], m: usize, k: usize, r: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn leading_qr(w: &[f64], m: usize, k: usize, r: usize) -> Option<(Vec<f64>, Vec<f64>)> {
     assert!(w.len() == m * k && r <= m.min(k), "leading_qr: operand sizes");
+    if !finite(w) {
+        return None;
+    }
     let w = mat(w, m, k);
     let (mut q, rr) = thin_qr(w.subcols(0, r)); // [m, r], [r, r]
     for j in 0..r {
@@ -45,7 +48,7 @@ pub fn leading_qr(w: &[f64], m: usize, k: usize, r: usize) -> (Vec<f64>, Vec<f64
         }
     }
     let rest = q.transpose() * &w; // [r, k]
-    (rows(q.as_ref()), rows(rest.as_ref()))
+    Some((rows(q.as_ref()), rows(rest.as_ref())))
 }
 
 /// PiSSA's factors: the top `r` singular triplets of `w: [m, k]` (row-major), `(U_r: [m, r],
@@ -178,7 +181,7 @@ mod tests {
             let wv = matmul(&w, &transpose(&vt, r, k), m, k, r);
             let err = (0..m * r).map(|i| (wv[i] - u[i] * s[i % r]).abs()).fold(0.0, f64::max);
             assert!(err < 1e-10, "w v ≠ u s by {err}");
-            let (q, rr) = leading_qr(&w, m, k, r);
+            let (q, rr) = leading_qr(&w, m, k, r).unwrap();
             let qtq = matmul(&transpose(&q, m, r), &q, r, m, r);
             assert!((0..r * r).all(|i| (qtq[i] - if i / r == i % r { 1.0 } else { 0.0 }).abs() < 1e-12));
             // q rr reproduces the first r columns of w, with rr upper-triangular there.
@@ -196,7 +199,7 @@ mod tests {
     fn non_finite_input_is_refused_not_returned() {
         let mut w = lcg(4, 12);
         w[5] = f64::NAN;
-        assert!(top_svd(&w, 4, 3, 2).is_none());
+        assert!(top_svd(&w, 4, 3, 2).is_none() && leading_qr(&w, 4, 3, 2).is_none());
         assert!(truncated_svd_of_product(&w, 4, 3, &lcg(5, 6), 2, 2).is_none());
         assert!(top_svd(&lcg(4, 12), 4, 3, 2).is_some());
     }

@@ -31,8 +31,6 @@ pub struct GgufFile {
     dequantize: bool,
     /// `general.architecture`: which tensor names and conventions the converter used.
     arch: String,
-    /// Whether q/k rows were permuted by the converter (llama architecture).
-    permuted_qk: bool,
     heads: (usize, usize),
 }
 
@@ -50,11 +48,9 @@ impl GgufFile {
             device: device.clone(),
             dequantize,
             arch: String::new(),
-            permuted_qk: false,
             heads: (0, 0),
         };
         g.arch = g.architecture()?;
-        g.permuted_qk = permutes_qk(&g.arch);
         Ok(g)
     }
 
@@ -264,7 +260,8 @@ impl GgufFile {
     /// The GGUF name of an HF tensor name, and how many heads its rows are permuted over.
     fn gguf_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
         let (name, qk) = to_gguf(hf, &self.arch)?;
-        let heads = match (self.permuted_qk, qk) {
+        // Only the llama architecture's converter permutes q/k rows.
+        let heads = match (permutes_qk(&self.arch), qk) {
             (true, Some(Qk::Q)) => Some(self.heads.0),
             (true, Some(Qk::K)) => Some(self.heads.1),
             _ => None,

@@ -8,10 +8,11 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 
 use super::hf::check_finite;
 use crate::chat::ChatTemplate;
-use crate::formats::gguf_names::{permute_rows, permutes_qk, to_gguf};
+use crate::formats::gguf_names::{permute_rows, permutes_qk, to_gguf, LONG_FACTORS, ROPE_FREQS, SHORT_FACTORS};
 use crate::model::{Family, Model, ModelConfig};
 use crate::ops::RopeScaling;
 use crate::staging::{Existing, Staged};
@@ -59,6 +60,7 @@ pub fn write_gguf_model(
         }
         tensors.push((name, q));
     }
+    tensors.extend(rope_tensors(&model.config().rope_scaling)?);
     let mut metadata = metadata.clone();
     metadata.insert("general.file_type".into(), Value::U32(file_type));
     let mut keys: Vec<&String> = metadata.keys().collect();
@@ -67,6 +69,21 @@ pub fn write_gguf_model(
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     write_gguf_file(staged.path(), &meta, &refs)?;
     staged.commit()
+}
+
+/// The RoPE tensors llama.cpp reads beside the weights: the divisors a GGUF source gave
+/// (`rope_freqs`), Phi-3's LongRoPE factors.
+fn rope_tensors(scaling: &RopeScaling) -> Result<Vec<(String, QTensor)>> {
+    let vector = |name: &str, v: &[f32]| -> Result<(String, QTensor)> {
+        Ok((name.to_string(), QTensor::quantize(&Tensor::new(v, &Device::Cpu)?, GgmlDType::F32)?))
+    };
+    Ok(match scaling {
+        RopeScaling::Factors(f) => vec![vector(ROPE_FREQS, f)?],
+        RopeScaling::LongRope { short_factor, long_factor, .. } => {
+            vec![vector(SHORT_FACTORS, short_factor)?, vector(LONG_FACTORS, long_factor)?]
+        }
+        _ => Vec::new(),
+    })
 }
 
 /// llama.cpp metadata for a model loaded from the HF directory `dir` with configuration `cfg`:
@@ -102,13 +119,18 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
     put("attention.value_length", u(cfg.head_dim));
     put("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32));
     put("rope.freq_base", Value::F32(cfg.rope_theta));
-    put("rope.dimension_count", u(cfg.head_dim));
+    put("rope.dimension_count", u(cfg.rotary_dim));
     put("vocab_size", u(cfg.vocab_size));
     match &cfg.rope_scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => {
             put("rope.scaling.type", Value::String("linear".into()));
             put("rope.scaling.factor", Value::F32(*factor));
+        }
+        // The factors are tensors (rope_tensors); llama.cpp picks them by its context size.
+        RopeScaling::LongRope { original_max_position_embeddings, attention_factor, .. } => {
+            put("rope.scaling.original_context_length", u(*original_max_position_embeddings));
+            put("rope.scaling.attn_factor", Value::F32(*attention_factor));
         }
         other => {
             return Err(Error::Export(format!(
@@ -118,6 +140,10 @@ pub fn gguf_metadata_for_hf(cfg: &ModelConfig, dir: &Path) -> Result<HashMap<Str
     }
     if cfg.family.is_gemma() {
         put_gemma(cfg, &mut put)?;
+    }
+    if cfg.family == Family::Phi3 {
+        // 0 says no window (Phi-4-mini); llama.cpp then windows no layer.
+        put("attention.sliding_window", u(cfg.sliding_window.unwrap_or(0)));
     }
     if !dir.join("tokenizer.json").is_file() {
         return Err(Error::Export(format!(

@@ -57,6 +57,13 @@ pub fn write_hf_model(
         DType::BF16 => "bfloat16",
         other => return Err(Error::Export(format!("HF export writes f32, f16 or bf16, not {other:?}"))),
     };
+    if let RopeScaling::Factors(_) = model.config().rope_scaling {
+        return Err(Error::Export(
+            "the model's RoPE divisors come from the GGUF's `rope_freqs` tensor, which config.json cannot \
+             state (Llama 3's rope_scaling parameters are not in the file): write --format gguf"
+                .into(),
+        ));
+    }
     let staged = Staged::dir(out, existing)?;
     let dir = staged.path();
 
@@ -189,6 +196,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 /// `rope_scaling` as config.json writes it (`null` for none).
 fn rope_scaling_json(scaling: &RopeScaling) -> serde_json::Value {
     match scaling {
+        // Factors: refused by write_hf_model.
         RopeScaling::None | RopeScaling::Factors(_) => serde_json::Value::Null,
         RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({

@@ -73,6 +73,14 @@ fn block_names(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'sta
     own.iter().chain(BLOCK.iter().filter(move |(h, g)| !own.iter().any(|(oh, og)| oh == h || og == g)))
 }
 
+/// RoPE tensors that are not model weights: per-frequency divisors (Llama 3's scaling, written out
+/// by the converter) and Phi-3's LongRoPE factors within and beyond the original context.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+/// Phi-3's LongRoPE divisors within the original context.
+pub const SHORT_FACTORS: &str = "rope_factors_short.weight";
+/// Phi-3's LongRoPE divisors beyond it.
+pub const LONG_FACTORS: &str = "rope_factors_long.weight";
+
 const TOP: &[(&str, &str)] = &[
     ("model.embed_tokens.weight", "token_embd.weight"),
     ("model.norm.weight", "output_norm.weight"),

@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{Family, ModelConfig};
 use super::weights::WeightSource;
-use crate::formats::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk};
-use crate::ops::{Activation, RopeScaling};
+use crate::formats::gguf_names::{permutes_qk, to_gguf, unpermute_rows, Qk, LONG_FACTORS, ROPE_FREQS, SHORT_FACTORS};
+use crate::ops::{longrope_attention_factor, Activation, RopeScaling};
 use crate::weights::FrozenWeight;
 use crate::{Error, Result};
 
@@ -125,9 +125,10 @@ impl GgufFile {
             "qwen3" => Family::Qwen3,
             "gemma2" => Family::Gemma2,
             "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             other => {
                 return Err(self.err(format!(
-                    "architecture `{other}` is not supported (supported: llama, qwen2, qwen3, gemma2, gemma3; \
+                    "architecture `{other}` is not supported (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3; \
                      Mistral GGUFs use `llama`)"
                 )))
             }
@@ -147,9 +148,13 @@ impl GgufFile {
             .get("token_embd.weight")
             .ok_or_else(|| self.err("tensor `token_embd.weight` is missing"))?;
         let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
-        let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let t = self.read_tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?;
-            RopeScaling::Factors(t.flatten_all()?.to_vec1::<f32>()?)
+        let vector = |s: &Self, name: &str| -> Result<Vec<f32>> {
+            Ok(s.read_tensor(name)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let rope_scaling = if self.content.tensor_infos.contains_key(ROPE_FREQS) {
+            RopeScaling::Factors(vector(self, ROPE_FREQS)?)
+        } else if family == Family::Phi3 && self.content.tensor_infos.contains_key(LONG_FACTORS) {
+            self.longrope(&arch, vector(self, SHORT_FACTORS)?, vector(self, LONG_FACTORS)?)?
         } else {
             match self.meta(&format!("{arch}.rope.scaling.type")) {
                 Some(Value::String(s)) if s == "linear" => RopeScaling::Linear {
@@ -212,12 +217,26 @@ impl GgufFile {
             attn_softcap,
             final_softcap,
             sliding_rope,
-            rotary_dim: head_dim,
-            fused_projections: false,
+            // llama.cpp's n_rot: the rotated leading dimensions of each head (Phi-3: partial).
+            rotary_dim: self.meta_usize(&format!("{arch}.rope.dimension_count"))?.unwrap_or(head_dim),
+            fused_projections: family == Family::Phi3,
         };
         cfg.validate()?;
         self.heads = (num_heads, num_kv_heads);
         Ok(cfg)
+    }
+
+    /// Phi-3's LongRoPE from the converter's `rope_factors_{short,long}` tensors, the original
+    /// context and the attention factor it wrote (computed as transformers does when absent).
+    fn longrope(&self, arch: &str, short_factor: Vec<f32>, long_factor: Vec<f32>) -> Result<RopeScaling> {
+        let key = format!("{arch}.rope.scaling.original_context_length");
+        let original = self.meta_usize(&key)?.ok_or_else(|| self.err(format!("LongRoPE without `{key}`")))?;
+        let max = self.meta_usize(&format!("{arch}.context_length"))?.unwrap_or(original);
+        let attention_factor = match self.meta_f32(&format!("{arch}.rope.scaling.attn_factor"))? {
+            Some(a) => a,
+            None => longrope_attention_factor(max as f64 / original as f64, original) as f32,
+        };
+        Ok(RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings: original, attention_factor })
     }
 
     /// The sliding window and its layers as llama.cpp reads them for Gemma: the window from
@@ -228,6 +247,11 @@ impl GgufFile {
         let default_period = match family {
             Family::Gemma2 => 2,
             Family::Gemma3 => 6,
+            // Phi-3: every layer when the window is set (0, Phi-4-mini's value, is none).
+            Family::Phi3 => {
+                let window = self.meta_usize(&format!("{arch}.attention.sliding_window"))?.filter(|&w| w > 0);
+                return Ok((window, vec![window.is_some(); n]));
+            }
             _ => return Ok((None, vec![false; n])),
         };
         let window = self.meta_usize(&format!("{arch}.attention.sliding_window"))?;

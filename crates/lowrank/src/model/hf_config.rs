@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::config::{Family, ModelConfig};
-use crate::ops::{Activation, RopeScaling};
+use crate::ops::{longrope_attention_factor, Activation, RopeScaling};
 use crate::{Error, Result};
 
 /// Mirror of the fields of `config.json` that we read; unknown fields are ignored.
@@ -234,11 +234,8 @@ impl HfConfig {
             .unwrap_or(4096);
         let max = self.max_position_embeddings.unwrap_or(4096);
         let factor = v.get("factor").and_then(Value::as_f64).unwrap_or(max as f64 / original as f64);
-        let attention_factor = match v.get("attention_factor").and_then(Value::as_f64) {
-            Some(a) => a,
-            None if factor <= 1.0 => 1.0,
-            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
-        };
+        let attention_factor =
+            v.get("attention_factor").and_then(Value::as_f64).unwrap_or_else(|| longrope_attention_factor(factor, original));
         Ok(RopeScaling::LongRope {
             short_factor: factors("short_factor")?,
             long_factor: factors("long_factor")?,

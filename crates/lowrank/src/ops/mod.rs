@@ -20,5 +20,5 @@ pub use glu::{glu, Activation};
 pub use linear::FrozenLinear;
 pub use lora_linear::{lora_linear, LowRank};
 pub use rms_norm::rms_norm;
-pub use rope::{apply_rope, RopeScaling, RopeTable};
+pub use rope::{apply_rope, longrope_attention_factor, RopeScaling, RopeTable};
 pub use softmax::softmax_last_dim;

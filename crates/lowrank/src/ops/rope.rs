@@ -45,6 +45,16 @@ pub enum RopeScaling {
     },
 }
 
+/// LongRoPE's default attention factor for a context extended `factor` times beyond `original`:
+/// `√(1 + ln(factor) / ln(original))`, 1 when not extended (transformers and llama.cpp's converter).
+pub fn longrope_attention_factor(factor: f64, original: usize) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+    }
+}
+
 /// The inverse frequencies of one model; builds `cos`/`sin` for any positions.
 #[derive(Clone, Debug)]
 pub struct RopeTable {

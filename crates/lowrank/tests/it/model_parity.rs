@@ -69,25 +69,85 @@ fn gguf_quantized_weights_match_in_f32_arithmetic() {
     }
 }
 
-/// The GGUF files llama.cpp's own converter wrote from the tiny models (scripts/fixtures/converted.py),
-/// against transformers on their dequantised weights.
+/// The GGUF files llama.cpp's own converter wrote from the tiny models, and the K-quant files
+/// llama.cpp's quantizer made (scripts/fixtures/converted.py), against transformers on their
+/// dequantised weights.
 #[test]
 fn converter_written_gguf_matches_transformers() {
     let manifest = json(models_dir().join("converted.json"));
     for (family, entry) in manifest.as_object().unwrap() {
         let want = safetensors(models_dir().join(entry["logits"].as_str().unwrap()));
+        let seqs: Vec<Vec<u32>> = serde_json::from_value(json(models_dir().join(entry["ids"].as_str().unwrap()))).unwrap();
         for case in entry["cases"].as_array().unwrap() {
             let key = case["key"].as_str().unwrap();
             let path = models_dir().join(case["gguf"].as_str().unwrap());
-            // Dequantised at load, and (Q8_0) kept packed with tiles dequantised inside the matmul.
+            // Dequantised at load, and kept packed with tiles dequantised inside the matmul.
             for dequantize in [true, false] {
                 let model = Model::from_path(&path, &LoadOptions { dequantize, ..Default::default() }).unwrap();
-                assert_eq!(model.config().family.gguf_architecture(), family.as_str());
-                for (i, ids) in ids(family).iter().enumerate() {
+                assert_eq!(model.config().family.gguf_architecture(), entry["architecture"].as_str().unwrap());
+                for (i, ids) in seqs.iter().enumerate() {
                     let d = max_diff(&logits(&model, ids, &[]), &want[&format!("{key}.{i}")]);
                     assert!(d < TOL, "{family} {key} (dequantize {dequantize}) seq {i}: max |Δlogit| = {d}");
                 }
             }
         }
+    }
+}
+
+/// FNV-1a 64 of the values' little-endian f32 bytes (as converted.py hashes gguf-py's).
+fn fnv1a64(values: &[f32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in values.iter().flat_map(|v| v.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// K-quant files quantized by llama.cpp itself (Q4_K_M, Q5_K_M, Q6_K: Q4_K, Q5_K and Q6_K
+/// tensors): every weight lowrank dequantises, at load or from the packed blocks, is bit for bit
+/// what llama.cpp's gguf-py gives.
+#[test]
+fn k_quant_weights_dequantise_exactly_as_llama_cpp() {
+    let manifest = json(models_dir().join("converted.json"));
+    let entry = &manifest["qwen3-kquant"];
+    let mut types = std::collections::BTreeSet::new();
+    for case in entry["cases"].as_array().unwrap() {
+        let path = models_dir().join(case["gguf"].as_str().unwrap());
+        let want = case["dequantized_fnv1a64"].as_object().unwrap();
+        types.extend(case["tensor_types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()));
+        for dequantize in [true, false] {
+            let model = Model::from_path(&path, &LoadOptions { dequantize, ..Default::default() }).unwrap();
+            let weights = model.named_weights().unwrap();
+            assert!(weights.len() >= 11, "{} weights", weights.len());
+            for (hf, t) in weights {
+                let gguf = match hf.as_str() {
+                    "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+                    "model.norm.weight" => "output_norm.weight".to_string(),
+                    _ => {
+                        let (layer, rest) = hf.strip_prefix("model.layers.").unwrap().split_once('.').unwrap();
+                        let module = match rest.trim_end_matches(".weight") {
+                            "self_attn.q_proj" => "attn_q",
+                            "self_attn.k_proj" => "attn_k",
+                            "self_attn.v_proj" => "attn_v",
+                            "self_attn.o_proj" => "attn_output",
+                            "self_attn.q_norm" => "attn_q_norm",
+                            "self_attn.k_norm" => "attn_k_norm",
+                            "input_layernorm" => "attn_norm",
+                            "post_attention_layernorm" => "ffn_norm",
+                            "mlp.gate_proj" => "ffn_gate",
+                            "mlp.up_proj" => "ffn_up",
+                            "mlp.down_proj" => "ffn_down",
+                            other => panic!("unexpected weight {other}"),
+                        };
+                        format!("blk.{layer}.{module}.weight")
+                    }
+                };
+                let got = fnv1a64(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                assert_eq!(Some(got.as_str()), want[&gguf].as_str(), "{} {gguf} (dequantize {dequantize})", case["key"]);
+            }
+        }
+    }
+    for ty in ["Q4_K", "Q5_K", "Q6_K"] {
+        assert!(types.contains(ty), "no {ty} tensor among {types:?}");
     }
 }

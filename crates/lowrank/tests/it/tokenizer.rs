@@ -419,3 +419,24 @@ fn hf_tokenizer_converts_back_to_gguf_metadata_with_the_same_ids() {
         assert_matches(&rebuilt, &references[pre], &format!("GGUF → HF → GGUF, pre={pre}"));
     }
 }
+
+/// Gemma 2's GGUF as llama.cpp's converter writes it from a SentencePiece `tokenizer.model`
+/// (scripts/fixtures/converted.py): the vocabulary padded to the model's size with unused
+/// `[PAD]` pieces, no space prefix, the ids SentencePiece itself gives.
+#[test]
+fn converter_written_gemma2_sentencepiece_gguf_matches_sentencepiece() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let text = std::fs::read_to_string(models.join("converted.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let want = manifest["gemma2"]["sentencepiece_ids"].as_object().expect("gemma2 sentencepiece_ids");
+    let path = models.join("gemma2/gguf/tiny-F32.gguf");
+    let tokenizer = Tokenizer::from_gguf(&read_gguf(&path).metadata, &path).unwrap();
+    assert!(!want.is_empty());
+    for (text, ids) in want {
+        let ids: Vec<u32> = ids.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+        assert_eq!(tokenizer.encode(text, false).unwrap(), ids, "{text:?}");
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), *text);
+    }
+    // SentencePiece's bos (llama.cpp adds it for a `llama` vocabulary unless the file says not).
+    assert_eq!(tokenizer.encode("the", true).unwrap().first().copied(), Some(1));
+}

@@ -4,7 +4,7 @@
 
 Tokenizes PROMPT as `lowrank generate --prompt` does (the vocabulary's own BOS rule, special
 tokens not parsed), decodes greedily until an end-of-generation token or N new tokens, and prints
-the new tokens' text (control tokens left out) and, on stderr, their ids.
+the new token ids as `lowrank generate --verbose` does (`[1, 2, 3]`) and, on stderr, their text.
 """
 import sys
 
@@ -21,5 +21,5 @@ for t in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_pe
     if llama_cpp.llama_vocab_is_eog(vocab, t) or len(out) == n:
         break
     out.append(t)
-print(f"{len(tokens)} prompt ids {tokens} -> {out}", file=sys.stderr)
-sys.stdout.write(llm.detokenize(out, special=False).decode("utf-8", errors="replace"))
+print(llm.detokenize(out, special=True).decode("utf-8", errors="replace"), file=sys.stderr)
+print("[" + ", ".join(map(str, out)) + "]")

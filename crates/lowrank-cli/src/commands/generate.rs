@@ -187,6 +187,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             decoded as f64 / g.decode_secs.max(1e-9),
             g.finish
         );
+        eprintln!("generated ids: {:?}", g.tokens);
         if let Some((rss, peak)) = memory() {
             eprintln!("memory: resident {:.0} MiB, peak {:.0} MiB", mib(rss), mib(peak));
         }

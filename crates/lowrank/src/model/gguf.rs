@@ -239,7 +239,7 @@ impl GgufFile {
         Ok(RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings: original, attention_factor })
     }
 
-    /// The sliding window and its layers as llama.cpp reads them for Gemma: the window from
+    /// The sliding window and its layers as llama.cpp reads them (none but Gemma's) for Gemma: the window from
     /// `attention.sliding_window` (Gemma 2: 4096 when absent; Gemma 3: none when absent or 0),
     /// the layers from `attention.sliding_window_pattern`, an array of per-layer flags or a period
     /// `n` (layer `l` slides unless `l % n == n - 1`), by default 2 (Gemma 2) or 6 (Gemma 3).
@@ -247,11 +247,8 @@ impl GgufFile {
         let default_period = match family {
             Family::Gemma2 => 2,
             Family::Gemma3 => 6,
-            // Phi-3: every layer when the window is set (0, Phi-4-mini's value, is none).
-            Family::Phi3 => {
-                let window = self.meta_usize(&format!("{arch}.attention.sliding_window"))?.filter(|&w| w > 0);
-                return Ok((window, vec![window.is_some(); n]));
-            }
+            // Phi-3: llama.cpp ignores `attention.sliding_window` ("Phi SWA is currently disabled",
+            // llama.cpp#13676) and attends to the whole context, so the file runs without one here.
             _ => return Ok((None, vec![false; n])),
         };
         let window = self.meta_usize(&format!("{arch}.attention.sliding_window"))?;

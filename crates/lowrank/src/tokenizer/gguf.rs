@@ -29,6 +29,41 @@ use super::base::{add_missing_tokens, bos_eos_template, SpecialToken, Tokenizer}
 use super::{byte_level, sentencepiece, token_type};
 use crate::error::{Error, Result};
 
+/// Ids that end generation besides the eos, as llama.cpp's vocabulary loader reads them.
+const EOG_KEYS: [&str; 5] = [
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+    "tokenizer.ggml.fim_pad_token_id",
+    "tokenizer.ggml.fim_rep_token_id",
+    "tokenizer.ggml.fim_sep_token_id",
+];
+/// Tokens that end generation in llama.cpp by their spelling (llama-vocab.cpp of the llama.cpp
+/// that llama-cpp-python 0.3.36 vendors).
+const EOG_TEXTS: [&str; 22] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+];
+
 impl Tokenizer {
     /// Builds the tokenizer described by GGUF metadata (`Content::metadata` of candle's
     /// `gguf_file`). `path` only names the file in errors.
@@ -97,12 +132,15 @@ impl Tokenizer {
             inner.with_post_processor(Some(template));
         }
 
-        // End-of-turn/-message ids also stop generation (transformers reads neither; an id past the
-        // vocabulary here is ignored rather than fatal).
+        // What ends generation in llama.cpp (its end-of-generation set): the end-of-turn/-message
+        // and fill-in-the-middle ids the file names, and the tokens spelled as the turn ends of
+        // known chat formats (transformers reads none of these; an id past the vocabulary here is
+        // ignored rather than fatal).
         let mut extra_eos = Vec::new();
-        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        for key in EOG_KEYS {
             extra_eos.extend(meta.id(key)?.filter(|&id| (id as usize) < tokens.len()));
         }
+        extra_eos.extend(tokens.iter().enumerate().filter(|(_, t)| EOG_TEXTS.contains(t)).map(|(id, _)| id as u32));
         Ok(Tokenizer::assemble(inner, bos, eos, &extra_eos, false))
     }
 }

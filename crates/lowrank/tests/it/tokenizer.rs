@@ -124,7 +124,8 @@ fn smollm2_gguf_matches_transformers() {
     let content = read_gguf(&path);
     let tokenizer = Tokenizer::from_gguf(&content.metadata, &path).unwrap();
     assert_matches(&tokenizer, &reference.gguf, "smollm2 GGUF");
-    assert_eq!(tokenizer.eos_token_ids(), &[2]);
+    // The eos <|im_end|>, then <|endoftext|>, which also ends generation in llama.cpp.
+    assert_eq!(tokenizer.eos_token_ids(), &[2, 0]);
 
     // The GGUF's chat template renders as the HF dir's does.
     let template = ChatTemplate::from_gguf(&content.metadata, &tokenizer).unwrap().expect("the GGUF has a template");

@@ -45,6 +45,22 @@ impl ModuleTable {
         self.by_path.get(path).copied()
     }
 
+    /// The id of a module named as a checkpoint or a text-only tool may name it: exactly, or, for
+    /// the text model of a multimodal model (paths under `model.language_model.`), as the text
+    /// model alone (`model.layers.…`, llama.cpp's names) or as transformers stores it
+    /// (`language_model.model.layers.…`, PEFT adapters of transformers < 4.52).
+    pub fn lookup(&self, path: &str) -> Option<usize> {
+        self.id(path).or_else(|| {
+            let rest = path.strip_prefix("language_model.model.").or_else(|| path.strip_prefix("model."))?;
+            self.id(&format!("model.language_model.{rest}"))
+        })
+    }
+
+    /// Whether these are the text model's modules inside a multimodal model (`model.language_model.…`).
+    pub fn is_language_model(&self) -> bool {
+        self.modules.first().is_some_and(|m| m.path.starts_with("model.language_model."))
+    }
+
     /// Number of modules.
     pub fn len(&self) -> usize {
         self.modules.len()

@@ -31,7 +31,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
 }
 
 fn print_config(cfg: &ModelConfig) {
-    println!("family: {}", cfg.family.name());
+    if cfg.language_model {
+        println!(
+            "family: {} (the text model of a multimodal checkpoint; its vision tower is not run)",
+            cfg.family.name()
+        );
+    } else {
+        println!("family: {}", cfg.family.name());
+    }
     println!("layers: {}", cfg.num_layers);
     println!("hidden size: {}", cfg.hidden_size);
     println!("intermediate size: {}", cfg.intermediate_size);

@@ -96,6 +96,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
     model.merge(&active).context("merging the adapters")?;
     for a in &active {
         eprintln!("merged {} (weight {}): {} modules", a.adapter.name, a.weight, a.adapter.num_layers());
+        if a.adapter.vision_tensors_skipped > 0 {
+            eprintln!(
+                "note: {} also has {} tensors for the vision tower, which are not merged (lowrank runs the text \
+                 model); the tower is written as in the base",
+                a.adapter.name, a.adapter.vision_tensors_skipped
+            );
+        }
     }
     match out {
         Out::Gguf(ty) => {
@@ -118,7 +125,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
                     TokenizerFiles::from_tokenizer(&tok, chat.as_ref(), model.config().max_position_embeddings)?
                 }
             };
-            let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe };
+            let source = gguf.is_none().then(|| path.clone());
+            let hf = HfOptions { dtype, max_shard_bytes: max_shard_size, check_finite: safe, source };
             let written = write_hf_model(&model, &tokenizer, &output, &hf, existing)
                 .with_context(|| format!("writing {}", output.display()))?;
             if !written.files.iter().any(|f| f == "tokenizer.json" || f == "tokenizer.model") {

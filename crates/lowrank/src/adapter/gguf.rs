@@ -118,7 +118,7 @@ impl Adapter {
             let (hf, qk) =
                 to_hf(base, &arch).ok_or_else(|| err(format!("tensor `{name}`: no HF module for `{base}`")))?;
             let module = hf.strip_suffix(".weight").unwrap_or(&hf);
-            let id = table.id(module).ok_or_else(|| {
+            let id = table.lookup(module).ok_or_else(|| {
                 err(format!("tensor `{name}`: the model has no module `{module}` (an adapter for another model?)"))
             })?;
             let mut t = content

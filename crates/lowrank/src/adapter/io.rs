@@ -1,5 +1,7 @@
 //! PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, checked key by
-//! key against the model's modules. Nothing is skipped silently.
+//! key against the model's modules. Nothing is skipped silently, but for one rule: on the text
+//! model of a multimodal model, the layers PEFT put in the vision tower and its projector are
+//! not loaded (text generation does not run them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +19,9 @@ use crate::{Error, Result};
 
 /// Prefix PEFT puts before every module path on disk.
 pub const PEFT_PREFIX: &str = "base_model.model.";
+/// Module paths of a multimodal model's image side (transformers ≥ 4.52 and before).
+const VISION: [&str; 4] =
+    ["model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector."];
 /// The config file of a PEFT adapter directory.
 pub(crate) const CONFIG_FILE: &str = "adapter_config.json";
 /// The weights file of a PEFT adapter directory.
@@ -46,6 +51,7 @@ impl Adapter {
 
         // module id -> (A, B, DoRA magnitude) as found in the file
         let mut found: BTreeMap<usize, [Option<Tensor>; 3]> = BTreeMap::new();
+        let mut vision = 0;
         for key in st.names() {
             let path = key
                 .strip_prefix(PEFT_PREFIX)
@@ -64,7 +70,11 @@ impl Adapter {
                 };
                 return Err(err(format!("tensor `{key}` is not a LoRA A/B weight{what}")));
             };
-            let id = table.id(module).ok_or_else(|| {
+            if table.is_language_model() && VISION.iter().any(|v| module.starts_with(v)) {
+                vision += 1;
+                continue;
+            }
+            let id = table.lookup(module).ok_or_else(|| {
                 err(format!("tensor `{key}`: the model has no module `{module}` (is this adapter for another model?)"))
             })?;
             if plans[id].is_none() {
@@ -106,6 +116,7 @@ impl Adapter {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
         let mut adapter = Adapter::new(name, config, layers);
         adapter.path = Some(dir.into());
+        adapter.vision_tensors_skipped = vision;
         Ok(adapter)
     }
 }

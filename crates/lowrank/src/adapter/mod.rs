@@ -104,13 +104,16 @@ pub struct Adapter {
     pub path: Option<PathBuf>,
     /// The PEFT config.
     pub config: AdapterConfig,
+    /// Tensors of the file for a multimodal model's vision tower or projector, not loaded
+    /// (lowrank runs the text model): they are in no merge lowrank writes.
+    pub vision_tensors_skipped: usize,
     layers: Vec<Option<Box<dyn AdapterLayer>>>,
 }
 
 impl Adapter {
     /// An adapter from per-module layers (indexed by module id).
     pub fn new(name: String, config: AdapterConfig, layers: Vec<Option<Box<dyn AdapterLayer>>>) -> Self {
-        Self { name, path: None, config, layers }
+        Self { name, path: None, config, vision_tensors_skipped: 0, layers }
     }
 
     /// A freshly initialised adapter for `model` (PEFT's init: `B = 0`, and for DoRA

@@ -238,6 +238,12 @@ impl Adapter {
             let paths = table.modules().iter().map(|m| m.path.clone()).filter(|p| p != "lm_head").collect();
             cfg.target_modules = Some(ModuleSelector::List(paths));
         }
+        // On a multimodal model PEFT would match module names in the vision tower too (and give
+        // them untrained factors): the text model's list names exactly the modules held.
+        if table.is_language_model() && matches!(cfg.target_modules, Some(ModuleSelector::List(_))) {
+            let held = table.modules().iter().zip(&self.layers).filter(|(_, l)| l.is_some());
+            cfg.target_modules = Some(ModuleSelector::List(held.map(|(m, _)| m.path.clone()).collect()));
+        }
         cfg.validate(dir)?;
         // It must select exactly the modules we hold, at the ranks we hold.
         let plans = plan(&cfg, table, dir)?;

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use super::tokenizer_files::TokenizerFiles;
+use crate::formats::SafetensorsDir;
 use crate::model::{Family, Model, ModelConfig};
 use crate::ops::RopeScaling;
 use crate::staging::{write_synced, Existing, Staged};
@@ -23,11 +24,15 @@ pub struct HfOptions {
     pub max_shard_bytes: u64,
     /// Check every tensor, after conversion to `dtype`, for NaN/inf before writing anything.
     pub check_finite: bool,
+    /// The HF directory the model was loaded from, for what the model does not hold: the vision
+    /// tower, projector and config of a multimodal model (needed when the model is the text
+    /// model of one, [`crate::model::ModelConfig::language_model`]).
+    pub source: Option<PathBuf>,
 }
 
 impl Default for HfOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, max_shard_bytes: 5_000_000_000, check_finite: false }
+        Self { dtype: DType::F32, max_shard_bytes: 5_000_000_000, check_finite: false, source: None }
     }
 }
 
@@ -68,13 +73,25 @@ pub fn write_hf_model(
     let dir = staged.path();
 
     // Convert (and check) every tensor before the first byte is written.
+    let multimodal = multimodal_source(model, opts)?;
     let mut tensors = Vec::new();
     for (name, t) in model.named_weights()? {
         let t = t.to_dtype(opts.dtype)?;
         if opts.check_finite {
             check_finite(&name, &t)?;
         }
+        // A multimodal checkpoint holds its text model under `language_model.`.
+        let name = match (&multimodal, name.strip_prefix("model.")) {
+            (Some(_), Some(rest)) => format!("language_model.model.{rest}"),
+            _ => name,
+        };
         tensors.push((name, t));
+    }
+    if let Some((st, _)) = &multimodal {
+        for name in st.names().into_iter().filter(|n| !n.starts_with("language_model.")) {
+            let t = st.load(&name)?.to_dtype(opts.dtype)?;
+            tensors.push((name, t));
+        }
     }
     let shards = plan_shards(&tensors, opts.max_shard_bytes);
     let mut files = Vec::new();
@@ -98,16 +115,39 @@ pub fn write_hf_model(
         write_json(&dir.join("model.safetensors.index.json"), &index)?;
         files.push("model.safetensors.index.json".into());
     }
-    let mut config = hf_config_json(model.config());
+    let mut config = match &multimodal {
+        Some((_, config)) => config.clone(),
+        None => hf_config_json(model.config()),
+    };
     config["torch_dtype"] = json!(dtype_name);
-    for (key, value) in tokenizer.special_token_ids() {
-        config[key] = value;
+    if config.get("dtype").is_some() {
+        config["dtype"] = json!(dtype_name); // transformers 5's name for it
+    }
+    if multimodal.is_none() {
+        for (key, value) in tokenizer.special_token_ids() {
+            config[key] = value;
+        }
     }
     write_json(&dir.join("config.json"), &config)?;
     files.push("config.json".into());
     files.extend(tokenizer.write_into(dir)?);
     staged.commit()?;
     Ok(HfWritten { files, tensors: tensors.len(), bytes: total })
+}
+
+/// For the text model of a multimodal model, the source directory's other tensors (vision tower,
+/// projector) and its config, which the output carries unchanged beside the merged text weights.
+fn multimodal_source(model: &Model, opts: &HfOptions) -> Result<Option<(SafetensorsDir, serde_json::Value)>> {
+    if !model.config().language_model {
+        return Ok(None);
+    }
+    let dir = opts.source.as_deref().ok_or_else(|| {
+        Error::Export("the model is the text of a multimodal model: its HF directory must be given (HfOptions::source) for the vision tower".into())
+    })?;
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+    let config = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.clone(), source: e })?;
+    Ok(Some((SafetensorsDir::open(dir, &candle_core::Device::Cpu)?, config)))
 }
 
 /// Groups tensors (in order) into shards of at most `max` bytes; a tensor larger than `max` gets

@@ -90,6 +90,8 @@ const TOP: &[(&str, &str)] = &[
 /// The llama.cpp name of an HF tensor name in a model of architecture `arch` (llama.cpp's
 /// `general.architecture`), and whether it is q or k.
 pub fn to_gguf(hf: &str, arch: &str) -> Option<(String, Option<Qk>)> {
+    // The text model of a multimodal model is llama.cpp's model.
+    let hf = hf.strip_prefix("model.language_model.").map_or(hf.to_string(), |rest| format!("model.{rest}"));
     if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf) {
         return Some((g.to_string(), None));
     }
@@ -166,6 +168,15 @@ mod tests {
         assert!(
             to_gguf("model.layers.x.self_attn.q_proj.weight", "llama").is_none()
                 && to_hf("blk.0.attn_qkvx.weight", "llama").is_none()
+        );
+        // The text model of a multimodal Gemma 3 is llama.cpp's gemma3 model.
+        assert_eq!(
+            to_gguf("model.language_model.layers.4.self_attn.v_proj.weight", "gemma3").map(|(g, _)| g).as_deref(),
+            Some("blk.4.attn_v.weight")
+        );
+        assert_eq!(
+            to_gguf("model.language_model.norm.weight", "gemma3").map(|(g, _)| g).as_deref(),
+            Some("output_norm.weight")
         );
         // Gemma: post_attention_layernorm is the attention output's norm, ffn_norm the MLP's input.
         let gemma = |hf: &str| to_gguf(&format!("model.layers.2.{hf}.weight"), "gemma3").map(|(g, _)| g);

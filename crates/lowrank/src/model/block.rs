@@ -89,7 +89,7 @@ pub struct Block {
 impl Block {
     /// Loads block `layer` through the factory.
     pub fn load(cfg: &ModelConfig, layer: usize, src: &dyn WeightSource, f: &mut LinearFactory) -> Result<Self> {
-        let p = format!("model.layers.{layer}");
+        let p = format!("{}.layers.{layer}", cfg.module_root());
         let (h, d, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         let l = Some(layer);

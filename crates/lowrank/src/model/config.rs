@@ -153,9 +153,22 @@ pub struct ModelConfig {
     pub rotary_dim: usize,
     /// One `qkv_proj` and one `gate_up_proj` instead of three and two projections (Phi-3).
     pub fused_projections: bool,
+    /// The text model inside a multimodal checkpoint (Gemma 3's `Gemma3ForConditionalGeneration`,
+    /// whose vision tower is not run): modules under `model.language_model.` as PEFT names them.
+    pub language_model: bool,
 }
 
 impl ModelConfig {
+    /// The module path the blocks, embeddings and final norm hang under, as PEFT and transformers
+    /// name them in memory: `model`, or `model.language_model` for the text of a multimodal model.
+    pub fn module_root(&self) -> &'static str {
+        if self.language_model {
+            "model.language_model"
+        } else {
+            "model"
+        }
+    }
+
     /// Checks that the dimensions fit together.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));

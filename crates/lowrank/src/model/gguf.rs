@@ -220,6 +220,7 @@ impl GgufFile {
             // llama.cpp's n_rot: the rotated leading dimensions of each head (Phi-3: partial).
             rotary_dim: self.meta_usize(&format!("{arch}.rope.dimension_count"))?.unwrap_or(head_dim),
             fused_projections: family == Family::Phi3,
+            language_model: false,
         };
         cfg.validate()?;
         self.heads = (num_heads, num_kv_heads);
@@ -236,7 +237,12 @@ impl GgufFile {
             Some(a) => a,
             None => longrope_attention_factor(max as f64 / original as f64, original) as f32,
         };
-        Ok(RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings: original, attention_factor })
+        Ok(RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings: original,
+            attention_factor,
+        })
     }
 
     /// The sliding window and its layers as llama.cpp reads them (none but Gemma's) for Gemma: the window from

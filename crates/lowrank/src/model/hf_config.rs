@@ -67,11 +67,15 @@ const REFUSED: &[&str] =
     &["num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "vision_config", "audio_config"];
 
 impl ModelConfig {
-    /// Reads and validates an HF `config.json`.
+    /// Reads and validates an HF `config.json`. Gemma 3 with its vision tower (`model_type`
+    /// `gemma3`) gives the configuration of its text model (`text_config`), marked
+    /// [`ModelConfig::language_model`].
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), source: e })?;
         let fail = |m: String| Error::Config(format!("{}: {m}", path.display()));
+        let multimodal = value.get("model_type").and_then(Value::as_str) == Some("gemma3");
+        let value = if multimodal { gemma3_text_config(&value).map_err(fail)? } else { value };
         for key in REFUSED {
             match value.get(key) {
                 None | Some(Value::Null) => {}
@@ -82,8 +86,44 @@ impl ModelConfig {
             }
         }
         let raw: HfConfig = serde_json::from_value(value).map_err(|e| Error::Json { path: path.into(), source: e })?;
-        raw.into_config().map_err(fail)
+        let mut cfg = raw.into_config().map_err(fail)?;
+        cfg.language_model = multimodal;
+        Ok(cfg)
     }
+}
+
+/// `Gemma3TextConfig`'s sizes (transformers 5), for the keys a `text_config` leaves out.
+const GEMMA3_TEXT_SIZES: [(&str, u64); 6] = [
+    ("vocab_size", 262_208),
+    ("hidden_size", 2304),
+    ("intermediate_size", 9216),
+    ("num_hidden_layers", 26),
+    ("num_attention_heads", 8),
+    ("num_key_value_heads", 4),
+];
+
+/// The `text_config` of a `gemma3` (`Gemma3ForConditionalGeneration`) config as a `gemma3_text`
+/// config: what transformers runs for a prompt without images. Published configs list only what
+/// differs from `Gemma3TextConfig`'s defaults (gemma-3-4b gives no head counts or vocabulary), so
+/// those defaults fill the sizes it leaves out; the top level's `tie_word_embeddings` applies
+/// when the text config does not say.
+fn gemma3_text_config(value: &Value) -> std::result::Result<Value, String> {
+    let Some(Value::Object(text)) = value.get("text_config") else {
+        return Err("model_type `gemma3` without a `text_config` object".into());
+    };
+    let mut text = text.clone();
+    match text.get("model_type").and_then(Value::as_str) {
+        None | Some("gemma3_text") => {}
+        Some(other) => return Err(format!("text_config.model_type `{other}` is not gemma3_text")),
+    }
+    text.insert("model_type".into(), "gemma3_text".into());
+    for (key, default) in GEMMA3_TEXT_SIZES {
+        text.entry(key).or_insert(default.into());
+    }
+    if let Some(tie) = value.get("tie_word_embeddings").filter(|_| !text.contains_key("tie_word_embeddings")) {
+        text.insert("tie_word_embeddings".into(), tie.clone());
+    }
+    Ok(Value::Object(text))
 }
 
 impl HfConfig {
@@ -96,11 +136,6 @@ impl HfConfig {
             "gemma2" => Family::Gemma2,
             "gemma3_text" => Family::Gemma3,
             "phi3" => Family::Phi3,
-            "gemma3" => {
-                return Err("model_type `gemma3` is Gemma 3 with its vision tower; lowrank runs the text models \
-                            (model_type `gemma3_text`: gemma-3-270m, gemma-3-1b)"
-                    .into())
-            }
             other => {
                 return Err(format!(
                 "model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)"
@@ -174,6 +209,7 @@ impl HfConfig {
             sliding_rope,
             rotary_dim,
             fused_projections: family == Family::Phi3,
+            language_model: false,
         };
         cfg.validate().map_err(|e| match e {
             Error::Config(m) => m,
@@ -234,8 +270,10 @@ impl HfConfig {
             .unwrap_or(4096);
         let max = self.max_position_embeddings.unwrap_or(4096);
         let factor = v.get("factor").and_then(Value::as_f64).unwrap_or(max as f64 / original as f64);
-        let attention_factor =
-            v.get("attention_factor").and_then(Value::as_f64).unwrap_or_else(|| longrope_attention_factor(factor, original));
+        let attention_factor = v
+            .get("attention_factor")
+            .and_then(Value::as_f64)
+            .unwrap_or_else(|| longrope_attention_factor(factor, original));
         Ok(RopeScaling::LongRope {
             short_factor: factors("short_factor")?,
             long_factor: factors("long_factor")?,

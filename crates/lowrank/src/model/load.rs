@@ -88,6 +88,39 @@ impl WeightSource for Nf4Source<'_> {
     }
 }
 
+/// The text model's weights in a multimodal checkpoint, asked for under PEFT's module paths
+/// (`model.language_model.…`, [`ModelConfig::module_root`]): found so, or where checkpoints store
+/// them (`language_model.model.…`, as transformers writes Gemma 3's). The vision tower's are
+/// never asked for.
+struct LanguageModelSource<'a>(&'a dyn WeightSource);
+
+impl LanguageModelSource<'_> {
+    fn stored(&self, name: &str) -> String {
+        match name.strip_prefix("model.language_model.") {
+            Some(rest) if !self.0.contains(name) => format!("language_model.model.{rest}"),
+            _ => name.to_string(),
+        }
+    }
+}
+
+impl WeightSource for LanguageModelSource<'_> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(&self.stored(name))
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        self.0.dense(&self.stored(name))
+    }
+
+    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
+        self.0.matrix(&self.stored(name))
+    }
+}
+
 /// Which format `path` is in.
 pub fn detect_format(path: &Path) -> Result<ModelFormat> {
     if path.is_dir() {
@@ -123,7 +156,11 @@ impl Model {
             ModelFormat::HfDir => {
                 let cfg = ModelConfig::from_hf_file(&path.join("config.json"))?;
                 let st = SafetensorsDir::open(path, &opts.device)?;
-                Self::load_with(cfg, &st, opts)?
+                if cfg.language_model {
+                    Self::load_with(cfg, &LanguageModelSource(&st), opts)?
+                } else {
+                    Self::load_with(cfg, &st, opts)?
+                }
             }
             ModelFormat::Gguf => {
                 let mut g = GgufFile::open(path, &opts.device, opts.gguf_dequantize())?;

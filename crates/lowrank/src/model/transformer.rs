@@ -44,11 +44,12 @@ impl Model {
     /// Builds the model from a weight source (HF names and layout).
     pub fn load(config: ModelConfig, src: &dyn WeightSource, device: &Device) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed = matrix_checked(src, "model.embed_tokens.weight", v, h)?;
+        let root = config.module_root();
+        let embed = matrix_checked(src, &format!("{root}.embed_tokens.weight"), v, h)?;
         let mut factory = LinearFactory::new(src);
         let blocks =
             (0..config.num_layers).map(|l| Block::load(&config, l, src, &mut factory)).collect::<Result<Vec<_>>>()?;
-        let norm = norm_checked(src, "model.norm.weight", h, config.family.is_gemma())?;
+        let norm = norm_checked(src, &format!("{root}.norm.weight"), h, config.family.is_gemma())?;
         let head = if config.tie_word_embeddings {
             embed.clone()
         } else if src.contains("lm_head.weight") {

@@ -66,7 +66,8 @@ fn unimplemented_family_options_are_refused_by_key_and_value() {
     let cases: &[(&str, &str, serde_json::Value, &[&str])] = &[
         ("qwen3", "num_experts", serde_json::json!(8), &["num_experts", "8"]),
         ("gemma3", "vision_config", serde_json::json!({"hidden_size": 8}), &["vision_config"]),
-        ("gemma3", "model_type", serde_json::json!("gemma3"), &["gemma3", "vision tower"]),
+        // Gemma 3 with its vision tower is read through its text_config.
+        ("gemma3", "model_type", serde_json::json!("gemma3"), &["gemma3", "text_config"]),
         ("gemma2", "use_bidirectional_attention", serde_json::json!(true), &["use_bidirectional_attention"]),
         ("gemma3", "hidden_activation", serde_json::json!("relu"), &["relu"]),
         ("qwen3", "layer_types", serde_json::json!(["full_attention", "chunked_attention"]), &["chunked_attention"]),

@@ -15,6 +15,7 @@ mod inits;
 mod invariants;
 mod layering;
 mod model_parity;
+mod multimodal;
 mod qlora;
 mod serve_engine;
 mod tokenizer;

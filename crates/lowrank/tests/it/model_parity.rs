@@ -77,7 +77,8 @@ fn converter_written_gguf_matches_transformers() {
     let manifest = json(models_dir().join("converted.json"));
     for (family, entry) in manifest.as_object().unwrap() {
         let want = safetensors(models_dir().join(entry["logits"].as_str().unwrap()));
-        let seqs: Vec<Vec<u32>> = serde_json::from_value(json(models_dir().join(entry["ids"].as_str().unwrap()))).unwrap();
+        let seqs: Vec<Vec<u32>> =
+            serde_json::from_value(json(models_dir().join(entry["ids"].as_str().unwrap()))).unwrap();
         for case in entry["cases"].as_array().unwrap() {
             let key = case["key"].as_str().unwrap();
             let path = models_dir().join(case["gguf"].as_str().unwrap());
@@ -143,7 +144,12 @@ fn k_quant_weights_dequantise_exactly_as_llama_cpp() {
                     }
                 };
                 let got = fnv1a64(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                assert_eq!(Some(got.as_str()), want[&gguf].as_str(), "{} {gguf} (dequantize {dequantize})", case["key"]);
+                assert_eq!(
+                    Some(got.as_str()),
+                    want[&gguf].as_str(),
+                    "{} {gguf} (dequantize {dequantize})",
+                    case["key"]
+                );
             }
         }
     }

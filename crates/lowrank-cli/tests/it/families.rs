@@ -97,6 +97,8 @@ fn every_command_runs_on_each_family_and_the_routes_agree() {
         ok(&["combine", "--model", s(&model), "--adapter", s(&run), "--adapter", s(&other), "--output", s(&combined)]);
         assert_eq!(answer(&model, Some(&combined)), answer(&merged, Some(&other)), "{family}: combined adapter");
 
+        serve_mixed(family, &model, &run, &other);
+
         // DoRA with NF4 and checkpointing on the HF model; plain LoRA on the Q8_0 GGUF base.
         let qlora = tmp.path().join("qlora");
         train(&model, &data, &qlora, &["--dora", "--quantize", "nf4", "--gradient-checkpointing"]);
@@ -107,6 +109,31 @@ fn every_command_runs_on_each_family_and_the_routes_agree() {
             train(&q8, &data, &on_q8, &[]);
             answer(&model, Some(&on_q8));
         }
+    }
+}
+
+/// `lowrank serve` with two adapters: the base and each adapter asked at once (one mixed batch)
+/// answer as `lowrank generate` does alone.
+fn serve_mixed(family: &str, model: &Path, a: &Path, b: &Path) {
+    let (a_arg, b_arg) = (format!("a={}", a.display()), format!("b={}", b.display()));
+    let server = crate::serve::start(&["--model", s(model), "--adapter", &a_arg, "--adapter", &b_arg]);
+    let (_, models) = crate::serve::http(&server.addr, "GET", "/v1/models", "");
+    let models: serde_json::Value = serde_json::from_str(&models).unwrap();
+    let base = models["data"][0]["id"].as_str().unwrap().to_string();
+    let cases = [(base, None), ("a".to_string(), Some(a)), ("b".to_string(), Some(b))];
+    let threads: Vec<_> = cases
+        .iter()
+        .map(|(name, _)| {
+            let (addr, name) = (server.addr.clone(), name.clone());
+            let body = serde_json::json!({"model": name, "prompt": "the the", "max_tokens": 16, "temperature": 0});
+            std::thread::spawn(move || crate::serve::post(&addr, "/v1/completions", &body))
+        })
+        .collect();
+    for ((name, adapter), t) in cases.iter().zip(threads) {
+        let (status, body) = t.join().unwrap();
+        assert_eq!(status, 200, "{family} {name}: {body}");
+        let want = answer(model, *adapter);
+        assert_eq!(body["choices"][0]["text"].as_str(), Some(want.trim_end_matches('\n')), "{family}: served {name}");
     }
 }
 

@@ -14,9 +14,9 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 /// A running server, killed when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Drop for Server {
@@ -26,7 +26,7 @@ impl Drop for Server {
     }
 }
 
-fn start(extra: &[&str]) -> Server {
+pub(crate) fn start(extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lowrank"))
         .args(["serve", "--port", "0", "--max-batch", "8"])
         .args(extra)
@@ -64,7 +64,7 @@ fn start(extra: &[&str]) -> Server {
 }
 
 /// One HTTP/1.1 request; returns the status and the (de-chunked) body.
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+pub(crate) fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
@@ -91,7 +91,7 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
     let (status, text) = http(addr, "POST", path, &body.to_string());
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }

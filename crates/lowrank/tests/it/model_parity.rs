@@ -105,51 +105,27 @@ fn fnv1a64(values: &[f32]) -> String {
 }
 
 /// K-quant files quantized by llama.cpp itself (Q4_K_M, Q5_K_M, Q6_K: Q4_K, Q5_K and Q6_K
-/// tensors): every weight lowrank dequantises, at load or from the packed blocks, is bit for bit
-/// what llama.cpp's gguf-py gives.
+/// tensors) of a Qwen3 and a Llama (q/k rows permuted by the converter, un-permuted on the packed
+/// blocks here): every weight lowrank dequantises, at load or from the packed blocks, is bit for
+/// bit what llama.cpp's gguf-py gives.
 #[test]
 fn k_quant_weights_dequantise_exactly_as_llama_cpp() {
     let manifest = json(models_dir().join("converted.json"));
-    let entry = &manifest["qwen3-kquant"];
     let mut types = std::collections::BTreeSet::new();
-    for case in entry["cases"].as_array().unwrap() {
-        let path = models_dir().join(case["gguf"].as_str().unwrap());
-        let want = case["dequantized_fnv1a64"].as_object().unwrap();
-        types.extend(case["tensor_types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()));
-        for dequantize in [true, false] {
-            let model = Model::from_path(&path, &LoadOptions { dequantize, ..Default::default() }).unwrap();
-            let weights = model.named_weights().unwrap();
-            assert!(weights.len() >= 11, "{} weights", weights.len());
-            for (hf, t) in weights {
-                let gguf = match hf.as_str() {
-                    "model.embed_tokens.weight" => "token_embd.weight".to_string(),
-                    "model.norm.weight" => "output_norm.weight".to_string(),
-                    _ => {
-                        let (layer, rest) = hf.strip_prefix("model.layers.").unwrap().split_once('.').unwrap();
-                        let module = match rest.trim_end_matches(".weight") {
-                            "self_attn.q_proj" => "attn_q",
-                            "self_attn.k_proj" => "attn_k",
-                            "self_attn.v_proj" => "attn_v",
-                            "self_attn.o_proj" => "attn_output",
-                            "self_attn.q_norm" => "attn_q_norm",
-                            "self_attn.k_norm" => "attn_k_norm",
-                            "input_layernorm" => "attn_norm",
-                            "post_attention_layernorm" => "ffn_norm",
-                            "mlp.gate_proj" => "ffn_gate",
-                            "mlp.up_proj" => "ffn_up",
-                            "mlp.down_proj" => "ffn_down",
-                            other => panic!("unexpected weight {other}"),
-                        };
-                        format!("blk.{layer}.{module}.weight")
-                    }
-                };
-                let got = fnv1a64(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                assert_eq!(
-                    Some(got.as_str()),
-                    want[&gguf].as_str(),
-                    "{} {gguf} (dequantize {dequantize})",
-                    case["key"]
-                );
+    for fixture in ["qwen3-kquant", "llama-kquant"] {
+        for case in manifest[fixture]["cases"].as_array().unwrap() {
+            let path = models_dir().join(case["gguf"].as_str().unwrap());
+            let want = case["dequantized_fnv1a64"].as_object().unwrap();
+            types.extend(case["tensor_types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()));
+            for dequantize in [true, false] {
+                let model = Model::from_path(&path, &LoadOptions { dequantize, ..Default::default() }).unwrap();
+                let weights = model.named_weights().unwrap();
+                assert_eq!(weights.len(), want.len(), "{fixture} {}", case["key"]);
+                for (hf, t) in weights {
+                    let got = fnv1a64(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    let label = format!("{fixture} {} {hf} (dequantize {dequantize})", case["key"]);
+                    assert_eq!(Some(got.as_str()), want.get(&hf).and_then(|h| h.as_str()), "{label}");
+                }
             }
         }
     }

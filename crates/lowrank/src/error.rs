@@ -97,6 +97,16 @@ pub enum Error {
         /// The model's context (`max_position_embeddings`).
         context: usize,
     },
+    /// A prompt token id past the model's embedding (a tokenizer with more tokens than the model).
+    #[error("token id {id} at prompt position {position} is past the model's {vocab} embeddings")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Where in the prompt.
+        position: usize,
+        /// The model's vocabulary size.
+        vocab: usize,
+    },
     /// Sampling parameters out of range (temperature, top-p, top-k), or logits that cannot be
     /// sampled from.
     #[error("sampling: {0}")]

@@ -6,4 +6,5 @@ mod families;
 mod hub;
 mod merge_combine_export;
 mod serve;
+mod serve_hardening;
 mod train;

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 /// A running server, killed when dropped.
 pub(crate) struct Server {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) addr: String,
 }
 
@@ -133,7 +133,7 @@ fn generate_alone(adapter: Option<&Path>, question: &str, n: usize) -> String {
     String::from_utf8(out.stdout).unwrap().strip_suffix('\n').unwrap().to_string()
 }
 
-fn adapters_dir(n: u64) -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn adapters_dir(n: u64) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("adapters");
     for i in 1..=n {

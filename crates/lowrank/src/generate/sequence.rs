@@ -43,8 +43,8 @@ pub struct Step {
 }
 
 impl<'t> Sequence<'t> {
-    /// A sequence continuing `prompt` with `adapters` on `model`. The prompt must be non-empty
-    /// and shorter than the model's context (room for one new token); `max_new_tokens = 0` gives
+    /// A sequence continuing `prompt` with `adapters` on `model`. The prompt must be non-empty,
+    /// shorter than the model's context (room for one new token) and within its vocabulary; `max_new_tokens = 0` gives
     /// a sequence that is finished at once.
     pub fn new(
         model: &Model,
@@ -59,6 +59,11 @@ impl<'t> Sequence<'t> {
         }
         if prompt.len() >= context {
             return Err(Error::PromptTooLong { tokens: prompt.len(), context });
+        }
+        // Checked here, at admission: a bad id in one row must not fail a whole batch's forward.
+        let vocab = model.config().vocab_size;
+        if let Some((position, &id)) = prompt.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, position, vocab });
         }
         Ok(Sequence {
             adapters: adapters.to_vec(),

@@ -238,7 +238,7 @@ impl Scheduler {
     /// options) gets its error now.
     fn admit<'t>(&'t self, waiting: &mut VecDeque<Job>, running: &mut Vec<Running<'t>>) {
         let ctx = self.bundle.model.config().max_position_embeddings;
-        let reserve = |job: &Job| (job.prompt.len() + job.options.max_new_tokens).min(ctx);
+        let reserve = |job: &Job| job.prompt.len().saturating_add(job.options.max_new_tokens).min(ctx);
         let mut budget: usize = running.iter().map(|r| r.reserved).sum();
         while running.len() < self.config.max_batch {
             let Some(need) = waiting.front().map(reserve) else { break };

@@ -5,6 +5,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// The `model` label of every refused request.
+pub const REFUSED_MODEL: &str = "(refused)";
+
 /// Request latency buckets, seconds.
 const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -64,10 +67,12 @@ impl Metrics {
         m.latency_count += 1;
     }
 
-    /// A request refused before it reached the engine (`outcome`: the HTTP error class).
-    pub fn refused(&self, model: &str, outcome: &str) {
+    /// A request refused before it reached the engine (`outcome`: the HTTP error class), counted
+    /// under the one label [`REFUSED_MODEL`]: the names in refused requests are the client's, and
+    /// a label per name would let clients grow the metrics without bound.
+    pub fn refused(&self, outcome: &str) {
         if let Ok(mut m) = self.inner.lock() {
-            *m.requests.entry((model.to_string(), outcome.to_string())).or_default() += 1;
+            *m.requests.entry((REFUSED_MODEL.to_string(), outcome.to_string())).or_default() += 1;
         }
     }
 

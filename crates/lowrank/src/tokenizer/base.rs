@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     pub(super) inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens' spellings read as text ([`Tokenizer::encode_plain`]), made
+    /// on first use.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
     pub(super) bos: Option<SpecialToken>,
     pub(super) eos: Option<SpecialToken>,
     /// Every id that ends generation; the tokenizer's eos first.
@@ -43,7 +46,7 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
-        Tokenizer { inner, bos, eos, eos_ids, clean_up_spaces }
+        Tokenizer { inner, plain: std::sync::OnceLock::new(), bos, eos, eos_ids, clean_up_spaces }
     }
 
     /// Token ids for `text`. With `add_special_tokens`, the post-processor adds what the model's
@@ -54,6 +57,27 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| Error::Tokenizer(format!("encoding {} bytes of text: {e}", text.len())))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids for `text` read as plain text: the spelling of a special token (`<|im_start|>`)
+    /// gives the ids of its characters, not the special token (for text a user wrote).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let encoding = plain
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encoding {} bytes of text: {e}", text.len())))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Whether `text`, encoded as [`Tokenizer::encode`] does, holds a special token.
+    pub fn spells_special_token(&self, text: &str) -> Result<bool> {
+        let special: std::collections::HashSet<u32> =
+            self.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        Ok(!special.is_empty() && self.encode(text, false)?.iter().any(|id| special.contains(id)))
     }
 
     /// Text for `ids`; ids outside the vocabulary are skipped. With `skip_special_tokens`, special

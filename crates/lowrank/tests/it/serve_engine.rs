@@ -155,6 +155,30 @@ fn a_full_queue_refuses_and_a_bad_prompt_is_an_error_event() {
     assert!(refused > 0, "a queue of one should refuse some of 20 quick submissions");
 }
 
+/// A prompt with a token id past the embedding fails at admission, alone: the request batched
+/// with it gets its full answer, the same as when it runs alone.
+#[test]
+fn a_bad_token_id_fails_its_own_request_only() {
+    let b = bundle();
+    let vocab = b.model.config().vocab_size as u32;
+    let good = prompt(&b, "What is the capital of France?");
+    let (engine, _thread) = Engine::start(b, EngineConfig::default(), Arc::new(Metrics::default())).unwrap();
+    let run = |p: Vec<u32>| {
+        let (tx, rx) = mpsc::channel();
+        engine.submit(job(p, vec![], 8, tx)).unwrap();
+        rx
+    };
+    let alone = collect(run(good.clone()));
+    let mut bad = good.clone();
+    bad[2] = vocab;
+    let (bad_rx, good_rx) = (run(bad), run(good));
+    match bad_rx.recv().unwrap() {
+        Event::Error(e) => assert!(e.contains(&format!("token id {vocab}")) && e.contains("position 2"), "{e}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(collect(good_rx), alone);
+}
+
 /// The three decoding paths share one per-sequence state, so they agree at the context limit: a
 /// prompt three tokens short of the tiny Llama's context (256) gets exactly three new tokens from
 /// each, the same ones, ending for length; a prompt one short gets one; a prompt as long as the

@@ -91,9 +91,11 @@ impl Registry {
 
     /// Loads the adapter at `path` under `name` (`pinned`: never evicted).
     pub fn load(&self, name: &str, path: &Path, pinned: bool) -> Result<Arc<Adapter>, ApiError> {
-        if name.is_empty() || name == self.base {
+        if !plain_name(name) || name == self.base {
+            let shown: String = name.chars().take(64).collect();
             return Err(ApiError::bad_request(format!(
-                "`{name}` cannot name an adapter (empty, or the base model's name)"
+                "`{shown}` cannot name an adapter: a name is 1 to {MAX_NAME} bytes without `/`, `\\` or control \
+                 characters, does not start with `.`, and is not the base model's"
             )));
         }
         let mut adapter = Adapter::load_peft(path, &self.table, &self.device)
@@ -157,20 +159,40 @@ impl Registry {
         self.load(name, &inside, false).map(|_| ())
     }
 
-    /// Removes `name`; requests running on it finish on it.
+    /// Removes `name`; requests running on it finish on it. An adapter given on the command line
+    /// stays (409).
     pub fn unload(&self, name: &str) -> Result<(), ApiError> {
-        match self.lock().remove(name) {
-            Some(_) => Ok(()),
+        let mut entries = self.lock();
+        match entries.get(name) {
+            Some(e) if e.pinned => Err(ApiError::conflict(format!(
+                "`{name}` was given with --adapter when the server started and cannot be unloaded"
+            ))),
+            Some(_) => {
+                entries.remove(name);
+                Ok(())
+            }
             None => Err(ApiError::not_found(name)),
         }
     }
 }
 
-/// `dir/name` when `name` is a plain directory name (no separators, no `..`, not hidden) and
-/// that directory, symlinks resolved, lies directly inside `dir`.
+/// Longest model or adapter name taken, in bytes (longer ones are refused before anything
+/// stores them).
+pub const MAX_NAME: usize = 256;
+
+/// Whether `name` can name an adapter: at most [`MAX_NAME`] bytes of printable characters, no
+/// path separator, not hidden (so neither `..`). The same rule for every way an adapter is named.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+}
+
+/// `dir/name` when `name` is a plain name ([`plain_name`]) and that directory, symlinks resolved,
+/// lies directly inside `dir`.
 fn name_in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
-    let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']);
-    if !plain {
+    if !plain_name(name) {
         return None;
     }
     let p = dir.join(name).canonicalize().ok()?;
@@ -191,7 +213,10 @@ mod tests {
         std::fs::write(dir.join("file"), b"x").unwrap();
         let dir = dir.canonicalize().unwrap();
         assert!(name_in_dir(&dir, "good").is_some());
-        for bad in ["", "..", "../outside", "/etc", "escape", "file", ".hidden", "good/../good", "missing"] {
+        let long = "x".repeat(super::MAX_NAME + 1);
+        for bad in
+            ["", "..", "../outside", "/etc", "escape", "file", ".hidden", "good/../good", "missing", "a\nb", &long]
+        {
             assert!(name_in_dir(&dir, bad).is_none(), "`{bad}` accepted");
         }
         std::fs::remove_dir_all(&tmp).unwrap();

@@ -23,6 +23,8 @@ impl ApiError {
     }
 
     pub fn not_found(model: &str) -> Self {
+        // The client's name, shortened: a refusal does not echo megabytes back.
+        let model: String = model.chars().take(64).collect();
         Self {
             status: StatusCode::NOT_FOUND,
             message: format!(
@@ -48,6 +50,19 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", code: None }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::CONFLICT, message: message.into(), kind: "invalid_request_error", code: None }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "Incorrect API key provided: send it as `Authorization: Bearer KEY`".into(),
+            kind: "invalid_request_error",
+            code: Some("invalid_api_key"),
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {

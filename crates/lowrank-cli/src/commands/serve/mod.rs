@@ -5,6 +5,7 @@
 
 mod adapters;
 mod api;
+mod http;
 mod routes;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ pub struct ServeArgs {
     /// Address to listen on (loopback by default)
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Require `Authorization: Bearer KEY` on every /v1/* endpoint (/health and /metrics stay open)
+    #[arg(long, env = "LOWRANK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Port (0: any free port, printed at start)
     #[arg(long, default_value_t = 8080)]
     port: u16,
@@ -57,6 +61,20 @@ pub struct ServeArgs {
     /// KV-cache budget in token positions (prompt + max_tokens, summed over running requests)
     #[arg(long, default_value_t = 65536)]
     kv_budget: usize,
+    /// Most open connections; more are answered 503 and closed [default: 512, or less to stay
+    /// under the process's open-file limit]
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers (and between requests on a kept-alive
+    /// connection) before the connection is closed
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request may take, reading its body included, before it gets 408 and is cancelled
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM / Ctrl-C; then they are cancelled
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
     /// Quantise a full-precision base's projections at load (serve QLoRA adapters on the 4-bit
     /// base they were trained on)
     #[arg(long, value_enum)]
@@ -76,18 +94,39 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_adapters,
         max_rank,
         host,
+        api_key,
         port,
         max_batch,
         max_queue,
         kv_budget,
+        max_connections,
+        header_timeout,
+        request_timeout,
+        shutdown_timeout,
         quantize,
         device,
     } = args;
+    let secs = std::time::Duration::from_secs;
+    let limits = http::Limits {
+        connections: max_connections.unwrap_or_else(default_connections),
+        headers: secs(header_timeout.max(1)),
+        request: secs(request_timeout.max(1)),
+        shutdown: secs(shutdown_timeout),
+    };
     let path = model_path(model.as_deref())?;
     let base = served_model_name
         .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
     let metrics = Arc::new(Metrics::default());
-    let state = Arc::new(AppState { ready: OnceLock::new(), metrics: metrics.clone(), allow_runtime_adapters });
+    let api_key = api_key.filter(|k| !k.is_empty());
+    let loopback = host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(host == "localhost");
+    if api_key.is_none() && !loopback {
+        eprintln!(
+            "warning: serving on {host} without --api-key: anyone who can reach this address can use the model \
+             (set --api-key or LOWRANK_API_KEY)"
+        );
+    }
+    let state =
+        Arc::new(AppState { ready: OnceLock::new(), metrics: metrics.clone(), allow_runtime_adapters, api_key });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -132,7 +171,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     eprintln!("lowrank serve: ready: {base} with {n} adapters on http://{addr}/v1");
                     Ok((engine, worker))
                 };
-                let out = load();
+                let out = catching(load);
                 if out.is_err() {
                     let _ = failed_tx.send(()); // stop serving; the error is returned below
                 }
@@ -152,7 +191,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 }
             }
         };
-        axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await.context("serving")?;
+        let app = router(state.clone()).layer(axum::middleware::from_fn_with_state(limits.request, http::deadline));
+        http::serve(listener, app, limits, shutdown).await;
         Ok::<_, anyhow::Error>(loader)
     })?;
     // The server has stopped: the engine finishes what it holds, then its thread ends.
@@ -161,6 +201,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
     drop(engine);
     let _ = worker.join();
     Ok(())
+}
+
+/// `load()`, a panic in it turned into its error: a loader that panics stops the server with the
+/// message like any other load error, instead of leaving it "loading" for ever.
+fn catching<T>(load: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(anyhow::anyhow!("loading the model panicked: {what}"))
+    })
+}
+
+/// 512 connections, or fewer to leave 64 of the process's open files for the model, adapters and
+/// logs.
+fn default_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
+    (files.saturating_sub(64) as usize).clamp(16, 512)
 }
 
 /// Ctrl-C or SIGTERM.
@@ -179,5 +241,15 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panicking_loader_is_an_error() {
+        let e = super::catching::<()>(|| panic!("index out of bounds")).unwrap_err();
+        assert!(e.to_string().contains("panicked: index out of bounds"), "{e}");
+        assert_eq!(super::catching(|| Ok(3)).unwrap(), 3);
     }
 }

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::adapters::Registry;
+use super::adapters::{Registry, MAX_NAME};
 use super::api::{
     finish_reason, new_id, now, ApiError, ChatRequest, CompletionRequest, LoadAdapter, Prompt, Sampling, Stop,
     UnloadAdapter,
@@ -32,6 +32,8 @@ pub struct AppState {
     pub ready: OnceLock<Ready>,
     pub metrics: Arc<Metrics>,
     pub allow_runtime_adapters: bool,
+    /// Required as `Authorization: Bearer KEY` on every `/v1/*` endpoint when set.
+    pub api_key: Option<String>,
 }
 
 /// The loaded model's side of the server.
@@ -65,7 +67,37 @@ pub fn router(state: Arc<AppState>) -> Router {
                 code: None,
             }
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
+}
+
+/// `--api-key`: `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise, OpenAI's error shape);
+/// `/health` and `/metrics` stay open, as in vLLM and llama.cpp's server.
+async fn authorize(
+    State(s): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &s.api_key {
+        if request.uri().path().starts_with("/v1/") {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !same_secret(given.trim().as_bytes(), key.as_bytes()) {
+                s.metrics.refused("unauthorized");
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// Equality whose time does not depend on where the inputs first differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
@@ -96,31 +128,61 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
+/// Runs `work` (parsing, tokenizing, rendering: time that grows with the request) on a blocking
+/// thread, so the async threads keep answering (`/health` among them).
+async fn blocking<T: Send + 'static>(
+    s: &Arc<AppState>,
+    work: impl FnOnce(&Ready) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || work(s.ready()?)).await.map_err(|e| ApiError::internal(e.to_string()))?
+}
+
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body)?;
-    let text = match req.prompt {
-        Prompt::One(t) => t,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(v) => return Err(ApiError::bad_request(format!("one prompt per request, not {}", v.len()))),
-    };
-    let ids =
-        lowrank::prompt::text_ids(&s.ready()?.tokenizer, &text).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    run(s, req.model, ids, req.sampling, Kind::Text, 16).await
+    s.ready()?;
+    let (model, sampling, ids) = blocking(&s, move |r| {
+        let req: CompletionRequest = parse(&body)?;
+        check_name(&req.model)?;
+        let text = match req.prompt {
+            Prompt::One(t) => t,
+            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+            Prompt::Many(v) => return Err(ApiError::bad_request(format!("one prompt per request, not {}", v.len()))),
+        };
+        let ids = lowrank::prompt::text_ids(&r.tokenizer, &text).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok((req.model, req.sampling, ids))
+    })
+    .await?;
+    run(s, model, ids, sampling, Kind::Text, 16).await
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&body)?;
-    let r = s.ready()?;
-    let template =
-        r.chat.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages is empty"));
+    s.ready()?;
+    let (model, sampling, ids) = blocking(&s, move |r| {
+        let req: ChatRequest = parse(&body)?;
+        check_name(&req.model)?;
+        let template = r
+            .chat
+            .as_ref()
+            .ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
+        if req.messages.is_empty() {
+            return Err(ApiError::bad_request("messages is empty"));
+        }
+        let messages = req.messages.iter().map(|m| m.to_message()).collect::<Result<Vec<_>, _>>()?;
+        let ids = lowrank::prompt::chat_ids(&r.tokenizer, template, &messages)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok((req.model, req.sampling, ids))
+    })
+    .await?;
+    let room = s.ready()?.engine.context().saturating_sub(ids.len()) as u64;
+    run(s, model, ids, sampling, Kind::Chat, room).await
+}
+
+/// A `model` longer than any name is refused before anything looks it up or stores it.
+fn check_name(model: &str) -> Result<(), ApiError> {
+    if model.len() > MAX_NAME {
+        return Err(ApiError::bad_request(format!("`model` is {} bytes; names are at most {MAX_NAME}", model.len())));
     }
-    let messages = req.messages.iter().map(|m| m.to_message()).collect::<Result<Vec<_>, _>>()?;
-    let ids = lowrank::prompt::chat_ids(&r.tokenizer, template, &messages)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let room = r.engine.context().saturating_sub(ids.len()) as u64;
-    run(s, req.model, ids, req.sampling, Kind::Chat, room).await
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -141,10 +203,11 @@ fn options(s: &Sampling, prompt: usize, ctx: usize, default_max: u64) -> Result<
     if max == 0 {
         return Err(ApiError::bad_request("max_tokens must be at least 1"));
     }
-    if prompt as u64 + max > ctx as u64 {
+    // Saturating: a max_tokens near u64::MAX must not wrap below the context.
+    let total = (prompt as u64).saturating_add(max);
+    if total > ctx as u64 {
         return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt} in the prompt, {max} in the completion). Please reduce the prompt or max_tokens.",
-            prompt as u64 + max
+            "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({prompt} in the prompt, {max} in the completion). Please reduce the prompt or max_tokens."
         )));
     }
     let temperature = s.temperature.unwrap_or(1.0);
@@ -186,14 +249,14 @@ async fn run(
     default_max: u64,
 ) -> Result<Response, ApiError> {
     let opts = options(&sampling, ids.len(), s.ready()?.engine.context(), default_max)
-        .inspect_err(|_| s.metrics.refused(&model, "bad_request"))?;
+        .inspect_err(|_| s.metrics.refused("bad_request"))?;
     let registry_state = s.clone();
     let name = model.clone();
     let adapters = tokio::task::spawn_blocking(move || registry_state.ready()?.registry.resolve(&name))
         .await
         .map_err(|e| ApiError::internal(format!("loading the adapter: {e}")))?
         .inspect_err(|e| {
-            s.metrics.refused(&model, if e.status == StatusCode::NOT_FOUND { "not_found" } else { "bad_request" })
+            s.metrics.refused(if e.status == StatusCode::NOT_FOUND { "not_found" } else { "bad_request" })
         })?;
     let prompt_tokens = ids.len();
     // `n` choices are `n` jobs with consecutive seeds, batched like any others.
@@ -210,7 +273,7 @@ async fn run(
             sink: Box::new(move |e| tx.send(e).is_ok()),
         };
         s.ready()?.engine.submit(job).map_err(|e| {
-            s.metrics.refused(&model, "refused");
+            s.metrics.refused("refused");
             match e {
                 SubmitError::QueueFull(_) => ApiError::busy(e.to_string()),
                 SubmitError::Closed => ApiError::unavailable(e.to_string()),
@@ -407,6 +470,7 @@ mod tests {
             ready: OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
             allow_runtime_adapters: true,
+            api_key: None,
         });
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();

@@ -190,3 +190,34 @@ fn an_api_key_guards_v1_and_leaves_health_and_metrics_open() {
     let env = Command::new(env!("CARGO_BIN_EXE_lowrank")).args(["serve", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&env.stdout).contains("LOWRANK_API_KEY"));
 }
+
+/// Tokenising and rendering a 2 MB prompt happens off the async threads: `/health` keeps
+/// answering at once meanwhile (and the prompt is refused for its length, not a crash).
+#[test]
+fn health_answers_while_huge_prompts_are_tokenised() {
+    let server = start(&[]);
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(40_000); // 1.8 MB, under the 2 MB body limit
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, text) = (server.addr.clone(), text.clone());
+            std::thread::spawn(move || {
+                post(
+                    &addr,
+                    "/v1/chat/completions",
+                    &json!({"model": BASE, "messages": [{"role": "user", "content": text}]}),
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut slowest = 0;
+    for _ in 0..10 {
+        slowest = slowest.max(health_ms(&server.addr));
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    for t in threads {
+        let (s, b) = t.join().unwrap();
+        assert_eq!(s, 400, "{}", b.to_string().chars().take(300).collect::<String>());
+    }
+    assert!(slowest < 150, "/health took {slowest} ms while prompts were tokenised");
+}

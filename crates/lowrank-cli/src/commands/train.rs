@@ -169,6 +169,34 @@ impl From<InitArg> for LoraInit {
     }
 }
 
+/// Refuses options no run can use before anything is loaded or allocated: a rank past any
+/// projection's width is refused again against the model's own modules.
+fn check_numbers(adapter: &LoraSpec, train: &TrainConfig) -> Result<()> {
+    if adapter.r == 0 || adapter.r > 65_536 {
+        bail!("--rank {}: expected 1 to 65536 (and at most the widest targeted projection)", adapter.r);
+    }
+    let a = adapter.lora_alpha;
+    if !(a.is_finite() && a > 0.0 && a <= lowrank::adapter::MAX_ALPHA) {
+        bail!("--alpha {a}: expected a positive number up to {:e}", lowrank::adapter::MAX_ALPHA);
+    }
+    if !(0.0..1.0).contains(&adapter.lora_dropout) {
+        bail!("--dropout {}: expected a probability in [0, 1)", adapter.lora_dropout);
+    }
+    if !(train.lr.is_finite() && train.lr > 0.0 && train.lr <= 10.0) {
+        bail!("--lr {}: expected a positive learning rate (at most 10)", train.lr);
+    }
+    if train.batch_size == 0 || train.grad_accum == 0 {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    if !(train.adamw.weight_decay.is_finite() && train.adamw.weight_decay >= 0.0) {
+        bail!("--weight-decay {}: expected a finite number >= 0", train.adamw.weight_decay);
+    }
+    if train.max_grad_norm.is_some_and(|n| !n.is_finite()) {
+        bail!("--max-grad-norm must be finite");
+    }
+    Ok(())
+}
+
 /// The resolved settings of a run, written to `OUT/lowrank_train.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Settings {
@@ -312,6 +340,7 @@ impl Settings {
             lora_plus_ratio,
             gradient_checkpointing: gradient_checkpointing.or(file.gradient_checkpointing).unwrap_or(0),
         };
+        check_numbers(&adapter, &train)?;
         let steps_or_epochs = train.steps > 0 || epochs.or(file.epochs).is_some();
         let mut s = Settings {
             model: model_path(model.or(file.model).as_deref())?,

@@ -131,3 +131,30 @@ fn merged_adapter_answers_as_the_unmerged_one() {
     let none = lowrank(&[FRANCE, &["--merge"]].concat());
     assert!(!none.status.success(), "--merge without --adapter should be refused");
 }
+
+/// Options no run can use are refused by name before anything is allocated (a rank of 10⁹ used
+/// to abort on the allocation).
+#[test]
+fn absurd_training_options_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    let rows: String = (0..4).map(|i| format!("{{\"prompt\": \"the {i}\", \"completion\": \" he{i}\"}}\n")).collect();
+    std::fs::write(&data, rows).unwrap();
+    let model = fixtures().join("qwen3/model");
+    for (args, words) in [
+        (&["--rank", "1000000000"][..], "--rank 1000000000"),
+        (&["--rank", "1000", "--alpha", "8"][..], "rank 1000 for `model.layers.0"),
+        (&["--alpha", "1e308"][..], "--alpha"),
+        (&["--alpha", "nan"][..], "--alpha NaN"),
+        (&["--lr", "1e400"][..], "--lr inf"),
+        (&["--grad-accum", "0"][..], "--grad-accum"),
+        (&["--dropout", "1.5"][..], "--dropout 1.5"),
+    ] {
+        let out_dir = tmp.path().join("out");
+        let base = ["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--steps", "1"];
+        let out = lowrank(&[&base[..], &["--output", out_dir.to_str().unwrap()], args].concat());
+        assert!(!out.status.success() && out.status.code() == Some(1), "{args:?}: {:?}", out.status);
+        assert!(text(&out.stderr).contains(words), "{args:?}: {}", text(&out.stderr));
+        assert!(!out_dir.join("adapter_model.safetensors").exists());
+    }
+}

@@ -187,6 +187,9 @@ impl From<LoraInit> for serde_json::Value {
     }
 }
 
+/// Largest `lora_alpha` (in size) an adapter config may give.
+pub const MAX_ALPHA: f64 = 1e6;
+
 impl AdapterConfig {
     /// The config of a new adapter for `spec` (a causal LM, no bias), checked as a read one is.
     pub fn new_lora(spec: &LoraSpec) -> Result<Self> {
@@ -269,6 +272,15 @@ impl AdapterConfig {
         }
         if let Some(k) = self.rank_pattern.iter().find(|(_, &r)| r == 0).map(|(k, _)| k) {
             return bad(format!("rank_pattern `{k}` is 0"));
+        }
+        // A finite scale that stays finite through a forward: |alpha| beyond this is a typo or an
+        // attack, and would only show up as NaN at the first step.
+        let alphas = std::iter::once(("lora_alpha".to_string(), self.lora_alpha))
+            .chain(self.alpha_pattern.iter().map(|(k, &a)| (format!("alpha_pattern `{k}`"), a)));
+        for (what, a) in alphas {
+            if !a.is_finite() || a.abs() > MAX_ALPHA {
+                return bad(format!("{what} = {a} must be finite and at most {MAX_ALPHA:e} in size"));
+            }
         }
         if self.bias != "none" {
             return bad(format!("bias = `{}`: trained base biases are not supported yet (only \"none\")", self.bias));

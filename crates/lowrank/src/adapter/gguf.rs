@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
@@ -91,8 +91,7 @@ impl Adapter {
     /// as a PEFT adapter (per-module ranks in `rank_pattern`, the scale as `lora_alpha`).
     pub fn load_gguf(path: &Path, table: &ModuleTable, heads: Heads, device: &Device) -> Result<Self> {
         let err = |m: String| Error::Gguf { path: path.into(), message: m };
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
-        let content = Content::read(&mut f).map_err(|e| err(format!("not a readable GGUF file ({e})")))?;
+        let (content, mut f) = crate::formats::read_gguf(path)?;
         let meta_str = |k: &str| match content.metadata.get(k) {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 
 pub use combine::{combine, CombineMethod, MajoritySign};
-pub use config::{AdapterConfig, LayerSelector, LoraInit, LoraSpec, ModuleSelector, StringOrList};
+pub use config::{AdapterConfig, LayerSelector, LoraInit, LoraSpec, ModuleSelector, StringOrList, MAX_ALPHA};
 pub use dora::DoraLayer;
 pub use dropout::{Dropout, DropoutControl};
 pub use io::PEFT_PREFIX;

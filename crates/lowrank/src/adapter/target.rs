@@ -72,6 +72,15 @@ pub fn plan(cfg: &AdapterConfig, table: &ModuleTable, path: &Path) -> Result<Vec
             continue;
         }
         let r = first_match(&rank_keys, key).map_or(cfg.r, |k| cfg.rank_pattern[k]);
+        // Past the larger side of the projection a rank adds nothing but memory (r = 10⁹ would be
+        // an allocation failure, not an error).
+        let widest = m.in_features.max(m.out_features);
+        if r > widest {
+            return Err(err(format!(
+                "rank {r} for `{key}` is larger than the module ({} x {}); use at most {widest}",
+                m.out_features, m.in_features
+            )));
+        }
         let alpha = first_match(&alpha_keys, key).map_or(cfg.lora_alpha, |k| cfg.alpha_pattern[k]);
         let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
         out.push(Some(ModulePlan { r, alpha, scale }));

@@ -140,6 +140,9 @@ pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
 /// GGUF row order → HF row order (inverse of [`permute_rows`]).
 pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
+    if heads == 0 || dims.first().is_none_or(|r| r % (2 * heads) != 0) {
+        return Err(crate::Error::Config(format!("cannot un-permute a tensor of shape {dims:?} over {heads} heads")));
+    }
     let cols: usize = dims[1..].iter().product();
     let half = dims[0] / heads / 2;
     Ok(t.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)

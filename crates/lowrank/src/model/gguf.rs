@@ -37,10 +37,7 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and parses the header of `path`.
     pub fn open(path: &Path, device: &Device, dequantize: bool) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| Error::Gguf { path: path.into(), message: format!("not a readable GGUF file ({e})") })?;
+        let (content, reader) = crate::formats::read_gguf(path)?;
         let mut g = Self {
             path: path.into(),
             content,
@@ -316,8 +313,12 @@ fn unpermute_quant(q: &QTensor, heads: usize) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
     let data = q.data()?;
     let row_bytes = cols / q.dtype().block_size() * q.dtype().type_size();
-    if row_bytes * rows != data.len() || rows % heads != 0 {
-        return Err(Error::Config(format!("cannot un-permute quantized tensor {:?}", q.shape())));
+    // Each head's rows come in two halves: rows must split into 2·heads equal parts.
+    if heads == 0 || row_bytes * rows != data.len() || rows % (2 * heads) != 0 {
+        return Err(Error::Config(format!(
+            "cannot un-permute quantized tensor {:?}: its rows do not split into 2 x {heads} heads",
+            q.shape()
+        )));
     }
     let head_dim = rows / heads;
     let mut out = vec![0u8; data.len()];

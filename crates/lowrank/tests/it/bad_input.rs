@@ -188,3 +188,136 @@ fn truncated_gguf_is_a_named_error() {
     assert!(matches!(e, Error::Gguf { .. }), "{e:?}");
     assert!(e.to_string().contains("cut.gguf"), "{e}");
 }
+
+/// A GGUF v3 header by hand: the metadata `kvs` (key, type id, value bytes) and the tensor infos
+/// `tensors` (name, ggml dims innermost first, ggml type, offset), then `pad` zero bytes.
+fn gguf_bytes(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, Vec<u64>, u32, u64)], pad: usize) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((kvs.len() as u64).to_le_bytes());
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    for (k, ty, v) in kvs {
+        string(&mut b, k);
+        b.extend(ty.to_le_bytes());
+        b.extend(v);
+    }
+    for (name, dims, ty, offset) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+        b.extend(ty.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+    }
+    b.extend(vec![0u8; pad]);
+    b
+}
+
+/// Crafted GGUFs that made candle's reader or our un-permutation panic are named errors, for the
+/// model and the LoRA GGUF reader alike.
+#[test]
+fn crafted_gguf_headers_are_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = ("general.architecture", 8u32, [5u64.to_le_bytes().to_vec(), b"llama".to_vec()].concat());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "alignment0",
+            gguf_bytes(&[arch.clone(), ("general.alignment", 4, 0u32.to_le_bytes().to_vec())], &[], 64),
+            "alignment",
+        ),
+        // A later key wins, as in candle's map.
+        (
+            "alignment_twice",
+            gguf_bytes(
+                &[
+                    ("general.alignment", 4, 32u32.to_le_bytes().to_vec()),
+                    arch.clone(),
+                    ("general.alignment", 4, 0u32.to_le_bytes().to_vec()),
+                ],
+                &[],
+                64,
+            ),
+            "alignment",
+        ),
+        (
+            "alignment3",
+            gguf_bytes(&[arch.clone(), ("general.alignment", 5, 3i32.to_le_bytes().to_vec())], &[], 64),
+            "power of two",
+        ),
+        // 64 x 2^58 f32 elements: the product wraps to 0 in 64 bits.
+        (
+            "huge",
+            gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![64, 1 << 58], 0, 0)], 4096),
+            "token_embd.weight",
+        ),
+        (
+            "empty_dim",
+            gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![64, 0], 0, 0)], 4096),
+            "token_embd.weight",
+        ),
+        // Q8_0 rows of 40 do not split into blocks of 32.
+        ("ragged", gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![40, 4], 8, 0)], 4096), "token_embd.weight"),
+        (
+            "past_end",
+            gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![64, 64], 0, 0)], 1024),
+            "token_embd.weight",
+        ),
+        (
+            "string_past_end",
+            gguf_bytes(&[("general.architecture", 8, (1u64 << 40).to_le_bytes().to_vec())], &[], 16),
+            "past the end",
+        ),
+    ];
+    for (name, bytes, words) in cases {
+        let path = tmp.path().join(format!("{name}.gguf"));
+        std::fs::write(&path, bytes).unwrap();
+        let e = load(&path);
+        assert!(matches!(e, Error::Gguf { .. }), "{name}: {e:?}");
+        assert!(e.to_string().contains(words) && e.to_string().contains(&format!("{name}.gguf")), "{name}: {e}");
+        let table = tiny_model("llama").modules().clone();
+        let heads = lowrank::formats::gguf_names::Heads { query: 4, kv: 2 };
+        assert!(Adapter::load_gguf(&path, &table, heads, &Device::Cpu).is_err(), "{name}: the adapter reader took it");
+    }
+
+    // A quantized k projection whose 2 rows cannot be 2 halves of each of 2 kv heads.
+    let src = models_dir().join("llama/gguf/tiny-Q8_0.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let mut t = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+        if name == "blk.0.attn_k.weight" {
+            let cols = t.shape().dims()[1];
+            let small = Tensor::zeros((2, cols), candle_core::DType::F32, &Device::Cpu).unwrap();
+            t = candle_core::quantized::QTensor::quantize(&small, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+        }
+        tensors.push((name.clone(), t));
+    }
+    let path = tmp.path().join("k_rows.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut out, &meta, &refs).unwrap();
+    let e = load(&path);
+    assert!(e.to_string().contains("attn_k") || e.to_string().contains("un-permute"), "{e}");
+}
+
+/// An adapter config whose alpha would make the scale overflow is refused at load, naming it.
+#[test]
+fn an_absurd_lora_alpha_is_refused_at_load() {
+    for alpha in ["1e308", "-1e9"] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&models_dir().join("llama/adapters/qv"), tmp.path());
+        let p = tmp.path().join("adapter_config.json");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cfg["lora_alpha"] = serde_json::from_str(alpha).unwrap();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let model = tiny_model("llama");
+        let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("lora_alpha") && e.to_string().contains("adapter_config.json"), "{e}");
+    }
+}

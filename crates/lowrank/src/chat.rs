@@ -65,6 +65,10 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// Instructions one render may run: a real template spends a few hundred per message, so this is
+/// tens of thousands of messages, and about a second of a loop that never ends.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`. A syntax error is an [`Error::ChatTemplate`] naming the line and what
     /// is wrong. `bos_token`/`eos_token` are the strings the template sees under those names.
@@ -74,6 +78,9 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Templates come with model files: one that loops for ever runs out of fuel (an error)
+        // instead of holding a request, or the server, for good.
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_formatter(|out, _state, value| {
             let mut text = String::new();
             write_python_str(&mut text, value);
@@ -493,6 +500,24 @@ mod tests {
     fn render(source: &str) -> String {
         let template = ChatTemplate::new(source.to_string(), Some("<s>".into()), None).unwrap();
         template.render(&[Message::new("user", "hi")], false).unwrap()
+    }
+
+    /// A template that would loop ~10¹⁰ times runs out of fuel: an error naming it, in about a
+    /// second; a conversation of 2000 turns renders within the budget.
+    #[test]
+    fn a_template_that_never_ends_runs_out_of_fuel() {
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x";
+        let template = ChatTemplate::new(endless.to_string(), None, None).unwrap();
+        let started = std::time::Instant::now();
+        let e = template.render(&[Message::new("user", "hi")], false).unwrap_err();
+        assert!(e.to_string().contains("fuel"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+        let chatml =
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}";
+        let template = ChatTemplate::new(chatml.to_string(), None, None).unwrap();
+        let long: Vec<Message> =
+            (0..2000).map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, "hello there")).collect();
+        assert_eq!(template.render(&long, false).unwrap().matches("<|im_start|>").count(), 2000);
     }
 
     #[test]

@@ -72,6 +72,8 @@ impl Staged {
             sync_dir(&parent_of(&self.target));
             return Ok(());
         }
+        // The directory's own entries reach the disk before it is renamed into place.
+        sync_dir(&self.tmp);
         let old = self.target.exists().then(|| self.tmp.with_extension("old"));
         if let Some(old) = &old {
             std::fs::rename(&self.target, old).map_err(|e| Error::io("moving aside", &self.target, e))?;

@@ -32,6 +32,13 @@ impl SafetensorsDir {
                 message: "no `weight_map` object".into(),
             })?;
             let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            // Shards are files beside the index, nothing else.
+            if let Some(bad) = shards.iter().find(|s| s.is_empty() || s.starts_with('.') || s.contains(['/', '\\'])) {
+                return Err(Error::Safetensors {
+                    path: index_path.clone(),
+                    message: format!("shard `{bad}` is not a file name in this directory"),
+                });
+            }
             shards.sort();
             shards.dedup();
             shards.into_iter().map(|s| dir.join(s)).collect()

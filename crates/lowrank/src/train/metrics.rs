@@ -37,7 +37,14 @@ pub fn append(path: &Path, m: &StepMetrics) -> Result<()> {
 /// Reads every line of `path` (missing file: none).
 pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
-    text.lines()
+    // A crash mid-append leaves a last line without its newline: that line is dropped.
+    let whole = match text.rfind('\n') {
+        Some(i) if !text.ends_with('\n') => &text[..=i],
+        None if !text.is_empty() => "",
+        _ => text.as_str(),
+    };
+    whole
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| Error::Json { path: path.into(), source: e }))
         .collect()

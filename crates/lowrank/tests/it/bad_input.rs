@@ -250,19 +250,23 @@ fn crafted_gguf_headers_are_errors_not_panics() {
         // 64 x 2^58 f32 elements: the product wraps to 0 in 64 bits.
         (
             "huge",
-            gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![64, 1 << 58], 0, 0)], 4096),
+            gguf_bytes(std::slice::from_ref(&arch), &[("token_embd.weight", vec![64, 1 << 58], 0, 0)], 4096),
             "token_embd.weight",
         ),
         (
             "empty_dim",
-            gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![64, 0], 0, 0)], 4096),
+            gguf_bytes(std::slice::from_ref(&arch), &[("token_embd.weight", vec![64, 0], 0, 0)], 4096),
             "token_embd.weight",
         ),
         // Q8_0 rows of 40 do not split into blocks of 32.
-        ("ragged", gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![40, 4], 8, 0)], 4096), "token_embd.weight"),
+        (
+            "ragged",
+            gguf_bytes(std::slice::from_ref(&arch), &[("token_embd.weight", vec![40, 4], 8, 0)], 4096),
+            "token_embd.weight",
+        ),
         (
             "past_end",
-            gguf_bytes(&[arch.clone()], &[("token_embd.weight", vec![64, 64], 0, 0)], 1024),
+            gguf_bytes(std::slice::from_ref(&arch), &[("token_embd.weight", vec![64, 64], 0, 0)], 1024),
             "token_embd.weight",
         ),
         (
@@ -319,5 +323,18 @@ fn an_absurd_lora_alpha_is_refused_at_load() {
         let model = tiny_model("llama");
         let e = Adapter::load_peft(tmp.path(), model.modules(), &Device::Cpu).unwrap_err();
         assert!(e.to_string().contains("lora_alpha") && e.to_string().contains("adapter_config.json"), "{e}");
+    }
+}
+
+/// A shard index may name only files beside it.
+#[test]
+fn shard_names_outside_the_directory_are_refused() {
+    for shard in ["../model.safetensors", "/etc/passwd", "sub/x.safetensors", ".."] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&models_dir().join("llama/model"), tmp.path());
+        let index = serde_json::json!({"metadata": {}, "weight_map": {"model.norm.weight": shard}});
+        std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let e = load(tmp.path());
+        assert!(e.to_string().contains("is not a file name in this directory"), "{shard}: {e}");
     }
 }

@@ -112,6 +112,41 @@ fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
     assert_eq!(read(&part).len(), 6);
 }
 
+/// What a crash mid-write leaves — a torn last line of metrics.jsonl, a staging directory never
+/// renamed into place — does not stop `--resume`, which ends where the uninterrupted run does;
+/// a `latest` that names anything but a checkpoint beside it is refused.
+#[test]
+fn a_crash_mid_write_leaves_a_run_that_resumes() {
+    let model = tiny_model("llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, full) = run(&model, &tmp.path().join("full"), 0.1, usize::MAX);
+    let part = tmp.path().join("part");
+    run(&model, &part, 0.1, 3);
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(part.join("metrics.jsonl")).unwrap();
+    std::io::Write::write_all(&mut metrics, br#"{"step": 4, "loss": 2.3"#).unwrap();
+    let stale = part.join("checkpoints/.step-000004.tmp-12345");
+    std::fs::create_dir_all(stale.join("adapter")).unwrap();
+    let mut t = Trainer::resume(&model, train_config(6), &part, &part).unwrap();
+    assert!(!stale.exists(), "the stale staging directory is still there");
+    let data = examples();
+    t.run(&data[..8], &data[8..], &mut StopAt(usize::MAX, 0)).unwrap();
+    assert_eq!(tensors(&t), full);
+    assert_eq!(lowrank::train::metrics::read(&part.join("metrics.jsonl")).unwrap().len(), 6);
+    let mut names: Vec<String> = std::fs::read_dir(part.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["latest", "step-000004", "step-000006"], "the newest two (saved every 2 steps)");
+
+    for bad in ["../../etc", "step-000006/../../x", ""] {
+        std::fs::write(part.join("checkpoints/latest"), bad).unwrap();
+        let e = Trainer::resume(&model, train_config(6), &part, &part).err().expect("a bad latest must fail");
+        assert!(e.to_string().contains("latest"), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn same_seed_same_adapter_and_dropout_matters() {
     let model = tiny_model("llama");

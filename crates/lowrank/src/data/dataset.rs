@@ -96,15 +96,30 @@ pub fn load_jsonl(
         )));
     }
     let error = |line: Option<usize>, message: String| Error::Data { path: path.to_path_buf(), line, message };
-    let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut reader = std::io::BufReader::new(file);
     let encoder = Encoder::new(tokenizer, template, opts.train_on_prompt).map_err(|m| error(None, m))?;
+    // Text past this many bytes cannot fit in max_seq_len tokens: rows are cut to it before they
+    // are tokenised (and counted as truncated), so memory follows the sequence length, not the
+    // longest line. The margin covers a chat template's markup.
+    let max_bytes = opts.max_seq_len.saturating_add(64).saturating_mul(tokenizer.max_token_bytes());
 
     let mut examples = Vec::new();
     let mut first: Option<(Format, usize)> = None;
     let (mut rows, mut truncated, mut dropped, mut merges) = (0, 0, 0, 0);
-    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    let mut raw = Vec::new();
+    for index in 0.. {
+        raw.clear();
+        let n =
+            std::io::BufRead::read_until(&mut reader, b'\n', &mut raw).map_err(|e| Error::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+        }
         let line = index + 1;
-        let text = std::str::from_utf8(raw).map_err(|e| error(Some(line), format!("not UTF-8 text: {e}")))?;
+        let text = std::str::from_utf8(&raw).map_err(|e| error(Some(line), format!("not UTF-8 text: {e}")))?;
         let text = if index == 0 { text.trim_start_matches('\u{feff}') } else { text };
         if text.trim().is_empty() {
             continue;
@@ -127,9 +142,11 @@ pub fn load_jsonl(
             Some(_) => {}
         }
         rows += 1;
+        let mut row = row;
+        let cut = row.cut(max_bytes);
         let (mut example, merged) = encoder.encode(&row).map_err(|m| error(Some(line), m))?;
         merges += usize::from(merged);
-        if example.len() > opts.max_seq_len {
+        if cut || example.len() > opts.max_seq_len {
             example.ids.truncate(opts.max_seq_len);
             example.targets.truncate(opts.max_seq_len);
             truncated += 1;

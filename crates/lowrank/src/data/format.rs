@@ -49,6 +49,25 @@ pub(crate) enum Row {
 }
 
 impl Row {
+    /// Cuts every text of the row to at most `max_bytes` (at a character boundary); whether any
+    /// was longer. A text that long holds more tokens than a sequence takes, and tokenising what
+    /// would be cut off only costs memory.
+    pub(crate) fn cut(&mut self, max_bytes: usize) -> bool {
+        let cut = |s: &mut String| {
+            if s.len() <= max_bytes {
+                return false;
+            }
+            let end = (0..=max_bytes).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+            s.truncate(end);
+            true
+        };
+        match self {
+            Row::Text(t) => cut(t),
+            Row::PromptCompletion { prompt, completion } => cut(prompt) | cut(completion),
+            Row::Messages(messages) => messages.iter_mut().fold(false, |any, m| cut(&mut m.content) | any),
+        }
+    }
+
     /// The row's shape.
     pub(crate) fn format(&self) -> Format {
         match self {

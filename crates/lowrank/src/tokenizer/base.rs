@@ -73,6 +73,12 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The longest token's spelling in bytes (as the vocabulary stores it; at least as long as the
+    /// text it stands for): `n` tokens never cover more than `n` times this of text.
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
+    }
+
     /// Whether `text`, encoded as [`Tokenizer::encode`] does, holds a special token.
     pub fn spells_special_token(&self, text: &str) -> Result<bool> {
         let special: std::collections::HashSet<u32> =

@@ -533,3 +533,29 @@ fn shipped_example_dataset_loads_without_drops() {
         }
     }
 }
+
+/// A row far longer than a sequence is cut before it is tokenised (memory follows max_seq_len,
+/// not the line) and comes out as the full text's first tokens, counted as truncated; rows of
+/// every format are (a 1.8 MB line each).
+#[test]
+fn a_huge_row_is_cut_to_the_tokens_a_sequence_takes() {
+    let long = "the quick brown fox jumps over the lazy dog. ".repeat(40_000);
+    let full = tokenizer().encode(&long, true).unwrap();
+    for (row, format) in [
+        (serde_json::json!({"text": long}), Format::Text),
+        (serde_json::json!({"prompt": "Q: ", "completion": long}), Format::PromptCompletion),
+        (
+            serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long}]}),
+            Format::Messages,
+        ),
+    ] {
+        let line = row.to_string();
+        let data = load(&[&line], &opts(64)).unwrap();
+        assert_eq!(data.stats.truncated, 1, "{format:?}");
+        let ex = &data.examples[0];
+        assert_eq!(ex.ids.len(), 64, "{format:?}");
+        if format == Format::Text {
+            assert_eq!(ex.ids, full[..64], "the cut text's first tokens are the full text's");
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod data;
 mod default_model;
 mod dora;
 mod export;
+mod fuzz;
 mod gguf_adapter;
 mod inits;
 mod invariants;

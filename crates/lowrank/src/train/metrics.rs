@@ -50,15 +50,17 @@ pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
         .collect()
 }
 
-/// Keeps only the lines up to `step` (used when resuming from a checkpoint).
+/// Keeps only the lines up to `step` (used when resuming from a checkpoint), as they were
+/// written: re-serialising them could change a float's last digit.
 pub fn truncate(path: &Path, step: usize) -> Result<()> {
-    let kept: Vec<StepMetrics> = read(path)?.into_iter().filter(|m| m.step <= step).collect();
-    let mut text = String::new();
-    for m in &kept {
-        text.push_str(&serde_json::to_string(m).map_err(|e| Error::Json { path: path.into(), source: e })?);
-        text.push('\n');
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept = read(path)?.iter().filter(|m| m.step <= step).count();
+    let mut out = String::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()).take(kept) {
+        out.push_str(line);
+        out.push('\n');
     }
-    crate::staging::write_atomic(path, text.as_bytes())
+    crate::staging::write_atomic(path, out.as_bytes())
 }
 
 /// Draws training and eval loss against step as an SVG line chart.

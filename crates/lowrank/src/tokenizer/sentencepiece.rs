@@ -97,8 +97,11 @@ pub(super) fn generate_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, S
         local.sort_by_key(|(left, right, ..)| (ids.get(left).copied(), ids.get(right).copied()));
         merges.extend(local);
     }
+    // A NaN score (a malformed file) ranks last: with NaN left in, the order would not be total,
+    // and the sort may panic.
+    let rank = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     merges.sort_by(|a, b| {
-        let by_score = b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal);
+        let by_score = rank(b.2).partial_cmp(&rank(a.2)).unwrap_or(std::cmp::Ordering::Equal);
         by_score.then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4))
     });
     merges.into_iter().map(|(left, right, ..)| (left.to_string(), right.to_string())).collect()

@@ -6,6 +6,8 @@
 //! runs), the seed `LOWRANK_FUZZ_SEED`; a long run:
 //!
 //!     LOWRANK_FUZZ_SECS=1800 cargo test --release -p lowrank --test it fuzz -- --nocapture
+//!
+//! `LOWRANK_FUZZ_REPLAY=target/fuzz-crashes/FILE` feeds one kept input again, panic and all.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -179,7 +181,8 @@ fn feed(target: &Target, input: &[u8], dir: &Path, model: &Model, tokenizer: &To
                 None,
             )
             .unwrap();
-            let opts = DataOptions { max_seq_len: 2 + input.len() % 64, train_on_prompt: input.len().is_multiple_of(3) };
+            let opts =
+                DataOptions { max_seq_len: 2 + input.len() % 64, train_on_prompt: input.len().is_multiple_of(3) };
             let _ = load_jsonl(&path, tokenizer, Some(&template), &opts);
         }
         Target::Template => {
@@ -202,6 +205,15 @@ fn peak_rss_mib() -> f64 {
 
 #[test]
 fn parsers_survive_mutated_inputs() {
+    if let Some(path) = std::env::var_os("LOWRANK_FUZZ_REPLAY") {
+        let path = PathBuf::from(path);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let k: usize = name.split('-').next().unwrap().parse().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let tokenizer = Tokenizer::from_hf_dir(&models_dir().join("qwen3/model")).unwrap();
+        feed(&seeds()[k].target, &read(&path), tmp.path(), &tiny_model("llama"), &tokenizer);
+        return;
+    }
     let secs: u64 = std::env::var("LOWRANK_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
     let seed: u64 = std::env::var("LOWRANK_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f00d);
     let mut rng = Rng(seed | 1);

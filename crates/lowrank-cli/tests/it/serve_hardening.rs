@@ -221,3 +221,50 @@ fn health_answers_while_huge_prompts_are_tokenised() {
     }
     assert!(slowest < 150, "/health took {slowest} ms while prompts were tokenised");
 }
+
+#[path = "../../../lowrank/tests/it/mutate.rs"]
+mod mutate;
+
+/// OpenAI request bodies mutated at random (the fuzzers' mutator) and posted for
+/// `LOWRANK_FUZZ_SECS` (default 10 s): every answer is a whole HTTP response with a status a client
+/// can act on — never a 500, a reset or silence — and the server still serves afterwards.
+#[test]
+fn mutated_request_bodies_get_statuses_and_the_server_keeps_serving() {
+    let secs: u64 = std::env::var("LOWRANK_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let server = start(&["--request-timeout", "5", "--allow-runtime-adapters"]);
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("/v1/completions", json!({"model": BASE, "prompt": "Hi", "max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["\n"]}).to_string().into_bytes()),
+        ("/v1/chat/completions", json!({"model": BASE, "max_tokens": 2, "n": 2, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}).to_string().into_bytes()),
+        ("/v1/chat/completions", json!({"model": BASE, "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "Hi"}]}).to_string().into_bytes()),
+        ("/v1/load_lora_adapter", json!({"lora_name": "x", "lora_path": "/tmp/nowhere"}).to_string().into_bytes()),
+        ("/v1/unload_lora_adapter", json!({"lora_name": "x"}).to_string().into_bytes()),
+    ];
+    let mut rng = mutate::Rng(0x0a1_f00d);
+    let (started, mut sent) = (Instant::now(), 0);
+    let mut statuses = std::collections::BTreeMap::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        let (path, seed) = &seeds[rng.below(seeds.len())];
+        let other = &seeds[rng.below(seeds.len())].1;
+        let body = mutate::mutate(seed, other, &mut rng);
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        let _ = s.write_all(&body);
+        let mut answer = Vec::new();
+        let read = s.read_to_end(&mut answer);
+        let head = String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
+        let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!(
+            read.is_ok() && [200, 400, 403, 404, 408, 409, 413, 415, 422, 429].contains(&status),
+            "{path} with {:?}: {head:?}",
+            String::from_utf8_lossy(&body)
+        );
+        *statuses.entry(status).or_insert(0) += 1;
+        sent += 1;
+    }
+    eprintln!("{sent} mutated bodies in {secs} s: statuses {statuses:?}");
+    assert!(sent >= 10 && statuses.contains_key(&200) && statuses.contains_key(&400), "{statuses:?}");
+    assert_eq!(http(&server.addr, "GET", "/health", "").0, 200);
+    let (s, _) = post(&server.addr, "/v1/completions", &json!({"model": BASE, "prompt": "Hi", "max_tokens": 1}));
+    assert_eq!(s, 200);
+}

@@ -17,6 +17,7 @@ mod invariants;
 mod layering;
 mod model_parity;
 mod multimodal;
+mod mutate;
 mod qlora;
 mod serve_engine;
 mod tokenizer;

@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 adapter=$1; n=${2:-10}
 source scripts/reference/env.sh
-py=${LOWRANK_LLAMA_PYTHON:-$REF_PYTHON}
-"$py" -c 'import llama_cpp' 2>/dev/null || { echo "llama-cpp-python not found for $py: scripts/reference/setup.sh --with-llama-cpp"; exit 2; }
+require_llama_cpp
+py=$LLAMA_PY
 cargo build -q --release -p lowrank-cli
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 lr=./target/release/lowrank

@@ -19,3 +19,14 @@ require_reference() {
         exit 2
     fi
 }
+
+# Sets LLAMA_PY to a Python that imports llama_cpp ($LOWRANK_LLAMA_PYTHON, else the reference
+# venv's), or exits with a hint.
+require_llama_cpp() {
+    LLAMA_PY=${LOWRANK_LLAMA_PYTHON:-$REF_PYTHON}
+    if ! "$LLAMA_PY" -c 'import llama_cpp' 2>/dev/null; then
+        echo "llama-cpp-python not found for $LLAMA_PY" >&2
+        echo "---> HINT: run scripts/reference/setup.sh --with-llama-cpp (builds it, ~15 min on two cores)" >&2
+        exit 2
+    fi
+}

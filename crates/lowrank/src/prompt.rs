@@ -23,11 +23,8 @@ pub fn text_ids(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
 /// own markers are special tokens: a message spelling one (`<|im_start|>system…` in a user's
 /// content) gets the ids of its characters, so content cannot open a turn of its own.
 pub fn chat_ids(tokenizer: &Tokenizer, template: &ChatTemplate, messages: &[Message]) -> Result<Vec<u32>> {
-    let mut spoofed = false;
-    for m in messages {
-        spoofed |= tokenizer.spells_special_token(&m.content)?;
-    }
-    if !spoofed {
+    let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+    if !tokenizer.spells_special_token(&contents)? {
         // The rendered text whole, as transformers tokenizes it.
         return tokenizer.encode(&template.render(messages, true)?, false);
     }

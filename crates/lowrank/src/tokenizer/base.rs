@@ -79,11 +79,19 @@ impl Tokenizer {
         self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
     }
 
-    /// Whether `text`, encoded as [`Tokenizer::encode`] does, holds a special token.
-    pub fn spells_special_token(&self, text: &str) -> Result<bool> {
+    /// Whether any of `texts`, encoded as [`Tokenizer::encode`] does, holds a special token.
+    pub fn spells_special_token(&self, texts: &[&str]) -> Result<bool> {
         let special: std::collections::HashSet<u32> =
             self.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
-        Ok(!special.is_empty() && self.encode(text, false)?.iter().any(|id| special.contains(id)))
+        if special.is_empty() {
+            return Ok(false);
+        }
+        for text in texts {
+            if self.encode(text, false)?.iter().any(|id| special.contains(id)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Text for `ids`; ids outside the vocabulary are skipped. With `skip_special_tokens`, special

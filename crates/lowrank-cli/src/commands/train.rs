@@ -11,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, LoraInit, LoraSpec, ModuleSelector};
 use lowrank::bundle::ModelBundle;
-use lowrank::data::{load_jsonl, DataOptions, Dataset};
+use lowrank::chat::ChatTemplate;
+use lowrank::data::{load_jsonl, DataOptions, Dataset, Example, Examples};
+use lowrank::tokenizer::Tokenizer;
 use lowrank::train::{metrics, AdamWConfig, ResidualBase, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
@@ -410,15 +412,17 @@ impl Settings {
     }
 }
 
-fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Dataset>)> {
+fn load_data<'a>(
+    s: &Settings,
+    tokenizer: &'a Tokenizer,
+    tpl: Option<&'a ChatTemplate>,
+) -> Result<(Dataset<'a>, Option<Dataset<'a>>)> {
     let opts = DataOptions { max_seq_len: s.max_seq_len, train_on_prompt: s.train_on_prompt };
-    let tpl = bundle.chat_template.as_ref();
-    let train =
-        load_jsonl(&s.data, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", s.data.display()))?;
+    let train = load_jsonl(&s.data, tokenizer, tpl, &opts).with_context(|| format!("loading {}", s.data.display()))?;
     let report = |name: &str, d: &Dataset| {
         eprintln!(
             "{name}: {} rows ({:?}), {} tokens, {} targets; {} truncated at {}, {} dropped (no target tokens)",
-            d.examples.len(),
+            d.len(),
             d.stats.format,
             d.stats.tokens,
             d.stats.target_tokens,
@@ -433,14 +437,13 @@ fn load_data(s: &Settings, bundle: &ModelBundle) -> Result<(Dataset, Option<Data
     }
     let (train, eval) = match (&s.eval_data, s.eval_split) {
         (Some(p), _) => {
-            let eval =
-                load_jsonl(p, &bundle.tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?;
+            let eval = load_jsonl(p, tokenizer, tpl, &opts).with_context(|| format!("loading {}", p.display()))?;
             report("eval", &eval);
             (train, Some(eval))
         }
         (None, Some(f)) => {
             let (t, e) = train.split(f, s.train.seed)?;
-            eprintln!("split: {} rows for training, {} held out", t.examples.len(), e.examples.len());
+            eprintln!("split: {} rows for training, {} held out", t.len(), e.len());
             (t, Some(e))
         }
         (None, None) => (train, None),
@@ -463,9 +466,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let opts = load_options(s.device, s.dequantize, s.quantize)?;
     let mut bundle =
         ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
-    let (train, eval) = load_data(&s, &bundle)?;
+    let (train, eval) = load_data(&s, &bundle.tokenizer, bundle.chat_template.as_ref())?;
     if let Some(epochs) = s.epochs {
-        let per_epoch = train.examples.len().div_ceil(s.train.batch_size * s.train.grad_accum);
+        let per_epoch = train.len().div_ceil(s.train.batch_size * s.train.grad_accum);
         s.train.steps = ((per_epoch as f64 * epochs).ceil() as usize).max(1);
     }
     // The initial adapter before anything is written: a config it cannot start from leaves no output.
@@ -505,9 +508,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     let mut progress = Progress::new(stop, trainer.step(), s.train.steps);
-    let empty = Vec::new();
-    let eval_examples = eval.as_ref().map(|e| &e.examples).unwrap_or(&empty);
-    let end = trainer.run(&train.examples, eval_examples, &mut progress);
+    let end = match &eval {
+        Some(eval) => trainer.run(&train, eval, &mut progress),
+        None => trainer.run(&train, &[] as &[Example], &mut progress),
+    };
     progress.finish();
     let history = metrics::read(&s.output.join("metrics.jsonl"))?;
     lowrank::staging::write_atomic(&s.output.join("loss.svg"), metrics::loss_svg(&history).as_bytes())?;

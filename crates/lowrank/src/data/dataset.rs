@@ -1,6 +1,14 @@
-//! Loading a JSONL file into a [`Dataset`], and splitting one for evaluation.
+//! A JSONL file as a [`Dataset`], and the [`Examples`] seam the trainer reads batches through.
+//!
+//! Loading reads the file once, line by line: every row is parsed, cut to what `max_seq_len`
+//! can hold, tokenized, counted and checked, and then dropped, keeping only where the row starts
+//! (an index of 32 bytes a row). A batch's rows are read and tokenized again when the batch is
+//! trained, so memory follows the batch and the longest line, not the file. Tokenizing is
+//! deterministic, so a row reads back as the ids it was counted with; a file changed under a run
+//! is an error naming the row.
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
@@ -9,131 +17,179 @@ use crate::tokenizer::Tokenizer;
 use super::encode::{DataOptions, Encoder, Example};
 use super::format::{parse_row, Format};
 use super::shuffle::permutation;
+use super::stats::DataStats;
 
-/// Tokenized examples and what loading them did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dataset {
-    /// The examples, in file order (rows dropped for want of targets left out).
-    pub examples: Vec<Example>,
+/// Numbered examples the trainer draws batches from: a [`Dataset`] reading its file, or examples
+/// already in memory (`[Example]`).
+pub trait Examples {
+    /// How many examples there are.
+    fn len(&self) -> usize;
+
+    /// True when there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The examples at `indices`, in that order; an index past [`len`](Self::len) is an error.
+    fn fetch(&self, indices: &[usize]) -> Result<Vec<Example>>;
+}
+
+impl Examples for [Example] {
+    fn len(&self) -> usize {
+        <[Example]>::len(self)
+    }
+
+    fn fetch(&self, indices: &[usize]) -> Result<Vec<Example>> {
+        indices.iter().map(|&i| self.get(i).cloned().ok_or_else(|| out_of_range(i, self.len()))).collect()
+    }
+}
+
+fn out_of_range(index: usize, len: usize) -> Error {
+    Error::Training(format!("example {index} asked for, but there are {len}"))
+}
+
+/// The kept rows of a JSONL file, read back from it on demand.
+#[derive(Clone)]
+pub struct Dataset<'a> {
+    path: PathBuf,
+    rows: RowEncoder<'a>,
+    index: Vec<RowRef>,
     /// Counts from loading.
     pub stats: DataStats,
 }
 
-/// What [`load_jsonl`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataStats {
-    /// Rows read (blank lines are not rows), dropped ones included.
-    pub rows: usize,
-    /// Rows cut to `max_seq_len`.
-    pub truncated: usize,
-    /// Rows left out because no loss target survived truncation (or there was none, as in a
-    /// conversation without an assistant turn).
-    pub dropped_no_targets: usize,
-    /// The rows' shape.
-    pub format: Format,
-    /// Tokens in the kept examples.
-    pub tokens: usize,
-    /// Loss targets in the kept examples.
-    pub target_tokens: usize,
-    /// Prompt/completion rows whose prompt and completion, encoded apart (as they are trained),
-    /// give other ids than their concatenation encoded in one piece: BPE merged the prompt's end
-    /// with the completion's start, typically a trailing space with the first word.
-    pub boundary_merges: usize,
-}
-
-impl std::fmt::Display for DataStats {
+impl std::fmt::Debug for Dataset<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} rows ({}), {} truncated, {} dropped without targets; {} tokens, {} targets",
-            self.rows, self.format, self.truncated, self.dropped_no_targets, self.tokens, self.target_tokens
-        )?;
-        if self.boundary_merges > 0 {
-            write!(
-                f,
-                "; {} rows encode differently apart than joined (the prompt's end merges with the \
-                 completion's start), trained apart as generation sees them",
-                self.boundary_merges
-            )?;
-        }
-        Ok(())
+        f.debug_struct("Dataset")
+            .field("path", &self.path)
+            .field("examples", &self.index.len())
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
-impl DataStats {
-    /// A one-line hint when rows had a boundary merge: the prompts' trailing whitespace is part
-    /// of what the model learns to continue from.
-    pub fn boundary_hint(&self) -> Option<String> {
-        (self.boundary_merges > 0).then(|| {
-            format!(
-                "{} of {} prompt/completion rows end their prompt where the tokenizer would merge \
-                 it with the completion (usually a trailing space before a word); they are encoded \
-                 as the prompt's own tokens followed by the completion's, the state generation \
-                 starts from, so send prompts exactly as written in the data, trailing whitespace \
-                 included",
-                self.boundary_merges, self.rows
-            )
-        })
+/// Where a kept row is, and what it gave when it was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowRef {
+    /// Byte offset of the line in the file.
+    offset: u64,
+    /// 1-based line number, for errors.
+    line: u64,
+    /// FNV-1a hash of the line's bytes: a row that reads back otherwise means the file changed.
+    hash: u64,
+    /// Tokens after truncation.
+    tokens: u32,
+    /// Loss targets after truncation.
+    targets: u32,
+}
+
+/// A line → the example it trains as.
+#[derive(Clone)]
+struct RowEncoder<'a> {
+    encoder: Encoder<'a>,
+    max_seq_len: usize,
+    /// Texts are cut to this many bytes before tokenizing (see [`load_jsonl`]).
+    max_bytes: usize,
+}
+
+/// What one row gave.
+struct Encoded {
+    format: Format,
+    example: Example,
+    truncated: bool,
+    merged: bool,
+}
+
+impl RowEncoder<'_> {
+    fn encode(&self, text: &str) -> std::result::Result<Encoded, String> {
+        let mut row = parse_row(text)?;
+        let cut = row.cut(self.max_bytes);
+        let (mut example, merged) = self.encoder.encode(&row)?;
+        let truncated = cut || example.len() > self.max_seq_len;
+        example.ids.truncate(self.max_seq_len);
+        example.targets.truncate(self.max_seq_len);
+        Ok(Encoded { format: row.format(), example, truncated, merged })
     }
+}
+
+/// Reads one line into `raw` (without its `\n`); the bytes it took in the file, 0 at the end.
+fn read_line(reader: &mut impl BufRead, raw: &mut Vec<u8>, path: &Path) -> Result<u64> {
+    raw.clear();
+    let n = reader.read_until(b'\n', raw).map_err(|e| Error::io("reading", path, e))?;
+    if raw.last() == Some(&b'\n') {
+        raw.pop();
+    }
+    Ok(n as u64)
+}
+
+/// A line's text: UTF-8, without the byte-order mark a file may start with.
+fn line_text(raw: &[u8], offset: u64) -> std::result::Result<&str, String> {
+    let text = std::str::from_utf8(raw).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    Ok(if offset == 0 { text.trim_start_matches('\u{feff}') } else { text })
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Reads a JSONL file of `text`, `prompt`/`completion` or `messages` rows (one shape per file)
-/// and tokenizes it as the [module docs](super) describe.
+/// and tokenizes it as the [module docs](super) describe, keeping an index of the rows that have
+/// loss targets left.
 ///
 /// Blank lines are skipped. A malformed row, a row of another shape than the file's first, an
 /// empty file, or a file whose every row lost its targets is an [`Error::Data`] naming the file
 /// and, for a row, its 1-based line. `template` is needed for `messages` rows only.
-pub fn load_jsonl(
+pub fn load_jsonl<'a>(
     path: &Path,
-    tokenizer: &Tokenizer,
-    template: Option<&ChatTemplate>,
+    tokenizer: &'a Tokenizer,
+    template: Option<&'a ChatTemplate>,
     opts: &DataOptions,
-) -> Result<Dataset> {
-    if opts.max_seq_len < 2 {
+) -> Result<Dataset<'a>> {
+    if opts.max_seq_len < 2 || u32::try_from(opts.max_seq_len).is_err() {
         return Err(Error::Training(format!(
-            "max_seq_len must be at least 2 (one token to predict from, one to predict); got {}",
+            "max_seq_len must be at least 2 (one token to predict from, one to predict) and below 2^32; got {}",
             opts.max_seq_len
         )));
     }
-    let error = |line: Option<usize>, message: String| Error::Data { path: path.to_path_buf(), line, message };
+    let error = |line: Option<u64>, message: String| Error::Data {
+        path: path.to_path_buf(),
+        line: line.map(|l| l as usize),
+        message,
+    };
     let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
-    let mut reader = std::io::BufReader::new(file);
+    let mut reader = BufReader::new(file);
     let encoder = Encoder::new(tokenizer, template, opts.train_on_prompt).map_err(|m| error(None, m))?;
     // Text past this many bytes cannot fit in max_seq_len tokens: rows are cut to it before they
-    // are tokenised (and counted as truncated), so memory follows the sequence length, not the
-    // longest line. The margin covers a chat template's markup.
+    // are tokenized (and counted as truncated), so memory follows the sequence length, not the
+    // longest text. The margin covers a chat template's markup.
     let max_bytes = opts.max_seq_len.saturating_add(64).saturating_mul(tokenizer.max_token_bytes());
+    let rows = RowEncoder { encoder, max_seq_len: opts.max_seq_len, max_bytes };
 
-    let mut examples = Vec::new();
-    let mut first: Option<(Format, usize)> = None;
-    let (mut rows, mut truncated, mut dropped, mut merges) = (0, 0, 0, 0);
-    let mut raw = Vec::new();
-    for index in 0.. {
-        raw.clear();
-        let n =
-            std::io::BufRead::read_until(&mut reader, b'\n', &mut raw).map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            break;
+    let mut index = Vec::new();
+    let mut first: Option<(Format, u64)> = None;
+    let mut stats = DataStats::empty(Format::Text);
+    let (mut offset, mut line, mut raw) = (0u64, 0u64, Vec::new());
+    loop {
+        let start = offset;
+        match read_line(&mut reader, &mut raw, path)? {
+            0 => break,
+            n => offset += n,
         }
-        if raw.last() == Some(&b'\n') {
-            raw.pop();
-        }
-        let line = index + 1;
-        let text = std::str::from_utf8(&raw).map_err(|e| error(Some(line), format!("not UTF-8 text: {e}")))?;
-        let text = if index == 0 { text.trim_start_matches('\u{feff}') } else { text };
+        line += 1;
+        let text = line_text(&raw, start).map_err(|m| error(Some(line), m))?;
         if text.trim().is_empty() {
             continue;
         }
-        let row = parse_row(text).map_err(|m| error(Some(line), m))?;
+        let row = rows.encode(text).map_err(|m| error(Some(line), m))?;
         match first {
-            None => first = Some((row.format(), line)),
-            Some((format, first_line)) if format != row.format() => {
+            None => first = Some((row.format, line)),
+            Some((format, first_line)) if format != row.format => {
                 return Err(error(
                     Some(line),
                     format!(
                         "a {} row ({}), but line {first_line} is a {} row ({}); every row of a file must have the same format",
-                        row.format(),
-                        row.format().keys(),
+                        row.format,
+                        row.format.keys(),
                         format,
                         format.keys()
                     ),
@@ -141,68 +197,53 @@ pub fn load_jsonl(
             }
             Some(_) => {}
         }
-        rows += 1;
-        let mut row = row;
-        let cut = row.cut(max_bytes);
-        let (mut example, merged) = encoder.encode(&row).map_err(|m| error(Some(line), m))?;
-        merges += usize::from(merged);
-        if cut || example.len() > opts.max_seq_len {
-            example.ids.truncate(opts.max_seq_len);
-            example.targets.truncate(opts.max_seq_len);
-            truncated += 1;
-        }
-        if example.n_targets() == 0 {
-            dropped += 1;
+        stats.rows += 1;
+        stats.truncated += usize::from(row.truncated);
+        stats.boundary_merges += usize::from(row.merged);
+        let targets = row.example.n_targets();
+        if targets == 0 {
+            stats.dropped_no_targets += 1;
             continue;
         }
-        examples.push(example);
+        // Both fit: truncation keeps at most max_seq_len < 2^32 tokens.
+        let (tokens, targets) = (row.example.len() as u32, targets as u32);
+        index.push(RowRef { offset: start, line, hash: fnv1a(&raw), tokens, targets });
+        stats.tokens += tokens as usize;
+        stats.target_tokens += targets as usize;
     }
 
     let Some((format, _)) = first else {
         return Err(error(None, "no rows: the file is empty".into()));
     };
-    if examples.is_empty() {
-        let hint = if truncated > 0 {
+    stats.format = format;
+    if index.is_empty() {
+        let hint = if stats.truncated > 0 {
             format!("; max_seq_len {} cuts off every target, raise it", opts.max_seq_len)
         } else if format == Format::Messages {
             "; is there an assistant turn?".into()
         } else {
             String::new()
         };
-        return Err(error(None, format!("no row has a loss target left ({rows} rows, all dropped){hint}")));
+        let n = stats.rows;
+        return Err(error(None, format!("no row has a loss target left ({n} rows, all dropped){hint}")));
     }
-    let mut stats = DataStats::count(&examples, format);
-    stats.rows = rows;
-    stats.truncated = truncated;
-    stats.dropped_no_targets = dropped;
-    stats.boundary_merges = merges;
-    Ok(Dataset { examples, stats })
-}
-
-impl DataStats {
-    /// Stats for `examples` as they are: `rows` = their number, nothing truncated or dropped.
-    fn count(examples: &[Example], format: Format) -> Self {
-        DataStats {
-            rows: examples.len(),
-            truncated: 0,
-            dropped_no_targets: 0,
-            format,
-            tokens: examples.iter().map(Example::len).sum(),
-            target_tokens: examples.iter().map(Example::n_targets).sum(),
-            boundary_merges: 0,
-        }
-    }
+    Ok(Dataset { path: path.to_path_buf(), rows, index, stats })
 }
 
 /// The shuffle stream [`Dataset::split`] draws from, apart from the epoch streams of
 /// [`BatchPlan`](super::BatchPlan) so that one seed for both does not correlate them.
 const SPLIT_STREAM: u64 = u64::MAX;
 
-impl Dataset {
+impl Dataset<'_> {
     /// Each example's number of tokens, in order (the input of
     /// [`pack_by_tokens`](super::pack_by_tokens)).
     pub fn lengths(&self) -> Vec<usize> {
-        self.examples.iter().map(Example::len).collect()
+        self.index.iter().map(|r| r.tokens as usize).collect()
+    }
+
+    /// Every example, read from the file (for small sets and tests; training reads by batch).
+    pub fn examples(&self) -> Result<Vec<Example>> {
+        self.fetch(&(0..self.index.len()).collect::<Vec<_>>())
     }
 
     /// Splits off `eval_fraction` of the examples (rounded, at least one) for evaluation, chosen
@@ -212,13 +253,13 @@ impl Dataset {
     /// `dropped_no_targets` and `boundary_merges` describe loading, so they stay with the stats
     /// read before the split and are 0 in the parts. An error when either part would be empty or the fraction is
     /// not in (0, 1).
-    pub fn split(self, eval_fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+    pub fn split(self, eval_fraction: f64, seed: u64) -> Result<(Self, Self)> {
         if !(eval_fraction > 0.0 && eval_fraction < 1.0) {
             return Err(Error::Training(format!(
                 "eval fraction must be between 0 and 1 (exclusive); got {eval_fraction}"
             )));
         }
-        let n = self.examples.len();
+        let n = self.index.len();
         let n_eval = ((n as f64 * eval_fraction).round() as usize).max(1);
         if n_eval >= n {
             return Err(Error::Training(format!(
@@ -230,13 +271,49 @@ impl Dataset {
             is_eval[i] = true;
         }
         let (mut train, mut eval) = (Vec::with_capacity(n - n_eval), Vec::with_capacity(n_eval));
-        for (example, eval_row) in self.examples.into_iter().zip(is_eval) {
-            if eval_row { &mut eval } else { &mut train }.push(example);
+        for (row, eval_row) in self.index.iter().zip(is_eval) {
+            if eval_row { &mut eval } else { &mut train }.push(*row);
         }
-        let format = self.stats.format;
-        Ok((
-            Dataset { stats: DataStats::count(&train, format), examples: train },
-            Dataset { stats: DataStats::count(&eval, format), examples: eval },
-        ))
+        let part = |index: Vec<RowRef>| {
+            let mut stats = DataStats::empty(self.stats.format);
+            stats.rows = index.len();
+            stats.tokens = index.iter().map(|r| r.tokens as usize).sum();
+            stats.target_tokens = index.iter().map(|r| r.targets as usize).sum();
+            Dataset { path: self.path.clone(), rows: self.rows.clone(), index, stats }
+        };
+        Ok((part(train), part(eval)))
+    }
+}
+
+impl Examples for Dataset<'_> {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn fetch(&self, indices: &[usize]) -> Result<Vec<Example>> {
+        let path = &self.path;
+        let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let mut reader = BufReader::new(file);
+        let mut raw = Vec::new();
+        let mut examples = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let row = *self.index.get(i).ok_or_else(|| out_of_range(i, self.index.len()))?;
+            let changed = |what: &str| Error::Data {
+                path: path.clone(),
+                line: Some(row.line as usize),
+                message: format!("{what} since the file was loaded: the data file changed under the run"),
+            };
+            reader.seek(SeekFrom::Start(row.offset)).map_err(|e| Error::io("reading", path, e))?;
+            if read_line(&mut reader, &mut raw, path)? == 0 || fnv1a(&raw) != row.hash {
+                return Err(changed("the row reads otherwise"));
+            }
+            let text = line_text(&raw, row.offset).map_err(|_| changed("the row is no longer UTF-8"))?;
+            let encoded = self.rows.encode(text).map_err(|m| changed(&format!("the row fails ({m})")))?;
+            if encoded.example.len() != row.tokens as usize {
+                return Err(changed("the row tokenizes otherwise"));
+            }
+            examples.push(encoded.example);
+        }
+        Ok(examples)
     }
 }

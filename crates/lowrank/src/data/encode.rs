@@ -77,6 +77,7 @@ impl Example {
 
 /// Encodes rows for one tokenizer and template; errors are messages for the user, to which the
 /// loader adds the file and line.
+#[derive(Clone)]
 pub(crate) struct Encoder<'a> {
     tokenizer: &'a Tokenizer,
     template: Option<&'a ChatTemplate>,

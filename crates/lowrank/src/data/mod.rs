@@ -10,12 +10,13 @@
 //!
 //! [`load_jsonl`] reads and tokenizes a file into a [`Dataset`] of [`Example`]s (ids plus a target
 //! mask), appending the eos, truncating to [`DataOptions::max_seq_len`] and dropping rows left
-//! without targets; [`Dataset::split`] holds out an evaluation set. [`BatchPlan`] orders the
+//! without targets; the dataset keeps where each row is and reads a batch's rows again when it is
+//! trained ([`Examples`]), so memory does not grow with the file; [`Dataset::split`] holds out an evaluation set. [`BatchPlan`] orders the
 //! examples into batches per epoch from a seed alone, so a step number is enough to resume;
 //! [`pack_by_tokens`] fills batches up to a token budget instead.
 //!
 //! Layout: `format.rs` parses rows; `encode.rs` turns a row into ids and targets (the masking
-//! rules are documented there); `dataset.rs` loads and splits files; `batch.rs` plans batches;
+//! rules are documented there); `dataset.rs` indexes, reads back and splits files; `stats.rs` counts; `batch.rs` plans batches;
 //! `shuffle.rs` is the seeded permutation they share, fixed across builds.
 
 mod batch;
@@ -23,8 +24,10 @@ mod dataset;
 mod encode;
 mod format;
 mod shuffle;
+mod stats;
 
 pub use batch::{pack_by_tokens, BatchPlan};
-pub use dataset::{load_jsonl, DataStats, Dataset};
+pub use dataset::{load_jsonl, Dataset, Examples};
 pub use encode::{DataOptions, Example};
 pub use format::Format;
+pub use stats::DataStats;

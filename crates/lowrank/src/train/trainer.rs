@@ -14,7 +14,7 @@ use super::optim::{global_norm, AdamW};
 use super::schedule::lr_at;
 use super::step::{collect_grads, forward_backward, row_targets, TrainSeq};
 use crate::adapter::{ActiveAdapter, Adapter, DropoutControl};
-use crate::data::{BatchPlan, Example};
+use crate::data::{BatchPlan, Examples};
 use crate::model::{Model, SeqInput};
 use crate::{Error, Result};
 
@@ -98,7 +98,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Mean next-token loss over the target tokens of `examples` (no gradient).
-    pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
+    pub fn eval_loss(&self, examples: &(impl Examples + ?Sized)) -> Result<f64> {
         eval_loss(self.model, &self.active(), examples, self.cfg.batch_size, self.cfg.loss_chunk)
     }
 
@@ -112,8 +112,14 @@ impl<'a> Trainer<'a> {
         checkpoint::save(&self.out, &state, &self.adapter, self.model.modules(), &self.opt)
     }
 
-    /// Trains until `cfg.steps` optimizer steps are done or the observer asks to stop.
-    pub fn run(&mut self, train: &[Example], eval: &[Example], obs: &mut dyn Observer) -> Result<RunEnd> {
+    /// Trains until `cfg.steps` optimizer steps are done or the observer asks to stop, reading
+    /// each micro-batch from `train` when it is due; evaluates on `eval` (when it is not empty).
+    pub fn run(
+        &mut self,
+        train: &(impl Examples + ?Sized),
+        eval: &(impl Examples + ?Sized),
+        obs: &mut dyn Observer,
+    ) -> Result<RunEnd> {
         let cfg = self.cfg.clone();
         let plan = BatchPlan::new(train.len(), cfg.batch_size, cfg.seed);
         let metrics_path = self.out.join("metrics.jsonl");
@@ -133,9 +139,8 @@ impl<'a> Trainer<'a> {
             for k in 0..cfg.grad_accum {
                 let micro = self.step * cfg.grad_accum + k;
                 self.dropout.set_micro_step(micro as u64);
-                let batch = plan.batch(micro);
-                let seqs: Vec<TrainSeq> =
-                    batch.iter().map(|&i| TrainSeq { ids: &train[i].ids, targets: &train[i].targets }).collect();
+                let batch = train.fetch(&plan.batch(micro))?;
+                let seqs: Vec<TrainSeq> = batch.iter().map(|e| TrainSeq { ids: &e.ids, targets: &e.targets }).collect();
                 let out = forward_backward(
                     self.model,
                     &active,
@@ -206,12 +211,14 @@ impl<'a> Trainer<'a> {
 pub fn eval_loss(
     model: &Model,
     adapters: &[ActiveAdapter],
-    examples: &[Example],
+    examples: &(impl Examples + ?Sized),
     batch_size: usize,
     chunk: usize,
 ) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0);
-    for batch in examples.chunks(batch_size.max(1)) {
+    let all: Vec<usize> = (0..examples.len()).collect();
+    for indices in all.chunks(batch_size.max(1)) {
+        let batch = examples.fetch(indices)?;
         let seqs: Vec<TrainSeq> = batch.iter().map(|e| TrainSeq { ids: &e.ids, targets: &e.targets }).collect();
         let inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput { tokens: s.ids, adapters }).collect();
         let hidden = model.forward(&inputs, None)?.detach();

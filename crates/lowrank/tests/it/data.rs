@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use lowrank::chat::{ChatTemplate, Message};
-use lowrank::data::{load_jsonl, pack_by_tokens, BatchPlan, DataOptions, Dataset, Example, Format};
+use lowrank::data::{
+    load_jsonl, pack_by_tokens, BatchPlan, DataOptions, DataStats, Dataset, Example, Examples, Format,
+};
 use lowrank::tokenizer::Tokenizer;
 use lowrank::Error;
 
@@ -48,10 +50,20 @@ fn jsonl(lines: &[&str]) -> Jsonl {
     Jsonl { _dir: dir, path }
 }
 
-fn load(lines: &[&str], options: &DataOptions) -> lowrank::Result<Dataset> {
+/// A loaded file's examples, read back while the file exists, and its stats.
+struct Loaded {
+    examples: Vec<Example>,
+    stats: DataStats,
+}
+
+fn loaded(data: Dataset) -> Loaded {
+    Loaded { examples: data.examples().expect("reading the examples back"), stats: data.stats }
+}
+
+fn load(lines: &[&str], options: &DataOptions) -> lowrank::Result<Loaded> {
     let file = jsonl(lines);
     let (tok, tpl) = (tokenizer(), template());
-    load_jsonl(&file.path, tok, Some(tpl), options)
+    load_jsonl(&file.path, tok, Some(tpl), options).map(loaded)
 }
 
 /// The error of loading `lines`, with its display text (which names the temporary file).
@@ -87,7 +99,7 @@ fn non_target_text(tok: &Tokenizer, example: &Example) -> String {
     tok.decode(&ids, false).unwrap()
 }
 
-fn only_example(dataset: &Dataset) -> &Example {
+fn only_example(dataset: &Loaded) -> &Example {
     assert_eq!(dataset.examples.len(), 1);
     let example = &dataset.examples[0];
     assert_eq!(example.ids.len(), example.targets.len());
@@ -177,7 +189,7 @@ fn sentencepiece_completions_gain_no_space() {
     for (prompt, completion, merges) in [("Say: ", "hello", 0), ("Say: ", "the", 1)] {
         let row = serde_json::json!({"prompt": prompt, "completion": completion}).to_string();
         let file = jsonl(&[&row]);
-        let data = load_jsonl(&file.path, &tok, None, &opts(64)).unwrap();
+        let data = loaded(load_jsonl(&file.path, &tok, None, &opts(64)).unwrap());
         let example = only_example(&data);
         let joined = tok.encode(&format!("{prompt}{completion}"), true).unwrap();
         assert_eq!(example.ids, [joined, vec![eos]].concat(), "{completion}");
@@ -211,7 +223,7 @@ fn assistant_targets_continue_the_ids_chat_generation_starts_from() {
         ("tiny-spm", &spm, &spm_template, ["<|eot_id|>", "<|eot_id|></s>"]),
     ] {
         let file = jsonl(&[&row]);
-        let data = load_jsonl(&file.path, tok, Some(tpl), &opts(512)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let data = loaded(load_jsonl(&file.path, tok, Some(tpl), &opts(512)).unwrap_or_else(|e| panic!("{name}: {e}")));
         let example = only_example(&data);
         let mut start = 0;
         let turns = messages.iter().enumerate().filter(|(_, m)| m.role == "assistant");
@@ -394,37 +406,65 @@ fn a_template_that_is_not_prefix_stable_is_reported() {
     assert!(load_jsonl(&file.path, tok, Some(&reversed), &options).is_ok());
 }
 
-fn numbered_texts(n: usize) -> Dataset {
+fn numbered_texts(n: usize) -> (Jsonl, Dataset<'static>) {
     let rows: Vec<String> = (0..n).map(|i| format!(r#"{{"text": "row {i}"}}"#)).collect();
     let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
-    load(&rows, &opts(256)).unwrap()
+    let file = jsonl(&rows);
+    let data = load_jsonl(&file.path, tokenizer(), Some(template()), &opts(256)).unwrap();
+    (file, data)
 }
 
 #[test]
 fn split_is_deterministic_and_keeps_every_example_once() {
-    let data = numbered_texts(50);
-    let all = data.examples.clone();
+    let (_file, data) = numbered_texts(50);
+    let all = data.examples().unwrap();
     let (train, eval) = data.clone().split(0.2, 7).unwrap();
-    assert_eq!((train.examples.len(), eval.examples.len()), (40, 10));
+    assert_eq!((train.len(), eval.len()), (40, 10));
     assert_eq!(train.stats.rows + eval.stats.rows, 50);
     assert_eq!(train.stats.tokens + eval.stats.tokens, data.stats.tokens);
     assert_eq!(train.lengths().iter().sum::<usize>(), train.stats.tokens);
-    let mut union: Vec<Example> = train.examples.iter().chain(&eval.examples).cloned().collect();
+    let (train_examples, eval_examples) = (train.examples().unwrap(), eval.examples().unwrap());
+    let mut union: Vec<Example> = train_examples.iter().chain(&eval_examples).cloned().collect();
     let mut expected = all.clone();
     union.sort_by(|a, b| a.ids.cmp(&b.ids));
     expected.sort_by(|a, b| a.ids.cmp(&b.ids));
     assert_eq!(union, expected);
 
     let (train_again, eval_again) = data.clone().split(0.2, 7).unwrap();
-    assert_eq!((&train_again, &eval_again), (&train, &eval));
+    assert_eq!(
+        (train_again.examples().unwrap(), eval_again.examples().unwrap()),
+        (train_examples, eval_examples.clone())
+    );
     let (_, eval_other) = data.clone().split(0.2, 8).unwrap();
-    assert_ne!(eval_other.examples, eval.examples);
+    assert_ne!(eval_other.examples().unwrap(), eval_examples);
 
     // Tiny fractions still hold out one example; impossible splits are errors.
-    assert_eq!(data.clone().split(0.001, 1).unwrap().1.examples.len(), 1);
+    assert_eq!(data.clone().split(0.001, 1).unwrap().1.len(), 1);
     assert!(data.clone().split(0.0, 1).is_err());
     assert!(data.split(1.0, 1).is_err());
-    assert!(numbered_texts(1).split(0.5, 1).is_err());
+    assert!(numbered_texts(1).1.split(0.5, 1).is_err());
+}
+
+/// The dataset keeps where each row is, not its tokens: a batch reads its rows back from the
+/// file, in any order, as they were counted; a file edited under the run is an error naming the
+/// row, never other tokens trained silently.
+#[test]
+fn batches_are_read_back_from_the_file() {
+    let (file, data) = numbered_texts(30);
+    let all = data.examples().unwrap();
+    for (i, example) in all.iter().enumerate() {
+        let expected = tokenizer().encode(&format!("row {i}"), true).unwrap();
+        assert_eq!(example.ids[..expected.len()], expected[..], "row {i}");
+    }
+    assert_eq!(data.fetch(&[29, 3, 3, 0]).unwrap(), [all[29].clone(), all[3].clone(), all[3].clone(), all[0].clone()]);
+    assert!(data.fetch(&[30]).is_err());
+
+    let text = std::fs::read_to_string(&file.path).unwrap().replace("row 7\"", "row 8\"");
+    std::fs::write(&file.path, text).unwrap();
+    assert_eq!(data.fetch(&[6]).unwrap()[0], all[6]);
+    let error = data.fetch(&[7]).unwrap_err();
+    assert!(matches!(error, Error::Data { line: Some(8), .. }), "{error:?}");
+    assert!(error.to_string().contains("changed"), "{error}");
 }
 
 #[test]
@@ -496,7 +536,7 @@ fn shipped_roman_dataset_trains_on_the_numeral_after_the_prompt_ids() {
         assert_eq!((data.stats.rows, data.stats.dropped_no_targets), (rows, 0));
         let text = std::fs::read_to_string(&path).unwrap();
         let mut merged = 0;
-        for (line, example) in text.lines().zip(&data.examples) {
+        for (line, example) in text.lines().zip(&data.examples().unwrap()) {
             let row: serde_json::Value = serde_json::from_str(line).unwrap();
             let (prompt, completion) = (row["prompt"].as_str().unwrap(), row["completion"].as_str().unwrap());
             assert!(prompt.ends_with([' ', '\n']), "{prompt:?}");
@@ -524,7 +564,7 @@ fn shipped_example_dataset_loads_without_drops() {
         assert_eq!(data.stats.rows, rows, "{name}");
         assert_eq!((data.stats.truncated, data.stats.dropped_no_targets), (0, 0), "{name}");
         // The target of every row is the YYYY-MM-DD answer and the eos.
-        for example in &data.examples {
+        for example in &data.examples().unwrap() {
             let spans = target_spans(tok, example);
             assert_eq!(spans.len(), 1);
             let answer = spans[0].strip_suffix(EOS).unwrap_or_else(|| panic!("{spans:?}"));

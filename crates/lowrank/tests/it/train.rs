@@ -168,7 +168,7 @@ fn training_lowers_the_loss() {
     let mut t = Trainer::new(&model, &init, cfg, tmp.path()).unwrap();
     let data = examples();
     let before = t.eval_loss(&data[..8]).unwrap();
-    t.run(&data[..8], &[], &mut StopAt(usize::MAX, 0)).unwrap();
+    t.run(&data[..8], &data[..0], &mut StopAt(usize::MAX, 0)).unwrap();
     let after = t.eval_loss(&data[..8]).unwrap();
     assert!(after < 0.7 * before, "loss {before} -> {after}");
 }
@@ -185,7 +185,7 @@ fn non_finite_update_stops_and_keeps_the_last_checkpoint() {
     let mut t = Trainer::new(&model, &init, cfg, tmp.path()).unwrap();
     t.save_checkpoint().unwrap();
     let data = examples();
-    let e = t.run(&data[..8], &[], &mut StopAt(usize::MAX, 0)).unwrap_err().to_string();
+    let e = t.run(&data[..8], &data[..0], &mut StopAt(usize::MAX, 0)).unwrap_err().to_string();
     assert!(e.contains("step 1") || e.contains("step 2"), "{e}");
     assert!(e.contains("last good checkpoint"), "{e}");
     let latest = std::fs::read_to_string(tmp.path().join("checkpoints/latest")).unwrap();
@@ -212,7 +212,7 @@ fn lora_plus_scales_the_learning_rate_of_b_only() {
         (cfg.warmup, cfg.schedule, cfg.max_grad_norm, cfg.adamw.weight_decay, cfg.lora_plus_ratio) =
             (0, Schedule::Constant, None, 0.0, ratio);
         let mut t = Trainer::new(&model, &init, cfg, dir).unwrap();
-        t.run(&data[..6], &[], &mut StopAt(usize::MAX, 0)).unwrap();
+        t.run(&data[..6], &data[..0], &mut StopAt(usize::MAX, 0)).unwrap();
         let a = t.adapter();
         (0..model.modules().len())
             .filter_map(|id| a.layer(id))

@@ -13,6 +13,7 @@ use lowrank::adapter::{ActiveAdapter, Adapter, AdapterConfig, LoraInit, LoraSpec
 use lowrank::bundle::ModelBundle;
 use lowrank::chat::ChatTemplate;
 use lowrank::data::{load_jsonl, DataOptions, Dataset, Example, Examples};
+use lowrank::kernels::{bf16_available, set_matmul_precision, Precision};
 use lowrank::tokenizer::Tokenizer;
 use lowrank::train::{metrics, AdamWConfig, ResidualBase, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -131,6 +132,33 @@ pub struct TrainArgs {
     /// Device
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
+    /// Precision of the products with the frozen weights: bf16 (operands rounded to bf16, sums
+    /// in f32, as PyTorch's CPU autocast; the adapter, its gradients, the optimizer, norms and
+    /// the loss stay f32) or f32 (exact) [default: bf16 where the CPU has AVX-512-BF16, else f32]
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+}
+
+/// `--dtype`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl From<DtypeArg> for Precision {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => Precision::F32,
+            DtypeArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// Runs written before `--dtype` existed multiplied in f32.
+fn f32_dtype() -> DtypeArg {
+    DtypeArg::F32
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
@@ -214,6 +242,8 @@ pub struct Settings {
     #[serde(default)]
     pub quantize: Option<QuantizeArg>,
     pub device: DeviceArg,
+    #[serde(default = "f32_dtype")]
+    pub dtype: DtypeArg,
     pub adapter: LoraSpec,
     pub train: TrainConfig,
     /// The shipped example task trained on, if any: show before/after answers at the end.
@@ -281,6 +311,7 @@ impl Settings {
             dequantize,
             quantize,
             device,
+            dtype,
         } = args;
         // No --data: a shipped example task, on the default model or the one given.
         let example = match (data.as_ref().or(file.data.as_ref()), example.or(file.example)) {
@@ -362,6 +393,7 @@ impl Settings {
             dequantize: dequantize.or(file.dequantize).unwrap_or(false),
             quantize: quantize.or(file.quantize),
             device: device.or(file.device).unwrap_or_default(),
+            dtype: dtype.or(file.dtype).unwrap_or(if bf16_available() { DtypeArg::Bf16 } else { DtypeArg::F32 }),
             adapter,
             train,
             example,
@@ -401,7 +433,8 @@ impl Settings {
             || args.rank.is_some()
             || args.dora.is_some()
             || args.batch_size.is_some()
-            || args.seed.is_some();
+            || args.seed.is_some()
+            || args.dtype.is_some();
         if changed {
             bail!(
                 "--resume reuses the run's own settings ({}); drop the other training flags",
@@ -463,6 +496,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             s.output.display()
         );
     }
+    set_matmul_precision(s.dtype.into()).context("--dtype bf16")?;
     let opts = load_options(s.device, s.dequantize, s.quantize)?;
     let mut bundle =
         ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
@@ -492,7 +526,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let trainable = trainer.adapter().num_parameters();
     let total = model.config().num_parameters();
     eprintln!(
-        "training {} of {} parameters ({:.3}%): rank {}, {} modules; {} steps of {} × {} sequences{}",
+        "training {} of {} parameters ({:.3}%): rank {}, {} modules; {} steps of {} × {} sequences, {} products{}",
         trainable,
         total,
         100.0 * trainable as f64 / total as f64,
@@ -501,6 +535,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         s.train.steps,
         s.train.batch_size,
         s.train.grad_accum,
+        Precision::from(s.dtype),
         if trainer.step() > 0 { format!(", resuming at step {}", trainer.step()) } else { String::new() }
     );
 

@@ -4,9 +4,11 @@
 //! (`linalg.rs`).
 //! The differentiable ops of [`crate::ops`] and the weight formats of [`crate::weights`] call them.
 
+pub mod bf16;
 mod exp;
 mod gemm;
 mod linalg;
+mod precision;
 mod qgemv;
 mod qmatmul;
 mod storage;
@@ -14,5 +16,8 @@ mod storage;
 pub use exp::{exp, exp_shifted, exp_shifted_into};
 pub use gemm::{gemm, Mat};
 pub use linalg::{leading_qr, orthonormal_columns, top_svd, truncated_svd_of_product};
+pub(crate) use precision::runs_in_bf16;
+pub use precision::{bf16_available, dyw, matmul_precision, set_matmul_precision, xwt, Precision};
+pub(crate) use qmatmul::quant_rows;
 pub use qmatmul::{dyw_tiled, qmatmul_f32, qmatmul_t_f32, xwt_tiled, DenseRows, WeightRows};
 pub(crate) use storage::{stored, values};

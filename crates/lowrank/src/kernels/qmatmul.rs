@@ -20,7 +20,7 @@ const ROWS: usize = 128;
 
 /// Up to this many rows of `x` (decoding, small batches), blocks are decoded in registers
 /// instead of into tiles (`qgemv`).
-const GEMV_ROWS: usize = 16;
+pub(crate) const GEMV_ROWS: usize = 16;
 
 /// `x: [n, k]` (row-major) times `Wᵀ` where `W: [m, k]` is quantized; returns `[n, m]`.
 pub fn qmatmul_f32(w: &QTensor, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
@@ -51,7 +51,7 @@ pub fn qmatmul_t_f32(w: &QTensor, dy: &[f32], n: usize) -> candle_core::Result<V
 }
 
 /// The rows of a quantized `[m, k]` weight stored in `bytes`, for its block type.
-fn quant_rows<'a>(
+pub(crate) fn quant_rows<'a>(
     dtype: GgmlDType,
     bytes: &'a [u8],
     m: usize,

@@ -81,12 +81,13 @@ impl CustomOp2 for DenseMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (bmnk, wt) = Self::dims(l1, l2)?;
         let (_, n, m, k) = bmnk;
-        // f32, both contiguous: W a tile of rows at a time (see `xwt_tiled`); else candle's matmul.
+        // f32, both contiguous: W a tile of rows at a time (see `kernels::xwt`); else candle's matmul.
         if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((xa, xb)), Some((wa, wb))) =
             (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets())
         {
             let (x, w) = (&xs[xa..xb], &ws[wa..wb]);
-            let y = crate::kernels::xwt_tiled(x, n, m, k, &crate::kernels::DenseRows { w, k });
+            let rows = crate::kernels::DenseRows { w, k };
+            let y = crate::kernels::xwt(x, n, m, k, &rows, crate::kernels::matmul_precision());
             return Ok((CpuStorage::F32(y), Shape::from((n, m))));
         }
         Ok((s1.matmul(s2, bmnk, l1, &wt)?, Shape::from((n, m))))
@@ -139,7 +140,7 @@ impl CustomOp1 for PackedMatmul {
         if k != kw {
             candle_core::bail!("frozen linear: input has {k} features, weight expects {kw}")
         }
-        let y = self.0.xwt_f32(&s.as_slice::<f32>()?[o..e], n)?;
+        let y = self.0.xwt(&s.as_slice::<f32>()?[o..e], n, crate::kernels::matmul_precision())?;
         Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
 

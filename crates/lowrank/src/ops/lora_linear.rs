@@ -72,8 +72,8 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (values(sx, lx)?, values(sa, la)?, values(sb, lb)?);
         let (n, k) = lx.shape().dims2()?;
         let (m, r) = lb.shape().dims2()?;
-        let mut y = self.w.xwt_f32(x, n)?; // [n, m]
-                                           // h[n, r] = s · x Aᵀ; y += h Bᵀ
+        let mut y = self.w.xwt(x, n, crate::kernels::matmul_precision())?; // [n, m]
+                                                                           // h[n, r] = s · x Aᵀ; y += h Bᵀ
         let mut h = vec![0f32; n * r];
         gemm(n, r, k, &mut h, r, false, Mat::rows(x, k), Mat::cols(a, k), self.scale, true);
         gemm(n, m, r, &mut y, m, true, Mat::rows(&h, r), Mat::cols(b, r), 1.0, true);
@@ -108,7 +108,7 @@ impl CustomOp3 for LoraLinear {
         let mut da = vec![0f32; r * k];
         gemm(r, k, n, &mut da, k, false, Mat::cols(&dh, r), Mat::rows(xv, k), 1.0, true);
         // dx[n, k] = dy W + dh A
-        let mut dx = self.w.dyw_f32(g, n)?;
+        let mut dx = self.w.dyw(g, n, crate::kernels::matmul_precision())?;
         gemm(n, k, r, &mut dx, k, true, Mat::rows(&dh, r), Mat::rows(av, k), 1.0, true);
         let dev = x.device();
         Ok((

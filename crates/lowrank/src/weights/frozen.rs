@@ -8,13 +8,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
 use super::nf4::Nf4Tensor;
-use crate::kernels::{DenseRows, WeightRows};
+use crate::kernels::{DenseRows, Precision, WeightRows};
 use crate::Result;
-
-/// A product with a GGUF-quantized weight: `(W, a, n) -> out`.
-type QuantKernel = fn(&QTensor, &[f32], usize) -> candle_core::Result<Vec<f32>>;
-/// A product over a weight's rows, a tile at a time: `(a, n, M, K, W) -> out`.
-type TiledKernel = fn(&[f32], usize, usize, usize, &dyn WeightRows) -> Vec<f32>;
 
 /// A frozen weight `[out, in]`, dense (f32) or quantized (GGUF block formats).
 #[derive(Clone, Debug)]
@@ -98,8 +93,8 @@ impl FrozenWeight {
         }
     }
 
-    /// `dy: [N, M]` -> `dy W: [N, K]`, the input gradient of `x Wᵀ`. On the CPU in f32, `W` is
-    /// taken a cache-resident tile of rows at a time (quantized tiles dequantised one by one);
+    /// `dy: [N, M]` -> `dy W: [N, K]`, the input gradient of `x Wᵀ`. On the CPU in f32 it is
+    /// [`dyw`](Self::dyw) in the process's [matmul precision](crate::kernels::matmul_precision);
     /// elsewhere `W` is made dense and multiplied.
     pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
         let (m, k) = self.dims()?;
@@ -112,39 +107,58 @@ impl FrozenWeight {
         }
         let dy = dy.contiguous()?;
         let (sd, ld) = dy.storage_and_layout();
-        let dx = self.dyw_f32(crate::kernels::stored(&sd, ld)?, n)?;
+        let dx = self.dyw(crate::kernels::stored(&sd, ld)?, n, crate::kernels::matmul_precision())?;
         Ok(Tensor::from_vec(dx, (n, k), dy.device())?)
     }
 
-    /// `x Wᵀ: [n, M]` for a row-major f32 `x: [n, K]` on the CPU: `W` a cache-resident tile of
-    /// rows at a time (packed tiles dequantised one by one; a few rows of a GGUF weight decoded in
-    /// registers). The one CPU forward of every frozen-weight op.
-    pub(crate) fn xwt_f32(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        use crate::kernels::{qmatmul_f32, xwt_tiled};
-        self.by_tiles(x, n, qmatmul_f32, |x, n, m, k, w| xwt_tiled(x, n, m, k, w))
-    }
-
-    /// `dy W: [n, K]` for a row-major f32 `dy: [n, M]` on the CPU, `W` a tile of rows at a time:
-    /// the one CPU backward of every frozen-weight op.
-    pub(crate) fn dyw_f32(&self, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        use crate::kernels::{dyw_tiled, qmatmul_t_f32};
-        self.by_tiles(dy, n, qmatmul_t_f32, |dy, n, m, k, w| dyw_tiled(dy, n, m, k, w))
-    }
-
-    /// Runs `quant` on a GGUF weight, or `tiled(a, n, M, K, rows)` over the rows of an NF4 or
-    /// dense one.
-    fn by_tiles(&self, a: &[f32], n: usize, quant: QuantKernel, tiled: TiledKernel) -> candle_core::Result<Vec<f32>> {
+    /// `x Wᵀ: [n, M]` for a row-major f32 `x: [n, K]` on the CPU, in `precision` (bf16 where it
+    /// is [available](crate::kernels::bf16_available) and `n` is more than a decoding batch):
+    /// `W` a cache-resident tile of rows at a time (packed tiles dequantised one by one; a few
+    /// rows of a GGUF weight decoded in registers). The one CPU forward of every frozen-weight op.
+    pub fn xwt(&self, x: &[f32], n: usize, precision: Precision) -> candle_core::Result<Vec<f32>> {
+        let (_, k) = self.dims().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if x.len() != n * k {
+            candle_core::bail!("frozen product: x has {} values, not {n}×{k}", x.len())
+        }
         match self {
-            FrozenWeight::Quant(q) => quant(q, a, n),
+            // Its decoding-sized products decode blocks in registers.
+            FrozenWeight::Quant(q) if !crate::kernels::runs_in_bf16(precision, n) => {
+                crate::kernels::qmatmul_f32(q, x, n)
+            }
+            _ => self.with_rows(|m, k, w| crate::kernels::xwt(x, n, m, k, w, precision)),
+        }
+    }
+
+    /// `dy W: [n, K]` for a row-major f32 `dy: [n, M]` on the CPU, in `precision` as
+    /// [`xwt`](Self::xwt), `W` a tile of rows at a time: the one CPU backward of every
+    /// frozen-weight op.
+    pub fn dyw(&self, dy: &[f32], n: usize, precision: Precision) -> candle_core::Result<Vec<f32>> {
+        let (m, _) = self.dims().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if dy.len() != n * m {
+            candle_core::bail!("frozen product: dy has {} values, not {n}×{m}", dy.len())
+        }
+        self.with_rows(|m, k, w| crate::kernels::dyw(dy, n, m, k, w, precision))
+    }
+
+    /// `f(M, K, rows)` with the weight's rows as f32 tiles: borrowed when dense, dequantised a
+    /// tile at a time when packed.
+    fn with_rows<T>(&self, f: impl FnOnce(usize, usize, &dyn WeightRows) -> T) -> candle_core::Result<T> {
+        match self {
+            FrozenWeight::Quant(q) => {
+                let (m, k) = q.shape().dims2()?;
+                let data = q.data()?;
+                let rows = crate::kernels::quant_rows(q.dtype(), &data, m, k)?;
+                Ok(f(m, k, rows.as_ref()))
+            }
             FrozenWeight::Nf4(q) => {
                 let (m, k) = q.dims();
-                Ok(tiled(a, n, m, k, q.as_ref()))
+                Ok(f(m, k, q.as_ref()))
             }
             FrozenWeight::Dense(w) => {
                 let (m, k) = w.dims2()?;
                 let w = w.to_dtype(DType::F32)?.contiguous()?;
                 let (s, l) = w.storage_and_layout();
-                Ok(tiled(a, n, m, k, &DenseRows { w: crate::kernels::stored(&s, l)?, k }))
+                Ok(f(m, k, &DenseRows { w: crate::kernels::stored(&s, l)?, k }))
             }
         }
     }

@@ -1,0 +1,468 @@
+//! Products with a frozen weight in bf16, accumulated in f32, on AVX-512-BF16 (`vdpbf16ps`).
+//!
+//! `y = x Wᵀ` and `dx = dy W` as PyTorch's CPU autocast computes them: both operands rounded to
+//! bf16 (round to nearest even), each pair of products summed in f32. Each thread takes its rows
+//! of the left operand and walks `W` a tile of [`ROWS`] rows at a time (the tiles dequantised one
+//! by one when `W` is packed, as the f32 path does), packs the tile in bf16 into the layout
+//! `vdpbf16ps` wants, and multiplies it by its rows in a register-blocked microkernel.
+//!
+//! `vdpbf16ps acc, a, b` adds `a[2i]·b[2i] + a[2i+1]·b[2i+1]` to lane `i` of 16: the right
+//! operand holds, for one pair of reduction indices, 16 output columns' pairs side by side. A
+//! packed panel is `[pairs][NR]` of such pairs (two registers of 16 columns); the left operand's
+//! pair is broadcast to every lane.
+//!
+//! | product | left operand (pairs along) | panel pairs `(W[·][·], W[·][·])` | panel columns |
+//! |---|---|---|---|
+//! | `x Wᵀ` | `x[n, k]` (k) | `(W[j][2p], W[j][2p+1])` | rows `j` of the tile |
+//! | `dy W` | `dy[n, m]` (m) | `(W[2q][c], W[2q+1][c])` | columns `c` of `W` |
+
+use rayon::prelude::*;
+
+use super::qmatmul::WeightRows;
+
+/// Rows of `W` taken at a time by `x Wᵀ` (a multiple of [`NR`]): they are output columns, summed
+/// over all of `k` in registers.
+const ROWS: usize = 128;
+/// Rows of `W` taken at a time by `dy W` (even): they are the reduction, so each tile costs a
+/// load and a store of the output; long tiles make those rare.
+const REDUCE_ROWS: usize = 512;
+/// Output columns of a panel: two registers of 16 f32.
+const NR: usize = 32;
+/// Rows of the left operand a microkernel call holds in registers (2 × `MR` accumulators).
+const MR: usize = 12;
+
+/// Whether this CPU can run the bf16 kernels (AVX-512F and AVX-512-BF16).
+pub fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `f` rounded to the nearest bf16 (ties to even), as PyTorch rounds; NaN stays NaN.
+pub fn bf16_bits(f: f32) -> u16 {
+    let bits = f.to_bits();
+    if f.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 `bits`.
+pub fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// `rows × cols` f32 values (row-major) in bf16, each row padded with zeros to `2 · stride`
+/// values: pairs of a row read as one `u32`.
+fn to_pairs(a: &[f32], rows: usize, cols: usize, stride: usize) -> Vec<u32> {
+    let mut out = vec![0u32; rows * stride];
+    if cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(stride.max(1)).zip(a.par_chunks(cols)).for_each(|(dst, src)| {
+        // SAFETY: the entry points checked cpu_has_bf16(); `dst` holds cols.div_ceil(2) pairs.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::row_pairs(src, dst)
+        }
+    });
+    out
+}
+
+/// `y[n, m] = x[n, k] · Wᵀ` with both rounded to bf16, summed in f32. Panics when this CPU has
+/// no AVX-512-BF16 (check [`cpu_has_bf16`]).
+pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
+    assert!(cpu_has_bf16(), "xwt_bf16 needs AVX-512-BF16");
+    assert_eq!(x.len(), n * k, "xwt_bf16: x is not [{n}, {k}]");
+    let kp = k.div_ceil(2); // pairs along k
+    let a = to_pairs(x, n, k, kp);
+    by_row_blocks(n, m, m, k, ROWS, w, |r0, rows, t0, tr, tile, panel, out| {
+        // The tile's rows are output columns t0..t0 + tr: panels of NR rows, pairs along k.
+        pack_rows(tile, tr, k, kp, panel);
+        for (pi, c0) in (0..tr).step_by(NR).enumerate() {
+            let cols = NR.min(tr - c0);
+            let b = &panel[pi * kp * NR..(pi + 1) * kp * NR];
+            let dst = &mut out[t0 + c0..];
+            run_rows(&a[r0 * kp..], kp, rows, b, kp, dst, m, cols, false);
+        }
+    })
+}
+
+/// `dx[n, k] = dy[n, m] · W` with both rounded to bf16, summed in f32. Panics when this CPU has
+/// no AVX-512-BF16 (check [`cpu_has_bf16`]).
+pub fn dyw_bf16(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
+    assert!(cpu_has_bf16(), "dyw_bf16 needs AVX-512-BF16");
+    assert_eq!(dy.len(), n * m, "dyw_bf16: dy is not [{n}, {m}]");
+    let mp = m.div_ceil(2); // pairs along m
+    let a = to_pairs(dy, n, m, mp);
+    by_row_blocks(n, k, m, k, REDUCE_ROWS, w, |r0, rows, t0, tr, tile, panel, out| {
+        // The tile's rows are reduction indices t0..t0 + tr (t0 even): panels of NR columns of W.
+        let pairs = tr.div_ceil(2);
+        pack_columns(tile, tr, k, panel);
+        for (pi, c0) in (0..k).step_by(NR).enumerate() {
+            let cols = NR.min(k - c0);
+            let b = &panel[pi * pairs * NR..(pi + 1) * pairs * NR];
+            let a = &a[r0 * mp + t0 / 2..];
+            run_rows(a, mp, rows, b, pairs, &mut out[c0..], k, cols, t0 > 0);
+        }
+    })
+}
+
+/// Packs `tile` (`tr × k`, its rows output columns) as panels of [`NR`] rows: `panel[pi][p][j] =
+/// (tile[pi·NR + j][2p], tile[pi·NR + j][2p + 1])`, zeros past the tile and past `k`.
+fn pack_rows(tile: &[f32], tr: usize, k: usize, kp: usize, panel: &mut Vec<u32>) {
+    panel.clear();
+    panel.resize(tr.div_ceil(NR) * kp * NR, 0);
+    assert!(tile.len() >= tr * k);
+    // SAFETY: cpu_has_bf16() was checked by the entry point; sizes as asserted and allocated.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512::pack_rows(tile, tr, k, kp, panel)
+    }
+}
+
+/// Packs `tile` (`tr × k`, its rows reduction indices) as panels of [`NR`] columns:
+/// `panel[pi][q][c] = (tile[2q][pi·NR + c], tile[2q + 1][pi·NR + c])`, zeros past the tile.
+fn pack_columns(tile: &[f32], tr: usize, k: usize, panel: &mut Vec<u32>) {
+    let pairs = tr.div_ceil(2);
+    panel.clear();
+    panel.resize(k.div_ceil(NR) * pairs * NR, 0);
+    assert!(tile.len() >= tr * k);
+    // SAFETY: as for pack_rows.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512::pack_columns(tile, tr, k, panel)
+    }
+}
+
+/// `out[i, ..cols] (+)= Σ_p a[i][p] · b[p][..cols]` for `rows` rows of `a` (row stride
+/// `a_stride` pairs) and a panel `b` of `pairs` × [`NR`], [`MR`] rows at a time.
+#[allow(clippy::too_many_arguments)]
+fn run_rows(
+    a: &[u32],
+    a_stride: usize,
+    rows: usize,
+    b: &[u32],
+    pairs: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    assert!(b.len() >= pairs * NR && cols <= NR);
+    assert!(rows == 0 || ((rows - 1) * a_stride + pairs <= a.len() && (rows - 1) * out_stride + cols <= out.len()));
+    for i0 in (0..rows).step_by(MR) {
+        let mr = MR.min(rows - i0);
+        let (a, out) = (&a[i0 * a_stride..], &mut out[i0 * out_stride..]);
+        // SAFETY: `cpu_has_bf16()` was checked by the caller's entry point; the asserts above keep
+        // every row `i < mr` of `a` (pairs `..pairs`) and of `out` (columns `..cols`) in bounds.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::micro(mr, a.as_ptr(), a_stride, b.as_ptr(), pairs, out.as_mut_ptr(), out_stride, cols, accumulate)
+        };
+    }
+}
+
+/// A fresh `[n, cols]` output whose rows are split among rayon's threads; each thread walks the
+/// `m` rows of `W` in tiles of `tile_rows` and calls `step(r0, rows, t0, tr, tile, panel, out)` with
+/// its first row, its row count, the tile's first row and size, the tile (`tr × k` f32), a buffer
+/// of its own to pack the tile into, and its block of the output.
+fn by_row_blocks(
+    n: usize,
+    cols: usize,
+    m: usize,
+    k: usize,
+    tile_rows: usize,
+    w: &(impl WeightRows + ?Sized),
+    step: impl Fn(usize, usize, usize, usize, &[f32], &mut Vec<u32>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * cols];
+    let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    out.par_chunks_mut(rows_per_task * cols.max(1)).enumerate().for_each(|(task, block)| {
+        let (r0, rows) = (task * rows_per_task, block.len() / cols.max(1));
+        let mut buf = vec![0f32; w.buffer_len(tile_rows.min(m), k)];
+        let mut panel = Vec::new();
+        for t0 in (0..m).step_by(tile_rows) {
+            let tr = tile_rows.min(m - t0);
+            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
+            step(r0, rows, t0, tr, tile, &mut panel, block);
+        }
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// 16 f32 at `src` (the first `len ≤ 16`, zeros after) rounded to bf16, zero-extended into
+    /// the 16 lanes of 32 bits.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn bf16x16(src: *const f32, len: usize) -> __m512i {
+        let mask: __mmask16 = if len >= 16 { 0xffff } else { ((1u32 << len) - 1) as u16 };
+        let v = _mm512_maskz_loadu_ps(mask, src);
+        _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)))
+    }
+
+    /// 32 f32 at `src` (the first `len ≤ 32`, zeros after) as 16 bf16 pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn pairs16(src: *const f32, len: usize) -> __m512i {
+        let mask = |l: usize| -> __mmask16 {
+            if l >= 16 {
+                0xffff
+            } else {
+                ((1u32 << l) - 1) as u16
+            }
+        };
+        let lo = _mm512_maskz_loadu_ps(mask(len), src);
+        let hi = _mm512_maskz_loadu_ps(mask(len.saturating_sub(16)), src.add(16.min(len)));
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
+    /// `dst[p] = (src[2p], src[2p + 1])` in bf16, zeros past `src`.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512-BF16; `dst.len() ≥ src.len().div_ceil(2)`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn row_pairs(src: &[f32], dst: &mut [u32]) {
+        assert!(dst.len() >= src.len().div_ceil(2));
+        for (p0, chunk) in src.chunks(32).enumerate() {
+            let v = pairs16(chunk.as_ptr(), chunk.len());
+            let mask: __mmask16 =
+                if chunk.len() >= 32 { 0xffff } else { ((1u32 << chunk.len().div_ceil(2)) - 1) as u16 };
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(p0 * 16).cast(), mask, v);
+        }
+    }
+
+    /// Transposes 16 × 16 lanes of 32 bits: `out[c][r] = rows[r][c]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose16(rows: &[__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_epi32(rows[2 * k], rows[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_epi32(rows[2 * k], rows[2 * k + 1]);
+        }
+        // u[4g + c], 128-bit lane L: column 4L + c of rows 4g..4g + 4.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            let (a, b, cc, d) = (u[c], u[4 + c], u[8 + c], u[12 + c]);
+            let x0 = _mm512_shuffle_i32x4::<0x88>(a, b); // a.0 a.2 b.0 b.2
+            let x1 = _mm512_shuffle_i32x4::<0xdd>(a, b); // a.1 a.3 b.1 b.3
+            let y0 = _mm512_shuffle_i32x4::<0x88>(cc, d);
+            let y1 = _mm512_shuffle_i32x4::<0xdd>(cc, d);
+            out[c] = _mm512_shuffle_i32x4::<0x88>(x0, y0); // lane 0 of a, b, c, d
+            out[4 + c] = _mm512_shuffle_i32x4::<0x88>(x1, y1); // lane 1
+            out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(x0, y0); // lane 2
+            out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(x1, y1); // lane 3
+        }
+        out
+    }
+
+    /// [`super::pack_rows`]: 16 tile rows × 16 pairs at a time, transposed in registers.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512-BF16; `tile` holds `tr × k`, `panel` holds `tr.div_ceil(NR) · kp · NR`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_rows(tile: &[f32], tr: usize, k: usize, kp: usize, panel: &mut [u32]) {
+        assert!(tile.len() >= tr * k && panel.len() >= tr.div_ceil(NR) * kp * NR);
+        for j0 in (0..tr).step_by(16) {
+            let base = (j0 / NR) * kp * NR + j0 % NR;
+            for p0 in (0..kp).step_by(16) {
+                let len = k - 2 * p0; // values left in each row from pair p0
+                let mut rows = [_mm512_setzero_si512(); 16];
+                for (jj, row) in rows.iter_mut().enumerate().take(tr - j0) {
+                    *row = pairs16(tile.as_ptr().add((j0 + jj) * k + 2 * p0), len.min(32));
+                }
+                let cols = transpose16(&rows);
+                for (pp, col) in cols.iter().enumerate().take(kp - p0) {
+                    _mm512_storeu_si512(panel.as_mut_ptr().add(base + (p0 + pp) * NR).cast(), *col);
+                }
+            }
+        }
+    }
+
+    /// [`super::pack_columns`]: two tile rows interleaved 16 columns at a time.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512-BF16; `tile` holds `tr × k`, `panel` holds `k.div_ceil(NR) · pairs · NR`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_columns(tile: &[f32], tr: usize, k: usize, panel: &mut [u32]) {
+        let pairs = tr.div_ceil(2);
+        assert!(tile.len() >= tr * k && panel.len() >= k.div_ceil(NR) * pairs * NR);
+        for q in 0..pairs {
+            let lo_row = tile.as_ptr().add(2 * q * k);
+            let has_hi = 2 * q + 1 < tr;
+            for c0 in (0..k).step_by(16) {
+                let len = 16.min(k - c0);
+                let lo = bf16x16(lo_row.add(c0), len);
+                let hi = if has_hi { bf16x16(lo_row.add(k + c0), len) } else { _mm512_setzero_si512() };
+                let v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                let at = (c0 / NR) * pairs * NR + q * NR + c0 % NR;
+                let mask: __mmask16 = if len >= 16 { 0xffff } else { ((1u32 << len) - 1) as u16 };
+                _mm512_mask_storeu_epi32(panel.as_mut_ptr().add(at).cast(), mask, v);
+            }
+        }
+    }
+
+    /// `out[i][..cols] (+)= Σ_p a[i·a_stride + p] ⊙ b[p·NR..]` for `i < mr ≤ MR`, in f32 from
+    /// bf16 pairs.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512-BF16; `a` holds `mr` rows of `pairs` pairs at stride
+    /// `a_stride`, `b` holds `pairs × NR` pairs, `out` holds `mr` rows of `cols ≤ NR` values at
+    /// stride `out_stride`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn micro(
+        mr: usize,
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        pairs: usize,
+        out: *mut f32,
+        out_stride: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        // One instance per row count, so the accumulators live in registers.
+        macro_rules! dispatch {
+            ($($n:literal)*) => {
+                match mr {
+                    $($n => block::<$n>(a, a_stride, b, pairs, out, out_stride, cols, accumulate),)*
+                    _ => unreachable!("mr is at most MR"),
+                }
+            };
+        }
+        const _: () = assert!(MR == 12 && NR == 32);
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn block<const R: usize>(
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        pairs: usize,
+        out: *mut f32,
+        out_stride: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let lo_mask: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+        let hi_mask: __mmask16 = if cols >= NR {
+            0xffff
+        } else if cols > 16 {
+            ((1u32 << (cols - 16)) - 1) as u16
+        } else {
+            0
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                let o = out.add(i * out_stride);
+                row[0] = _mm512_maskz_loadu_ps(lo_mask, o);
+                row[1] = _mm512_maskz_loadu_ps(hi_mask, o.add(16));
+            }
+        }
+        for p in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * a_stride + p) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let o = out.add(i * out_stride);
+            _mm512_mask_storeu_ps(o, lo_mask, row[0]);
+            _mm512_mask_storeu_ps(o.add(16), hi_mask, row[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::DenseRows;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn round(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&f| bf16_value(bf16_bits(f))).collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(bf16_bits(-2.5), 0xc020);
+    }
+
+    /// Both products equal f64 sums of the bf16-rounded operands (to f32 rounding), for shapes
+    /// that leave every kind of edge: rows past a multiple of MR, columns past NR, odd k and m.
+    #[test]
+    fn products_equal_sums_of_rounded_operands() {
+        if !cpu_has_bf16() {
+            eprintln!("no AVX-512-BF16 on this CPU: nothing to check");
+            return;
+        }
+        for (n, m, k) in [(1, 1, 1), (5, 33, 7), (13, 70, 64), (40, 130, 97), (25, 256, 300)] {
+            let (x, w, dy) = (values(n * k, 1), values(m * k, 2), values(n * m, 3));
+            let (xr, wr, dyr) = (round(&x), round(&w), round(&dy));
+            let rows = DenseRows { w: &w, k };
+            let y = xwt_bf16(&x, n, m, k, &rows);
+            let dx = dyw_bf16(&dy, n, m, k, &rows);
+            for i in 0..n {
+                for j in 0..m {
+                    let want: f64 = (0..k).map(|t| f64::from(xr[i * k + t]) * f64::from(wr[j * k + t])).sum();
+                    let got = f64::from(y[i * m + j]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "x Wᵀ {n}×{m}×{k} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+                for c in 0..k {
+                    let want: f64 = (0..m).map(|t| f64::from(dyr[i * m + t]) * f64::from(wr[t * k + c])).sum();
+                    let got = f64::from(dx[i * k + c]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "dy W {n}×{m}×{k} [{i},{c}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

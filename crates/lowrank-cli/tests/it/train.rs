@@ -267,3 +267,55 @@ fn qlora_dora_with_checkpointing_trains_and_a_quantized_gguf_is_refused() {
     );
     assert!(!tmp.path().join("p").exists(), "a refused init writes nothing");
 }
+
+/// `--dtype`: bf16 by default where the CPU has AVX-512-BF16; with `LOWRANK_BF16=0` (the
+/// fallback, as on a CPU without it) the default is f32 and trains exactly as `--dtype f32`,
+/// and asking for bf16 is refused before anything is written.
+#[test]
+fn dtype_defaults_to_bf16_where_available_and_falls_back_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"text\": \"row {i}: the quick brown fox jumps over the lazy dog, then sleeps by the river bank at dusk.\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lowrank/tests/fixtures/models/qwen3/model");
+    let run = |name: &str, extra: &[&str], no_bf16: bool| {
+        let out = tmp.path().join(name);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lowrank"));
+        cmd.args(["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+        cmd.args(["--output", out.to_str().unwrap(), "--steps", "3", "--batch-size", "4", "--lr", "1e-2"]);
+        cmd.args(extra);
+        if no_bf16 {
+            cmd.env("LOWRANK_BF16", "0");
+        } else {
+            cmd.env_remove("LOWRANK_BF16");
+        }
+        let r = cmd.output().unwrap();
+        (out, r)
+    };
+    let read = |out: &Path| std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let dtype = |out: &Path| -> String {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("lowrank_train.json")).unwrap()).unwrap();
+        s["dtype"].as_str().unwrap().to_string()
+    };
+
+    let (f32_out, r) = run("f32", &["--dtype", "f32"], false);
+    assert!(r.status.success() && text(&r.stderr).contains("f32 products"), "{}", text(&r.stderr));
+    let (fallback, r) = run("fallback", &[], true);
+    assert!(r.status.success() && text(&r.stderr).contains("f32 products"), "{}", text(&r.stderr));
+    assert_eq!(dtype(&fallback), "f32");
+    assert!(read(&fallback) == read(&f32_out), "the fallback trains otherwise than --dtype f32");
+
+    let (refused, r) = run("refused", &["--dtype", "bf16"], true);
+    assert!(!r.status.success() && text(&r.stderr).contains("AVX-512-BF16"), "{}", text(&r.stderr));
+    assert!(!refused.exists(), "a refused --dtype writes nothing");
+
+    if lowrank::kernels::bf16_available() {
+        let (bf16_out, r) = run("default", &[], false);
+        assert!(r.status.success() && text(&r.stderr).contains("bf16 products"), "{}", text(&r.stderr));
+        assert_eq!(dtype(&bf16_out), "bf16");
+        assert!(read(&bf16_out) != read(&f32_out), "bf16 training gave the f32 adapter bit for bit");
+    }
+}

@@ -17,7 +17,9 @@ pub use exp::{exp, exp_shifted, exp_shifted_into};
 pub use gemm::{gemm, Mat};
 pub use linalg::{leading_qr, orthonormal_columns, top_svd, truncated_svd_of_product};
 pub(crate) use precision::runs_in_bf16;
-pub use precision::{bf16_available, dyw, matmul_precision, set_matmul_precision, xwt, Precision};
+pub use precision::{
+    bf16_available, dyw, matmul_precision, set_matmul_precision, with_matmul_precision, xwt, Precision,
+};
 pub(crate) use qmatmul::quant_rows;
 pub use qmatmul::{dyw_tiled, qmatmul_f32, qmatmul_t_f32, xwt_tiled, DenseRows, WeightRows};
 pub(crate) use storage::{stored, values};

@@ -3,7 +3,8 @@
 //! exact to f32 rounding) or bf16 operands with f32 accumulation where the CPU has AVX-512-BF16
 //! (what PyTorch's CPU autocast computes).
 //!
-//! It is read when a product is dispatched, so set it before a run, not during one.
+//! It is read when a product is dispatched, so set it before a run, not during one;
+//! [`with_matmul_precision`] sets it for one thread's work only (tests, a library caller).
 //! `LOWRANK_BF16=0` in the environment makes bf16 unavailable (the fallback, as on a CPU
 //! without it).
 
@@ -37,20 +38,48 @@ pub fn bf16_available() -> bool {
     *AVAILABLE.get_or_init(|| std::env::var("LOWRANK_BF16").as_deref() != Ok("0") && super::bf16::cpu_has_bf16())
 }
 
-/// Sets the precision of every frozen-weight product that follows; [`Precision::Bf16`] where
-/// [`bf16_available`] is false is an error naming why.
-pub fn set_matmul_precision(precision: Precision) -> crate::Result<()> {
+fn check(precision: Precision) -> crate::Result<()> {
     if precision == Precision::Bf16 && !bf16_available() {
         return Err(crate::Error::Config(
             "bf16 matmuls need a CPU with AVX-512-BF16 (and LOWRANK_BF16 not set to 0)".into(),
         ));
     }
+    Ok(())
+}
+
+/// Sets the precision of every frozen-weight product that follows; [`Precision::Bf16`] where
+/// [`bf16_available`] is false is an error naming why.
+pub fn set_matmul_precision(precision: Precision) -> crate::Result<()> {
+    check(precision)?;
     PRECISION.store(u8::from(precision == Precision::Bf16), Ordering::Relaxed);
     Ok(())
 }
 
-/// The precision set by [`set_matmul_precision`] (f32 until then).
+thread_local! {
+    static SCOPED: std::cell::Cell<Option<Precision>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with products dispatched from this thread in `precision` (the products' own worker
+/// threads follow the dispatching one), whatever the process's setting; the same error as
+/// [`set_matmul_precision`] when bf16 is not available.
+pub fn with_matmul_precision<T>(precision: Precision, f: impl FnOnce() -> T) -> crate::Result<T> {
+    check(precision)?;
+    struct Restore(Option<Precision>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SCOPED.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SCOPED.with(|s| s.replace(Some(precision))));
+    Ok(f())
+}
+
+/// The precision products dispatched from this thread run in: [`with_matmul_precision`]'s
+/// inside one, else the one set by [`set_matmul_precision`] (f32 until then).
 pub fn matmul_precision() -> Precision {
+    if let Some(p) = SCOPED.with(std::cell::Cell::get) {
+        return p;
+    }
     if PRECISION.load(Ordering::Relaxed) == 1 {
         Precision::Bf16
     } else {

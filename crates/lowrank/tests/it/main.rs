@@ -5,6 +5,7 @@ mod common;
 
 mod adapter_save;
 mod bad_input;
+mod bf16;
 mod combine;
 mod data;
 mod default_model;

@@ -1,0 +1,121 @@
+//! The bf16 training mode against the f32 one and against PyTorch's CPU autocast
+//! (scripts/fixtures/training_bf16.py): the products with the frozen weights take bf16 operands,
+//! so the loss and the LoRA gradients move by bf16 rounding. On the six tiny families the loss
+//! moves by at most 5e-4 of itself (autocast: up to 1.1e-3) and each LoRA gradient by at most
+//! 3.2% of its norm (autocast: up to 5.3%), every one closer to f32's than autocast's is. Every
+//! storage kind's bf16 product stays within bf16 rounding of the f32 one.
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use common::*;
+use lowrank::adapter::{ActiveAdapter, Adapter};
+use lowrank::kernels::{bf16_available, with_matmul_precision, Precision};
+use lowrank::train::{collect_grads, forward_backward};
+use lowrank::weights::FrozenWeight;
+
+/// `‖a − b‖ / ‖b‖`.
+fn relative(a: &Tensor, b: &Tensor) -> f64 {
+    let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+    norm(&(a - b).unwrap()) / norm(b)
+}
+
+/// Where the CPU has no AVX-512-BF16 (or `LOWRANK_BF16=0`), asking for bf16 is an error that
+/// says why; nothing runs in bf16 there.
+fn bf16_or_refused() -> bool {
+    if bf16_available() {
+        return true;
+    }
+    let error = with_matmul_precision(Precision::Bf16, || ()).unwrap_err().to_string();
+    assert!(error.contains("AVX-512-BF16"), "{error}");
+    false
+}
+
+#[test]
+fn bf16_step_moves_loss_and_gradients_less_than_autocast() {
+    if !bf16_or_refused() {
+        return;
+    }
+    for family in ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
+        let model = tiny_model(family);
+        let dir = training_dir(family);
+        let init = Adapter::load_peft(&dir.join("init"), model.modules(), &Device::Cpu).unwrap();
+        let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
+        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
+        let batch = TrainBatch::load(family);
+        let seqs = batch.seqs();
+        let out = with_matmul_precision(Precision::Bf16, || forward_backward(&model, &active, &seqs, 4, 1.0, 0))
+            .unwrap()
+            .unwrap();
+        let vars: Vec<_> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let got = collect_grads(&out.grads, &vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()).unwrap();
+
+        let reference = json(dir.join("bf16/loss.json"));
+        let (f32_loss, autocast_loss) = (reference["f32_loss"].as_f64().unwrap(), reference["loss"].as_f64().unwrap());
+        let f32_grads: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("grads.safetensors"), &Device::Cpu).unwrap();
+        let autocast: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("bf16/grads.safetensors"), &Device::Cpu).unwrap();
+
+        // The loss: within 1e-3 of itself of f32's (autocast moves it by up to 1.1e-3 here), and
+        // moved at all (bf16 ran).
+        let (ours, theirs) = ((out.loss - f32_loss).abs(), (autocast_loss - f32_loss).abs());
+        assert!(ours <= 1e-3 * f32_loss && ours > 0.0, "{family}: loss moved {ours:.2e}, autocast {theirs:.2e}");
+        // Each gradient: moved from f32 by at most autocast's largest move, and as close to
+        // autocast's as autocast is to f32.
+        let autocast_moved = vars.iter().map(|(k, _)| relative(&autocast[k], &f32_grads[k])).fold(0.0, f64::max);
+        let (mut worst_f32, mut worst_autocast) = (0f64, 0f64);
+        for ((key, _), g) in vars.iter().zip(&got) {
+            worst_f32 = worst_f32.max(relative(g, &f32_grads[key]));
+            worst_autocast = worst_autocast.max(relative(g, &autocast[key]));
+        }
+        eprintln!(
+            "{family}: loss Δ {ours:.2e} (autocast {theirs:.2e}); gradients from f32 {worst_f32:.2e}, \
+             from autocast {worst_autocast:.2e} (autocast from f32 {autocast_moved:.2e})"
+        );
+        assert!(worst_f32 > 0.0 && worst_f32 <= autocast_moved, "{family}: {worst_f32} vs {autocast_moved}");
+        assert!(worst_autocast <= 1.5 * autocast_moved, "{family}: {worst_autocast} vs {autocast_moved}");
+    }
+}
+
+/// Every storage kind's bf16 products: within bf16 rounding of the f32 ones (each output within
+/// 2⁻⁷ of the row's scale), and not equal to them (the bf16 path ran).
+#[test]
+fn bf16_products_of_every_storage_kind_round_like_bf16() {
+    if !bf16_or_refused() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (n, m, k) = (40, 96, 256);
+    let w = Tensor::randn(0f32, 0.05, (m, k), &dev).unwrap();
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let dy: Vec<f32> = Tensor::randn(0f32, 1.0, (n, m), &dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut kinds = vec![("f32", FrozenWeight::Dense(w.clone()))];
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        kinds.push(("gguf", FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, dtype).unwrap()))));
+    }
+    let nf4 = lowrank::weights::Nf4Tensor::quantize(&w).unwrap();
+    kinds.push(("nf4", FrozenWeight::Nf4(Arc::new(nf4))));
+    for (kind, weight) in &kinds {
+        for (name, a, cols) in [("x Wᵀ", &x, m), ("dy W", &dy, k)] {
+            let run = |p| match name {
+                "x Wᵀ" => weight.xwt(a, n, p).unwrap(),
+                _ => weight.dyw(a, n, p).unwrap(),
+            };
+            let (exact, rounded) = (run(Precision::F32), run(Precision::Bf16));
+            let mut differs = false;
+            for (row_e, row_r) in exact.chunks(cols).zip(rounded.chunks(cols)) {
+                let scale = row_e.iter().fold(0f32, |s, v| s.max(v.abs()));
+                for (e, r) in row_e.iter().zip(row_r) {
+                    assert!((e - r).abs() <= scale / 128.0, "{kind} {:?} {name}: {r} vs {e}", weight.ggml_dtype());
+                    differs |= e != r;
+                }
+            }
+            assert!(differs, "{kind} {name}: the bf16 product equals the f32 one");
+        }
+    }
+}

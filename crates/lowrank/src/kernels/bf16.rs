@@ -1,10 +1,13 @@
 //! Products with a frozen weight in bf16, accumulated in f32, on AVX-512-BF16 (`vdpbf16ps`).
 //!
 //! `y = x Wᵀ` and `dx = dy W` as PyTorch's CPU autocast computes them: both operands rounded to
-//! bf16 (round to nearest even), each pair of products summed in f32. Each thread takes its rows
-//! of the left operand and walks `W` a tile of [`ROWS`] rows at a time (the tiles dequantised one
-//! by one when `W` is packed, as the f32 path does), packs the tile in bf16 into the layout
-//! `vdpbf16ps` wants, and multiplies it by its rows in a register-blocked microkernel.
+//! bf16 (round to nearest even), each pair of products summed in f32. The left operand is
+//! rounded once; each thread takes a range of output columns and walks `W` a tile of rows at a
+//! time (the tiles dequantised one by one when `W` is packed, as the f32 path does), packs its
+//! part of the tile in bf16 into the layout `vdpbf16ps` wants, and multiplies every row of the
+//! left operand by it in a register-blocked microkernel. Splitting the columns, not the rows,
+//! packs each part of `W` once, whatever the number of rows (the loss's vocabulary-wide head is
+//! called on a few hundred rows at a time).
 //!
 //! `vdpbf16ps acc, a, b` adds `a[2i]·b[2i] + a[2i+1]·b[2i+1]` to lane `i` of 16: the right
 //! operand holds, for one pair of reduction indices, 16 output columns' pairs side by side. A
@@ -30,6 +33,9 @@ const REDUCE_ROWS: usize = 512;
 const NR: usize = 32;
 /// Rows of the left operand a microkernel call holds in registers (2 × `MR` accumulators).
 const MR: usize = 12;
+/// Rows of the left operand taken against every panel of a tile before the next rows (they stay
+/// in L2 while the panels pass through it).
+const MC: usize = 4 * MR;
 
 /// Whether this CPU can run the bf16 kernels (AVX-512F and AVX-512-BF16).
 pub fn cpu_has_bf16() -> bool {
@@ -81,14 +87,23 @@ pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + 
     assert_eq!(x.len(), n * k, "xwt_bf16: x is not [{n}, {k}]");
     let kp = k.div_ceil(2); // pairs along k
     let a = to_pairs(x, n, k, kp);
-    by_row_blocks(n, m, m, k, ROWS, w, |r0, rows, t0, tr, tile, panel, out| {
-        // The tile's rows are output columns t0..t0 + tr: panels of NR rows, pairs along k.
-        pack_rows(tile, tr, k, kp, panel);
-        for (pi, c0) in (0..tr).step_by(NR).enumerate() {
-            let cols = NR.min(tr - c0);
-            let b = &panel[pi * kp * NR..(pi + 1) * kp * NR];
-            let dst = &mut out[t0 + c0..];
-            run_rows(&a[r0 * kp..], kp, rows, b, kp, dst, m, cols, false);
+    by_column_ranges(n, m, |c0, c1, out| {
+        // Output columns c0..c1 are rows of W: tiles of them packed as panels of NR, pairs along k.
+        let width = c1 - c0;
+        let mut buf = vec![0f32; w.buffer_len(ROWS.min(width), k)];
+        let mut panel = Vec::new();
+        for t0 in (c0..c1).step_by(ROWS) {
+            let tr = ROWS.min(c1 - t0);
+            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
+            pack_rows(tile, tr, k, kp, &mut panel);
+            for i0 in (0..n).step_by(MC) {
+                let rows = MC.min(n - i0);
+                for (pi, p0) in (0..tr).step_by(NR).enumerate() {
+                    let b = &panel[pi * kp * NR..(pi + 1) * kp * NR];
+                    let dst = &mut out[i0 * width + t0 - c0 + p0..];
+                    run_rows(&a[i0 * kp..], kp, rows, b, kp, dst, width, NR.min(tr - p0), false);
+                }
+            }
         }
     })
 }
@@ -100,17 +115,54 @@ pub fn dyw_bf16(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows +
     assert_eq!(dy.len(), n * m, "dyw_bf16: dy is not [{n}, {m}]");
     let mp = m.div_ceil(2); // pairs along m
     let a = to_pairs(dy, n, m, mp);
-    by_row_blocks(n, k, m, k, REDUCE_ROWS, w, |r0, rows, t0, tr, tile, panel, out| {
-        // The tile's rows are reduction indices t0..t0 + tr (t0 even): panels of NR columns of W.
-        let pairs = tr.div_ceil(2);
-        pack_columns(tile, tr, k, panel);
-        for (pi, c0) in (0..k).step_by(NR).enumerate() {
-            let cols = NR.min(k - c0);
-            let b = &panel[pi * pairs * NR..(pi + 1) * pairs * NR];
-            let a = &a[r0 * mp + t0 / 2..];
-            run_rows(a, mp, rows, b, pairs, &mut out[c0..], k, cols, t0 > 0);
+    by_column_ranges(n, k, |c0, c1, out| {
+        // Output columns c0..c1 are columns of W; its rows, the reduction, come a tile at a time.
+        let width = c1 - c0;
+        let mut buf = vec![0f32; w.buffer_len(REDUCE_ROWS.min(m), k)];
+        let mut panel = Vec::new();
+        for t0 in (0..m).step_by(REDUCE_ROWS) {
+            let tr = REDUCE_ROWS.min(m - t0);
+            let pairs = tr.div_ceil(2);
+            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
+            pack_columns(tile, tr, k, c0, c1, &mut panel);
+            for i0 in (0..n).step_by(MC) {
+                let rows = MC.min(n - i0);
+                for (pi, p0) in (0..width).step_by(NR).enumerate() {
+                    let b = &panel[pi * pairs * NR..(pi + 1) * pairs * NR];
+                    let (a, dst) = (&a[i0 * mp + t0 / 2..], &mut out[i0 * width + p0..]);
+                    run_rows(a, mp, rows, b, pairs, dst, width, NR.min(width - p0), t0 > 0);
+                }
+            }
         }
     })
+}
+
+/// A `[n, cols]` output computed in column ranges (multiples of [`NR`] wide), one per rayon
+/// thread: `f(c0, c1, part)` fills `part`, the `[n, c1 - c0]` block of columns `c0..c1`. Each
+/// thread packs only its own part of `W`.
+fn by_column_ranges(n: usize, cols: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let threads = rayon::current_num_threads().max(1);
+    let per = cols.div_ceil(threads).div_ceil(NR).max(1) * NR;
+    let ranges: Vec<(usize, usize)> = (0..cols).step_by(per).map(|c0| (c0, (c0 + per).min(cols))).collect();
+    let mut parts: Vec<Vec<f32>> = ranges
+        .par_iter()
+        .map(|&(c0, c1)| {
+            let mut part = vec![0f32; n * (c1 - c0)];
+            f(c0, c1, &mut part);
+            part
+        })
+        .collect();
+    if parts.len() == 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let mut out = vec![0f32; n * cols];
+    for (&(c0, c1), part) in ranges.iter().zip(&parts) {
+        let width = c1 - c0;
+        for (row, src) in out.chunks_mut(cols).zip(part.chunks(width)) {
+            row[c0..c1].copy_from_slice(src);
+        }
+    }
+    out
 }
 
 /// Packs `tile` (`tr × k`, its rows output columns) as panels of [`NR`] rows: `panel[pi][p][j] =
@@ -126,17 +178,18 @@ fn pack_rows(tile: &[f32], tr: usize, k: usize, kp: usize, panel: &mut Vec<u32>)
     }
 }
 
-/// Packs `tile` (`tr × k`, its rows reduction indices) as panels of [`NR`] columns:
-/// `panel[pi][q][c] = (tile[2q][pi·NR + c], tile[2q + 1][pi·NR + c])`, zeros past the tile.
-fn pack_columns(tile: &[f32], tr: usize, k: usize, panel: &mut Vec<u32>) {
+/// Packs columns `c0..c1` (`c0` a multiple of [`NR`]) of `tile` (`tr × k`, its rows reduction
+/// indices) as panels of [`NR`] columns: `panel[pi][q][c] = (tile[2q][c0 + pi·NR + c],
+/// tile[2q + 1][c0 + pi·NR + c])`, zeros past the tile and past `c1`.
+fn pack_columns(tile: &[f32], tr: usize, k: usize, c0: usize, c1: usize, panel: &mut Vec<u32>) {
     let pairs = tr.div_ceil(2);
     panel.clear();
-    panel.resize(k.div_ceil(NR) * pairs * NR, 0);
-    assert!(tile.len() >= tr * k);
+    panel.resize((c1 - c0).div_ceil(NR) * pairs * NR, 0);
+    assert!(tile.len() >= tr * k && c0.is_multiple_of(NR) && c0 <= c1 && c1 <= k);
     // SAFETY: as for pack_rows.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        avx512::pack_columns(tile, tr, k, panel)
+        avx512::pack_columns(tile, tr, k, c0, c1, panel)
     }
 }
 
@@ -166,34 +219,6 @@ fn run_rows(
             avx512::micro(mr, a.as_ptr(), a_stride, b.as_ptr(), pairs, out.as_mut_ptr(), out_stride, cols, accumulate)
         };
     }
-}
-
-/// A fresh `[n, cols]` output whose rows are split among rayon's threads; each thread walks the
-/// `m` rows of `W` in tiles of `tile_rows` and calls `step(r0, rows, t0, tr, tile, panel, out)` with
-/// its first row, its row count, the tile's first row and size, the tile (`tr × k` f32), a buffer
-/// of its own to pack the tile into, and its block of the output.
-fn by_row_blocks(
-    n: usize,
-    cols: usize,
-    m: usize,
-    k: usize,
-    tile_rows: usize,
-    w: &(impl WeightRows + ?Sized),
-    step: impl Fn(usize, usize, usize, usize, &[f32], &mut Vec<u32>, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let mut out = vec![0f32; n * cols];
-    let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    out.par_chunks_mut(rows_per_task * cols.max(1)).enumerate().for_each(|(task, block)| {
-        let (r0, rows) = (task * rows_per_task, block.len() / cols.max(1));
-        let mut buf = vec![0f32; w.buffer_len(tile_rows.min(m), k)];
-        let mut panel = Vec::new();
-        for t0 in (0..m).step_by(tile_rows) {
-            let tr = tile_rows.min(m - t0);
-            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
-            step(r0, rows, t0, tr, tile, &mut panel, block);
-        }
-    });
-    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -301,20 +326,21 @@ mod avx512 {
     /// [`super::pack_columns`]: two tile rows interleaved 16 columns at a time.
     ///
     /// # Safety
-    /// AVX-512F and AVX-512-BF16; `tile` holds `tr × k`, `panel` holds `k.div_ceil(NR) · pairs · NR`.
+    /// AVX-512F and AVX-512-BF16; `tile` holds `tr × k`, `c0 ≤ c1 ≤ k`, `panel` holds
+    /// `(c1 - c0).div_ceil(NR) · pairs · NR`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_columns(tile: &[f32], tr: usize, k: usize, panel: &mut [u32]) {
+    pub(super) unsafe fn pack_columns(tile: &[f32], tr: usize, k: usize, c0: usize, c1: usize, panel: &mut [u32]) {
         let pairs = tr.div_ceil(2);
-        assert!(tile.len() >= tr * k && panel.len() >= k.div_ceil(NR) * pairs * NR);
+        assert!(tile.len() >= tr * k && c1 <= k && panel.len() >= (c1 - c0).div_ceil(NR) * pairs * NR);
         for q in 0..pairs {
             let lo_row = tile.as_ptr().add(2 * q * k);
             let has_hi = 2 * q + 1 < tr;
-            for c0 in (0..k).step_by(16) {
-                let len = 16.min(k - c0);
-                let lo = bf16x16(lo_row.add(c0), len);
-                let hi = if has_hi { bf16x16(lo_row.add(k + c0), len) } else { _mm512_setzero_si512() };
+            for c in (c0..c1).step_by(16) {
+                let len = 16.min(c1 - c);
+                let lo = bf16x16(lo_row.add(c), len);
+                let hi = if has_hi { bf16x16(lo_row.add(k + c), len) } else { _mm512_setzero_si512() };
                 let v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
-                let at = (c0 / NR) * pairs * NR + q * NR + c0 % NR;
+                let at = ((c - c0) / NR) * pairs * NR + q * NR + (c - c0) % NR;
                 let mask: __mmask16 = if len >= 16 { 0xffff } else { ((1u32 << len) - 1) as u16 };
                 _mm512_mask_storeu_epi32(panel.as_mut_ptr().add(at).cast(), mask, v);
             }

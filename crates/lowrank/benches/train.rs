@@ -3,7 +3,7 @@
 //! dequantised to f32.
 //!
 //!     cargo bench -p lowrank --bench train -- --mode q4_1
-//!     cargo bench -p lowrank --bench train -- --mode f32 --steps 6 --batch 4 --seq 256 --threads 2
+//!     cargo bench -p lowrank --bench train -- --mode f32 --steps 6 --batch 4 --seq 256 --threads 2 [--dtype bf16]
 //!
 //! `scripts/bench/train.sh` runs both modes and the PEFT reference
 //! (`scripts/bench/peft_train.py`, f32 and bf16 autocast) one after another and
@@ -97,6 +97,8 @@ struct Settings {
     checkpoint: usize,
     /// DoRA instead of LoRA (`--dora 1`).
     dora: bool,
+    /// Precision of the frozen-weight products (`--dtype bf16|f32`, as `lowrank train --dtype`).
+    precision: lowrank::kernels::Precision,
 }
 
 impl Settings {
@@ -110,6 +112,7 @@ impl Settings {
             loss_chunk: 512,
             seed: 0,
             model: None,
+            precision: lowrank::kernels::Precision::F32,
             checkpoint: 0,
             dora: false,
         };
@@ -132,7 +135,14 @@ impl Settings {
                 "--model" => s.model = Some(value.clone().into()),
                 "--checkpoint" => s.checkpoint = num()?,
                 "--dora" => s.dora = num()? != 0,
-                _ => bail!("unknown flag {flag} (known: --mode --steps --batch --seq --threads --loss-chunk --seed --model --checkpoint --dora)"),
+                "--dtype" => {
+                    s.precision = match value.as_str() {
+                        "bf16" => lowrank::kernels::Precision::Bf16,
+                        "f32" => lowrank::kernels::Precision::F32,
+                        other => bail!("--dtype {other}: expected bf16 or f32"),
+                    }
+                }
+                _ => bail!("unknown flag {flag} (known: --mode --steps --batch --seq --threads --loss-chunk --seed --model --checkpoint --dora --dtype)"),
             }
         }
         ensure!(s.steps >= 2, "--steps must be at least 2 (the first step is not counted)");
@@ -175,6 +185,7 @@ fn main() -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     process::configure();
+    lowrank::kernels::set_matmul_precision(s.precision)?;
     lowrank::threads::run(|| run(&s))
 }
 

@@ -174,10 +174,14 @@ impl AdapterLayer for LoraLayer {
         Ok((Box::new(layer), vec![("lora_A.weight", a), ("lora_B.weight", b)]))
     }
 
+    /// The factors, unless dropout is drawing masks now: a trainer's layers always carry a
+    /// [`Dropout`], which with p = 0 (the default) or outside training never drops anything, and
+    /// must not keep them off the fused path (it did: `lowrank train` ran every projection
+    /// unfused, 1.2 GB and a third of a step more than the same step with the fused op).
     fn low_rank(&self) -> Option<LowRank<'_>> {
-        match self.dropout {
-            None => Some(LowRank { a: &self.a, b: &self.b, scale: self.scale }),
-            Some(_) => None,
+        match &self.dropout {
+            Some(d) if d.active() => None,
+            _ => Some(LowRank { a: &self.a, b: &self.b, scale: self.scale }),
         }
     }
 
@@ -198,6 +202,22 @@ impl AdapterLayer for LoraLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A trainer's layer carries a dropout; only while it draws masks (p > 0, enabled) does the
+    /// layer leave the fused op.
+    #[test]
+    fn dropout_keeps_the_fused_path_unless_it_drops() -> Result<()> {
+        use crate::adapter::{Dropout, DropoutControl};
+        let dev = Device::Cpu;
+        let (a, b) = (Tensor::ones((2, 8), DType::F32, &dev)?, Tensor::ones((4, 2), DType::F32, &dev)?);
+        for (p, enabled, fused) in [(0.0, true, true), (0.0, false, true), (0.1, false, true), (0.1, true, false)] {
+            let ctl = DropoutControl::new(p, 1);
+            ctl.set_enabled(enabled);
+            let layer = LoraLayer { a: a.clone(), b: b.clone(), scale: 1.0, dropout: Some(Dropout::new(ctl, 0)) };
+            assert_eq!(layer.low_rank().is_some(), fused, "p {p}, enabled {enabled}");
+        }
+        Ok(())
+    }
 
     /// The randomized SVD PiSSA uses above [`EXACT_SVD_MAX`] finds the exact top triplets of a
     /// matrix with a trained weight's kind of spectrum (a power-law head over a noise floor).

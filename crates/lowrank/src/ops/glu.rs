@@ -158,9 +158,9 @@ impl CustomOp2 for Glu {
         let (g, u) = (values(s1, l1)?, values(s2, l2)?);
         let mut y = vec![0f32; g.len()];
         let act = self.0;
-        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
-            forward(act, g, u, y)
-        });
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (g, u))| forward(act, g, u, y));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

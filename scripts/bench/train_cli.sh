@@ -6,6 +6,9 @@
 # on q,k,v,o,gate,up,down, AdamW, 2 threads.
 #
 #   scripts/bench/train_cli.sh                 # knobs: STEPS (default 8) ROUNDS (default 2)
+#   SHAPE=short scripts/bench/train_cli.sh     # short rows: batch 8 of the roman example's
+#       prompt/completion rows (~20 tokens, loss on the completion), PEFT on random rows of the
+#       same mean length (loss on every token); default STEPS 30
 #
 # lowrank: tokens/s is the median of `metrics.jsonl`'s per-step tokens_per_s after the first step
 # (the step itself: no evaluation, no checkpoint); peak RSS is /usr/bin/time's maximum resident
@@ -15,14 +18,21 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-STEPS=${STEPS:-8} ROUNDS=${ROUNDS:-2}
+SHAPE=${SHAPE:-long} ROUNDS=${ROUNDS:-2}
+case $SHAPE in
+    long) STEPS=${STEPS:-8} BATCH=4 ;;
+    short) STEPS=${STEPS:-30} BATCH=8 ;;
+    *) echo "SHAPE is long or short" >&2; exit 1 ;;
+esac
 source scripts/reference/env.sh
 require_reference
-BIN=target/release/lowrank
-[[ -x $BIN ]] || { echo "build first: cargo build --release -p lowrank-cli" >&2; exit 1; }
+require_release_bin
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+if [[ $SHAPE == short ]]; then
+    cp examples/roman/train.jsonl "$tmp/rows.jsonl"
+else
 python3 - "$tmp/rows.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(2)
@@ -32,14 +42,18 @@ with open(sys.argv[1], "w") as f:
     for _ in range(200):
         f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(400))}) + "\n")
 PY
+fi
+SEQ=256
 
 run_lowrank() { # name dtype [--model DIR] (none: the default model's Q4_1 GGUF)
     local name=$1 dtype=$2 out="$tmp/run-$1-$2"
     shift 2
     rm -rf "$out"
     /usr/bin/time -f "%M" -o "$tmp/rss" "$BIN" train "$@" --data "$tmp/rows.jsonl" --output "$out" \
-        --steps "$STEPS" --batch-size 4 --max-seq-len 256 --rank 16 --alpha 32 --dtype "$dtype" \
+        --steps "$STEPS" --batch-size "$BATCH" --max-seq-len 256 --rank 16 --alpha 32 --dtype "$dtype" \
         --save-every 0 --eval-every 0 >/dev/null 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 1; }
+    # The rows' mean length, for PEFT's rows: "train: R rows (...), T tokens, ...".
+    [[ $SHAPE == short ]] && SEQ=$(sed -n 's/^train: \([0-9]*\) rows ([A-Za-z]*), \([0-9]*\) tokens.*/\2 \1/p' "$tmp/err" | awk '{ printf "%d", $1 / $2 + 0.5 }')
     python3 - "$out/metrics.jsonl" "$(cat "$tmp/rss")" "$name-$dtype" >>"$tmp/rows.txt" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -50,7 +64,7 @@ PY
 run_peft() { # variant
     local flag=()
     [[ $1 == bf16 ]] && flag=(--bf16)
-    "$REF_PYTHON" scripts/bench/peft_train.py "$REF_MODEL" --steps "$STEPS" --batch 4 --seq 256 --threads 2 "${flag[@]}" >"$tmp/peft.txt"
+    "$REF_PYTHON" scripts/bench/peft_train.py "$REF_MODEL" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --threads 2 "${flag[@]}" >"$tmp/peft.txt"
     awk -v v="$1" '$1 == "trainable" { for (i = 1; i < NF; i += 2) f[$i] = $(i + 1); print "peft", "hf-" v, f["tokens_per_s"], f["peak_rss_mib"] }' "$tmp/peft.txt" >>"$tmp/rows.txt"
 }
 
@@ -62,7 +76,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for v in f32 bf16; do echo "== round $round: PEFT $v" >&2; run_peft "$v"; done
 done
 
-echo "# lowrank train (CLI) vs PEFT, SmolLM2-135M, batch 4 x 256, r16 all-linear, $STEPS steps, 2 threads, median over $ROUNDS rounds; $(date -u +%F) at $(git rev-parse --short HEAD)"
+echo "# lowrank train (CLI) vs PEFT, SmolLM2-135M, $SHAPE rows (batch $BATCH; PEFT $BATCH x $SEQ), r16 all-linear, $STEPS steps, 2 threads, median over $ROUNDS rounds; $(date -u +%F) at $(git rev-parse --short HEAD)"
 awk '
     function median(list,   n, v, i, j, t) {
         n = split(list, v, " ")

@@ -30,3 +30,9 @@ require_llama_cpp() {
         exit 2
     fi
 }
+
+# The release CLI the benchmarks run, in BIN (relative to the repository root).
+require_release_bin() {
+    BIN=target/release/lowrank
+    [[ -x $BIN ]] || { echo "build first: cargo build --release -p lowrank-cli" >&2; exit 1; }
+}

@@ -4,7 +4,8 @@
 # adapter (r 16, alpha 32, all seven projections, B non-zero); 8-sequence batch decode too.
 #
 #   scripts/bench/generate.sh                   # from any directory
-#   REPS=9 THREADS=2 scripts/bench/generate.sh  # knobs: REPS WARMUP PROMPT DECODE BATCH THREADS
+#   REPS=9 THREADS=2 scripts/bench/generate.sh  # knobs: REPS WARMUP PROMPT DECODE BATCH THREADS DTYPE
+#   DTYPE=bf16 scripts/bench/generate.sh        # lowrank's prefill (and batches over 16 rows) in bf16
 #
 # 1. builds and runs `cargo bench -p lowrank --bench generate` (crates/lowrank/benches/generate.rs;
 #    bench profile = release): the GGUF as loaded (Q4_1) and dequantised to f32;
@@ -21,7 +22,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-REPS=${REPS:-5} WARMUP=${WARMUP:-1} PROMPT=${PROMPT:-128} DECODE=${DECODE:-64} BATCH=${BATCH:-8} THREADS=${THREADS:-2}
+DTYPE=${DTYPE:-f32} REPS=${REPS:-5} WARMUP=${WARMUP:-1} PROMPT=${PROMPT:-128} DECODE=${DECODE:-64} BATCH=${BATCH:-8} THREADS=${THREADS:-2}
 source scripts/reference/env.sh
 args=(--reps "$REPS" --warmup "$WARMUP" --prompt "$PROMPT" --decode "$DECODE" --batch "$BATCH" --threads "$THREADS")
 
@@ -40,7 +41,7 @@ echo "== building (cargo bench --no-run)" >&2
 cargo bench -p lowrank --bench generate --no-run >&2
 echo "== lowrank" >&2
 watch_load lowrank
-cargo bench -p lowrank --bench generate -- "${args[@]}" >"$tmp/lowrank.txt"
+cargo bench -p lowrank --bench generate -- "${args[@]}" --dtype "$DTYPE" >"$tmp/lowrank.txt"
 stop_load lowrank
 
 have_ref=0

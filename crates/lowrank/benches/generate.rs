@@ -53,11 +53,23 @@ struct Settings {
     threads: usize,
     /// Also measure this HF directory (f32 safetensors) as a third mode.
     hf_dir: Option<PathBuf>,
+    /// Precision of the frozen-weight products (`--dtype bf16|f32`, as `lowrank generate --dtype`:
+    /// prefill and batches of more than 16 rows).
+    precision: lowrank::kernels::Precision,
 }
 
 impl Settings {
     fn parse(args: impl Iterator<Item = String>) -> Result<Self> {
-        let mut s = Settings { reps: 5, warmup: 1, prompt: 128, decode: 64, batch: 8, threads: 2, hf_dir: None };
+        let mut s = Settings {
+            reps: 5,
+            warmup: 1,
+            prompt: 128,
+            decode: 64,
+            batch: 8,
+            threads: 2,
+            hf_dir: None,
+            precision: lowrank::kernels::Precision::F32,
+        };
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             // `cargo bench` appends `--bench`; a filter word may follow. Neither applies here.
@@ -74,7 +86,16 @@ impl Settings {
                 "--batch" => s.batch = num()?,
                 "--threads" => s.threads = num()?,
                 "--hf-dir" => s.hf_dir = Some(PathBuf::from(value)),
-                _ => bail!("unknown flag {flag} (known: --reps --warmup --prompt --decode --batch --threads --hf-dir)"),
+                "--dtype" => {
+                    s.precision = match value.as_str() {
+                        "bf16" => lowrank::kernels::Precision::Bf16,
+                        "f32" => lowrank::kernels::Precision::F32,
+                        other => bail!("--dtype {other}: expected bf16 or f32"),
+                    }
+                }
+                _ => bail!(
+                    "unknown flag {flag} (known: --reps --warmup --prompt --decode --batch --threads --hf-dir --dtype)"
+                ),
             }
         }
         ensure!(
@@ -270,6 +291,7 @@ fn main() -> Result<()> {
     let s = Settings::parse(std::env::args().skip(1))?;
     // Before candle's first kernel creates the rayon pool (and reads the variable).
     std::env::set_var("RAYON_NUM_THREADS", s.threads.to_string());
+    lowrank::kernels::set_matmul_precision(s.precision)?;
     let gguf = lowrank_home::default_model_gguf().context("fetching the default model")?;
     let mut modes: Vec<(&str, PathBuf, bool)> = vec![("gguf-q4_1", gguf.clone(), false), ("gguf-f32", gguf, true)];
     if let Some(dir) = &s.hf_dir {

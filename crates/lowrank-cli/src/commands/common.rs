@@ -9,6 +9,25 @@ use clap::ValueEnum;
 use lowrank::adapter::{ActiveAdapter, Adapter};
 use lowrank::model::{LoadOptions, ModuleTable, Quantize};
 
+/// `--dtype`: the precision of the products with the frozen weights.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeArg {
+    /// f32 operands: exact.
+    F32,
+    /// bf16 operands, f32 sums (AVX-512-BF16).
+    Bf16,
+}
+
+impl From<DtypeArg> for lowrank::kernels::Precision {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => lowrank::kernels::Precision::F32,
+            DtypeArg::Bf16 => lowrank::kernels::Precision::Bf16,
+        }
+    }
+}
+
 /// Where tensors live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

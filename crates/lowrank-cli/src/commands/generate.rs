@@ -9,7 +9,9 @@ use lowrank::bundle::ModelBundle;
 use lowrank::chat::Message;
 use lowrank::generate::{generate, GenerateOptions, SamplingParams};
 
-use super::common::{load_adapters, load_options, memory, mib, model_path, AdapterSpec, DeviceArg, QuantizeArg};
+use super::common::{
+    load_adapters, load_options, memory, mib, model_path, AdapterSpec, DeviceArg, DtypeArg, QuantizeArg,
+};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -60,6 +62,11 @@ pub struct GenerateArgs {
     /// of a quantized base become f32)
     #[arg(long, requires = "adapters")]
     merge: bool,
+    /// Precision of the products with the frozen weights in the prompt's forward pass: f32
+    /// (exact, as transformers) or bf16 (bf16 operands, f32 sums; needs AVX-512-BF16). Decoding a
+    /// token at a time stays f32 either way.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
     /// Print load time, memory and speed to stderr
     #[arg(long, short)]
     verbose: bool,
@@ -75,6 +82,7 @@ struct Settings {
     dequantize: bool,
     quantize: Option<QuantizeArg>,
     merge: bool,
+    dtype: DtypeArg,
     verbose: bool,
 }
 
@@ -101,6 +109,7 @@ impl Settings {
             dequantize,
             quantize,
             merge,
+            dtype,
             verbose,
         } = args;
         let input = match (prompt, chat) {
@@ -121,14 +130,16 @@ impl Settings {
             dequantize,
             quantize,
             merge,
+            dtype,
             verbose,
         })
     }
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let Settings { model, adapters, input, options, device, dequantize, quantize, merge, verbose } =
+    let Settings { model, adapters, input, options, device, dequantize, quantize, merge, dtype, verbose } =
         Settings::resolve(args)?;
+    lowrank::kernels::set_matmul_precision(dtype.into()).context("--dtype bf16")?;
     let opts = load_options(device, dequantize, quantize)?;
     let mut bundle = ModelBundle::open(&model, &opts).with_context(|| format!("loading model {}", model.display()))?;
     let mut active = load_adapters(&adapters, bundle.model.modules(), &opts.device)?;

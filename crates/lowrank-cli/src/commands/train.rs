@@ -18,7 +18,7 @@ use lowrank::tokenizer::Tokenizer;
 use lowrank::train::{metrics, AdamWConfig, ResidualBase, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
-use super::common::{load_options, memory, mib, model_path, DeviceArg, QuantizeArg};
+use super::common::{load_options, memory, mib, model_path, DeviceArg, DtypeArg, QuantizeArg};
 use super::example::{self, ExampleTask};
 use super::progress::Progress;
 
@@ -137,23 +137,6 @@ pub struct TrainArgs {
     /// the loss stay f32) or f32 (exact) [default: bf16 where the CPU has AVX-512-BF16, else f32]
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
-}
-
-/// `--dtype`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-}
-
-impl From<DtypeArg> for Precision {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::F32 => Precision::F32,
-            DtypeArg::Bf16 => Precision::Bf16,
-        }
-    }
 }
 
 /// Runs written before `--dtype` existed multiplied in f32.

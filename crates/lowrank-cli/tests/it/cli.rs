@@ -158,3 +158,29 @@ fn absurd_training_options_are_refused_by_name() {
         assert!(!out_dir.join("adapter_model.safetensors").exists());
     }
 }
+
+/// `generate --dtype bf16` runs the prompt's forward pass in bf16 and still answers the French
+/// capital question on the default model as the f32 default does; where bf16 is unavailable
+/// (`LOWRANK_BF16=0`) it is refused with the reason.
+#[test]
+fn generate_in_bf16_answers_as_f32_and_is_refused_without_the_cpu_feature() {
+    let run = |extra: &[&str], no_bf16: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lowrank"));
+        cmd.args(FRANCE).args(extra);
+        if no_bf16 {
+            cmd.env("LOWRANK_BF16", "0");
+        } else {
+            cmd.env_remove("LOWRANK_BF16");
+        }
+        cmd.output().expect("running lowrank")
+    };
+    let refused = run(&["--dtype", "bf16"], true);
+    assert!(!refused.status.success() && text(&refused.stderr).contains("AVX-512-BF16"), "{}", text(&refused.stderr));
+    if !lowrank::kernels::bf16_available() {
+        return;
+    }
+    let (f32_out, bf16_out) = (run(&[], false), run(&["--dtype", "bf16"], false));
+    assert!(f32_out.status.success() && bf16_out.status.success(), "{}", text(&bf16_out.stderr));
+    assert!(text(&bf16_out.stdout).contains("Paris"), "{}", text(&bf16_out.stdout));
+    assert!(text(&f32_out.stdout).contains("Paris"), "{}", text(&f32_out.stdout));
+}

@@ -16,7 +16,7 @@ use clap::Args;
 use lowrank::bundle::ModelBundle;
 use lowrank::serve::{Engine, EngineConfig, Metrics};
 
-use super::common::{load_options, model_path, DeviceArg, QuantizeArg};
+use super::common::{load_options, model_path, DeviceArg, DtypeArg, QuantizeArg};
 use adapters::Registry;
 use routes::{router, AppState, Ready};
 
@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Device
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// Precision of the products with the frozen weights in prompt forward passes and batches
+    /// of more than 16 rows: f32 (exact) or bf16 (bf16 operands, f32 sums; needs AVX-512-BF16)
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -105,7 +109,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         shutdown_timeout,
         quantize,
         device,
+        dtype,
     } = args;
+    // Process-wide, before the engine's threads start.
+    lowrank::kernels::set_matmul_precision(dtype.into()).context("--dtype bf16")?;
     let secs = std::time::Duration::from_secs;
     let limits = http::Limits {
         connections: max_connections.unwrap_or_else(default_connections),

@@ -67,12 +67,7 @@ done
 echo
 echo "# LoRA training, SmolLM2-135M, batch $BATCH x $SEQ tokens, r 16 alpha 32 on 7 projections, AdamW; per run the median of $((STEPS - 1)) steps after 1 warm-up, $THREADS threads; median over $ROUNDS rounds"
 echo "# ratio columns: this row / PEFT f32 (tokens/s >1: faster; RSS <1: smaller)"
-awk '
-    function median(list,   n, v, i, j, t) {
-        n = split(list, v, " ")
-        for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-    }
+awk "$AWK_MEDIAN"'
     {
         key = $1 " " $2
         if (!(key in seen)) { seen[key] = 1; order[++k] = key }

@@ -77,12 +77,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 echo "# lowrank train (CLI) vs PEFT, SmolLM2-135M, $SHAPE rows (batch $BATCH; PEFT $BATCH x $SEQ), r16 all-linear, $STEPS steps, 2 threads, median over $ROUNDS rounds; $(date -u +%F) at $(git rev-parse --short HEAD)"
-awk '
-    function median(list,   n, v, i, j, t) {
-        n = split(list, v, " ")
-        for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-    }
+awk "$AWK_MEDIAN"'
     { key = $1 " " $2; if (!(key in seen)) { seen[key] = 1; order[++k] = key }
       tps[key] = tps[key] " " $3; runs[key] = runs[key] " " sprintf("%.0f", $3); if ($4 > rss[key]) rss[key] = $4 }
     END {

@@ -36,3 +36,12 @@ require_release_bin() {
     BIN=target/release/lowrank
     [[ -x $BIN ]] || { echo "build first: cargo build --release -p lowrank-cli" >&2; exit 1; }
 }
+
+# An awk function for the bench tables: median(list) of a space-separated list of numbers.
+# shellcheck disable=SC2034
+AWK_MEDIAN='
+    function median(list,   n, v, i, j, t) {
+        n = split(list, v, " ")
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    }'

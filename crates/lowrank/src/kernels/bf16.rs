@@ -96,14 +96,7 @@ pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + 
             let tr = ROWS.min(c1 - t0);
             let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
             pack_rows(tile, tr, k, kp, &mut panel);
-            for i0 in (0..n).step_by(MC) {
-                let rows = MC.min(n - i0);
-                for (pi, p0) in (0..tr).step_by(NR).enumerate() {
-                    let b = &panel[pi * kp * NR..(pi + 1) * kp * NR];
-                    let dst = &mut out[i0 * width + t0 - c0 + p0..];
-                    run_rows(&a[i0 * kp..], kp, rows, b, kp, dst, width, NR.min(tr - p0), false);
-                }
-            }
+            multiply_panels(&a, kp, n, &panel, kp, tr, &mut out[t0 - c0..], width, false);
         }
     })
 }
@@ -125,16 +118,34 @@ pub fn dyw_bf16(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows +
             let pairs = tr.div_ceil(2);
             let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
             pack_columns(tile, tr, k, c0, c1, &mut panel);
-            for i0 in (0..n).step_by(MC) {
-                let rows = MC.min(n - i0);
-                for (pi, p0) in (0..width).step_by(NR).enumerate() {
-                    let b = &panel[pi * pairs * NR..(pi + 1) * pairs * NR];
-                    let (a, dst) = (&a[i0 * mp + t0 / 2..], &mut out[i0 * width + p0..]);
-                    run_rows(a, mp, rows, b, pairs, dst, width, NR.min(width - p0), t0 > 0);
-                }
-            }
+            multiply_panels(&a[t0 / 2..], mp, n, &panel, pairs, width, out, width, t0 > 0);
         }
     })
+}
+
+/// `out[i, ..cols] (+)= a[i] · panels` for every row `i < n` of `a` (row stride `a_stride`
+/// pairs): the panels (`pairs` × [`NR`] each) cover `cols` output columns, `out` has row stride
+/// `width`. [`MC`] rows at a time go against every panel, so they stay in L2 meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn multiply_panels(
+    a: &[u32],
+    a_stride: usize,
+    n: usize,
+    panels: &[u32],
+    pairs: usize,
+    cols: usize,
+    out: &mut [f32],
+    width: usize,
+    accumulate: bool,
+) {
+    for i0 in (0..n).step_by(MC) {
+        let rows = MC.min(n - i0);
+        for (pi, p0) in (0..cols).step_by(NR).enumerate() {
+            let b = &panels[pi * pairs * NR..(pi + 1) * pairs * NR];
+            let (a, dst) = (&a[i0 * a_stride..], &mut out[i0 * width + p0..]);
+            run_rows(a, a_stride, rows, b, pairs, dst, width, NR.min(cols - p0), accumulate);
+        }
+    }
 }
 
 /// A `[n, cols]` output computed in column ranges (multiples of [`NR`] wide), one per rayon

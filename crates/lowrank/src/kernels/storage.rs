@@ -1,4 +1,4 @@
-//! The f32 values behind candle's storages, for the CPU kernels of the custom ops.
+//! The f32 (and bf16) values behind candle's storages, for the CPU kernels of the custom ops.
 
 use candle_core::{CpuStorage, Layout, Storage};
 
@@ -14,4 +14,12 @@ pub(crate) fn stored<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a 
         Storage::Cpu(c) => values(c, l),
         _ => candle_core::bail!("custom op: operand is not on the CPU"),
     }
+}
+
+/// The contiguous bf16 values of a tensor's CPU storage (from `storage_and_layout`).
+pub(crate) fn stored_bf16<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [half::bf16]> {
+    let (Storage::Cpu(c), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("custom op: operand is not contiguous on the CPU")
+    };
+    Ok(&c.as_slice::<half::bf16>()?[a..b])
 }

@@ -45,7 +45,7 @@ impl Model {
                     let Some(layer) = a.adapter.layer(p.id()) else { continue };
                     let w = match &w {
                         Some(w) => w,
-                        None => w.insert(base.weight().to_dense()?.to_dtype(DType::F32)?),
+                        None => w.insert(base.weight().to_dense()?),
                     };
                     let parts = layer.merge_parts((sign > 0.0).then_some(w))?;
                     add = Some(sum(add, (parts.add.to_dtype(DType::F32)? * a.weight)?)?);
@@ -61,12 +61,10 @@ impl Model {
                     (false, Some(c)) => (w - add)?.broadcast_div(&c)?,
                     (false, None) => (w - add)?,
                 };
-                let dtype = match base.weight() {
-                    FrozenWeight::Dense(t) => t.dtype(),
-                    FrozenWeight::Quant(_) | FrozenWeight::Nf4(_) => DType::F32,
-                };
+                // Kept in f32 whatever the base's storage: bf16 would round away most of a small
+                // update (a LoRA delta is ~1e-3 of W, bf16's step ~4e-3 of it).
                 let bias = base.bias().cloned();
-                p.set_base(FrozenLinear::new(FrozenWeight::Dense(merged.to_dtype(dtype)?), bias));
+                p.set_base(FrozenLinear::new(FrozenWeight::Dense(merged), bias));
             }
         }
         Ok(())

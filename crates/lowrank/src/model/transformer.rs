@@ -197,7 +197,7 @@ impl Model {
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let mut x = match &self.embed {
-            FrozenWeight::Dense(w) => w.embedding(&ids)?,
+            FrozenWeight::Dense(w) => w.embedding(&ids)?.to_dtype(DType::F32)?,
             FrozenWeight::Quant(q) => q.embedding(&ids)?.to_dtype(DType::F32)?,
             FrozenWeight::Nf4(q) => q.dequantize(&self.device)?.embedding(&ids)?,
         }; // [N, H]

@@ -61,7 +61,13 @@ impl WeightSource for SafetensorsDir {
         self.load(name)
     }
 
+    /// A bf16 matrix stays bf16 on the CPU (half the memory of f32; the CPU kernels widen it a
+    /// tile at a time, exactly); anything else, and any matrix on another device, becomes f32.
     fn matrix(&self, name: &str) -> Result<FrozenWeight> {
-        Ok(FrozenWeight::Dense(self.load(name)?))
+        let t = self.load_stored(name)?;
+        Ok(FrozenWeight::Dense(match t.dtype() {
+            candle_core::DType::BF16 if t.device().is_cpu() => t,
+            _ => t.to_dtype(candle_core::DType::F32)?,
+        }))
     }
 }

@@ -6,7 +6,7 @@
 //! quantized matmul forward and dequantise in the backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::weights::FrozenWeight;
 use crate::Result;
@@ -38,7 +38,7 @@ impl FrozenLinear {
     pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         Ok(match &self.weight {
-            FrozenWeight::Dense(w) => x.apply_op2(w, DenseMatmul)?,
+            FrozenWeight::Dense(w) if w.dtype() == DType::F32 => x.apply_op2(w, DenseMatmul)?,
             packed => x.apply_op1(PackedMatmul(packed.clone()))?,
         })
     }
@@ -123,8 +123,8 @@ impl CustomOp2 for DenseMatmul {
     }
 }
 
-/// A packed (GGUF-quantized or NF4) `x: [N, K] -> [N, M]`, `W` dequantised a tile at a time;
-/// backward gives only `dL/dx`.
+/// `x: [N, K] -> [N, M]` for a `W` stored in less than f32 (GGUF blocks, NF4, bf16), widened or
+/// dequantised a tile at a time; backward gives only `dL/dx`.
 struct PackedMatmul(FrozenWeight);
 
 impl CustomOp1 for PackedMatmul {
@@ -161,7 +161,7 @@ impl CustomOp1 for PackedMatmul {
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
     use std::sync::Arc;
 
     #[test]

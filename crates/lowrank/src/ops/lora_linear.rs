@@ -39,7 +39,7 @@ pub fn lora_linear(x: &Tensor, w: &FrozenWeight, lr: &LowRank) -> Result<Option<
     }
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let dense_ok = match w {
-        FrozenWeight::Dense(t) => cpu_f32(t),
+        FrozenWeight::Dense(t) => cpu_f32(t) || (t.device().is_cpu() && t.dtype() == DType::BF16),
         FrozenWeight::Quant(q) => q.device().is_cpu(),
         FrozenWeight::Nf4(_) => true,
     };

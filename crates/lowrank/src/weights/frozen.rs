@@ -11,10 +11,11 @@ use super::nf4::Nf4Tensor;
 use crate::kernels::{DenseRows, Precision, WeightRows};
 use crate::Result;
 
-/// A frozen weight `[out, in]`, dense (f32) or quantized (GGUF block formats).
+/// A frozen weight `[out, in]`, dense (f32, or bf16 as an HF checkpoint stores it) or quantized
+/// (GGUF block formats, NF4).
 #[derive(Clone, Debug)]
 pub enum FrozenWeight {
-    /// Dense `[out, in]` tensor.
+    /// Dense `[out, in]` tensor: f32, or bf16 on the CPU (widened a tile at a time).
     Dense(Tensor),
     /// Quantized `[out, in]`, rows stored as GGUF blocks.
     Quant(Arc<QTensor>),
@@ -57,10 +58,10 @@ impl FrozenWeight {
         })
     }
 
-    /// The weight as a dense f32 tensor `[out, in]` (dequantised when quantized).
+    /// The weight as a dense f32 tensor `[out, in]` (widened or dequantised when stored in less).
     pub fn to_dense(&self) -> Result<Tensor> {
         Ok(match self {
-            FrozenWeight::Dense(w) => w.clone(),
+            FrozenWeight::Dense(w) => w.to_dtype(DType::F32)?,
             FrozenWeight::Quant(q) => q.dequantize(&q.device())?,
             FrozenWeight::Nf4(q) => q.dequantize(&candle_core::Device::Cpu)?,
         })
@@ -140,8 +141,8 @@ impl FrozenWeight {
         self.with_rows(|m, k, w| crate::kernels::dyw(dy, n, m, k, w, precision))
     }
 
-    /// `f(M, K, rows)` with the weight's rows as f32 tiles: borrowed when dense, dequantised a
-    /// tile at a time when packed.
+    /// `f(M, K, rows)` with the weight's rows as f32 tiles: borrowed when dense f32, widened
+    /// (bf16) or dequantised (packed) a tile at a time.
     fn with_rows<T>(&self, f: impl FnOnce(usize, usize, &dyn WeightRows) -> T) -> candle_core::Result<T> {
         match self {
             FrozenWeight::Quant(q) => {
@@ -153,6 +154,12 @@ impl FrozenWeight {
             FrozenWeight::Nf4(q) => {
                 let (m, k) = q.dims();
                 Ok(f(m, k, q.as_ref()))
+            }
+            FrozenWeight::Dense(w) if w.dtype() == DType::BF16 && w.device().is_cpu() => {
+                let (m, k) = w.dims2()?;
+                let w = w.contiguous()?;
+                let (s, l) = w.storage_and_layout();
+                Ok(f(m, k, &crate::kernels::Bf16Rows { w: crate::kernels::stored_bf16(&s, l)?, k }))
             }
             FrozenWeight::Dense(w) => {
                 let (m, k) = w.dims2()?;

@@ -3,7 +3,8 @@
 //! so the loss and the LoRA gradients move by bf16 rounding. On the six tiny families the loss
 //! moves by at most 5e-4 of itself (autocast: up to 1.1e-3) and each LoRA gradient by at most
 //! 3.2% of its norm (autocast: up to 5.3%), every one closer to f32's than autocast's is. Every
-//! storage kind's bf16 product stays within bf16 rounding of the f32 one.
+//! storage kind's bf16 product stays within bf16 rounding of the f32 one. A checkpoint stored in
+//! bf16 stays bf16 in memory and computes exactly as its values widened to f32.
 
 use crate::common;
 
@@ -11,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use lowrank::adapter::{ActiveAdapter, Adapter};
 use lowrank::kernels::{bf16_available, with_matmul_precision, Precision};
@@ -98,6 +99,7 @@ fn bf16_products_of_every_storage_kind_round_like_bf16() {
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         kinds.push(("gguf", FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, dtype).unwrap()))));
     }
+    kinds.push(("bf16", FrozenWeight::Dense(w.to_dtype(DType::BF16).unwrap())));
     let nf4 = lowrank::weights::Nf4Tensor::quantize(&w).unwrap();
     kinds.push(("nf4", FrozenWeight::Nf4(Arc::new(nf4))));
     for (kind, weight) in &kinds {
@@ -116,6 +118,72 @@ fn bf16_products_of_every_storage_kind_round_like_bf16() {
                 }
             }
             assert!(differs, "{kind} {name}: the bf16 product equals the f32 one");
+        }
+    }
+}
+
+/// An HF directory of the tiny Llama with every tensor stored as `dtype`, its values first
+/// rounded to bf16 (so the f32 copy holds exactly the bf16 one's values).
+fn rounded_copy(dir: &std::path::Path, dtype: DType) {
+    let src = models_dir().join("llama/model");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let tensors: HashMap<String, Tensor> = safetensors(src.join("model.safetensors"))
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap().to_dtype(dtype).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+/// A bf16 checkpoint's matrices stay bf16 in memory (half the bytes of their f32 widening) and
+/// give the same logits and the same training step, to the bit, in f32 precision; in bf16
+/// precision too (the products round both to the same bf16 operands).
+#[test]
+fn a_bf16_checkpoint_stays_bf16_and_computes_as_its_f32_widening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (half_dir, wide_dir) = (tmp.path().join("bf16"), tmp.path().join("f32"));
+    rounded_copy(&half_dir, DType::BF16);
+    rounded_copy(&wide_dir, DType::F32);
+    let load = |d: &std::path::Path| lowrank::model::Model::from_path(d, &Default::default()).unwrap();
+    let (half, wide) = (load(&half_dir), load(&wide_dir));
+
+    let projections = |m: &lowrank::model::Model| -> Vec<(String, usize)> {
+        m.blocks()
+            .iter()
+            .flat_map(|b| b.projections())
+            .map(|p| (p.base().weight().dtype_name(), p.base().weight().size_in_bytes()))
+            .collect()
+    };
+    for ((h_dtype, h_bytes), (w_dtype, w_bytes)) in projections(&half).into_iter().zip(projections(&wide)) {
+        assert_eq!((h_dtype.as_str(), w_dtype.as_str()), ("bf16", "f32"));
+        assert_eq!(2 * h_bytes, w_bytes);
+    }
+    assert!(half.weight_bytes() < wide.weight_bytes() * 6 / 10, "{} vs {}", half.weight_bytes(), wide.weight_bytes());
+
+    let ids = &ids("llama")[0];
+    let (h, w) = (logits(&half, ids, &[]), logits(&wide, ids, &[]));
+    assert_eq!(max_diff(&h, &w), 0.0, "logits differ");
+
+    let mut precisions = vec![Precision::F32];
+    if bf16_available() {
+        precisions.push(Precision::Bf16);
+    }
+    let batch = TrainBatch::load("llama");
+    for precision in precisions {
+        let step = |model: &lowrank::model::Model| {
+            let init = Adapter::load_peft(&training_dir("llama").join("init"), model.modules(), &Device::Cpu).unwrap();
+            let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
+            let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
+            let out = with_matmul_precision(precision, || forward_backward(model, &active, &batch.seqs(), 4, 1.0, 0))
+                .unwrap()
+                .unwrap();
+            let vars: Vec<_> = vars.into_iter().map(|(_, v)| v).collect();
+            (out.loss, collect_grads(&out.grads, &vars).unwrap())
+        };
+        let ((h_loss, h_grads), (w_loss, w_grads)) = (step(&half), step(&wide));
+        assert_eq!(h_loss, w_loss, "{precision}: loss");
+        for (a, b) in h_grads.iter().zip(&w_grads) {
+            assert_eq!(max_diff(a, b), 0.0, "{precision}: a gradient differs");
         }
     }
 }

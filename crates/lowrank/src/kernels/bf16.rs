@@ -87,16 +87,16 @@ pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + 
     assert_eq!(x.len(), n * k, "xwt_bf16: x is not [{n}, {k}]");
     let kp = k.div_ceil(2); // pairs along k
     let a = to_pairs(x, n, k, kp);
-    by_column_ranges(n, m, |c0, c1, out| {
+    by_column_ranges(n, m, |out| {
         // Output columns c0..c1 are rows of W: tiles of them packed as panels of NR, pairs along k.
-        let width = c1 - c0;
-        let mut buf = vec![0f32; w.buffer_len(ROWS.min(width), k)];
+        let (c0, c1) = (out.c0, out.c0 + out.cols);
+        let mut buf = vec![0f32; w.buffer_len(ROWS.min(out.cols), k)];
         let mut panel = Vec::new();
         for t0 in (c0..c1).step_by(ROWS) {
             let tr = ROWS.min(c1 - t0);
             let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
             pack_rows(tile, tr, k, kp, &mut panel);
-            multiply_panels(&a, kp, n, &panel, kp, tr, &mut out[t0 - c0..], width, false);
+            multiply_panels(&a, kp, n, &panel, kp, out.columns(t0 - c0, tr), false);
         }
     })
 }
@@ -108,71 +108,76 @@ pub fn dyw_bf16(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows +
     assert_eq!(dy.len(), n * m, "dyw_bf16: dy is not [{n}, {m}]");
     let mp = m.div_ceil(2); // pairs along m
     let a = to_pairs(dy, n, m, mp);
-    by_column_ranges(n, k, |c0, c1, out| {
+    by_column_ranges(n, k, |out| {
         // Output columns c0..c1 are columns of W; its rows, the reduction, come a tile at a time.
-        let width = c1 - c0;
         let mut buf = vec![0f32; w.buffer_len(REDUCE_ROWS.min(m), k)];
         let mut panel = Vec::new();
         for t0 in (0..m).step_by(REDUCE_ROWS) {
             let tr = REDUCE_ROWS.min(m - t0);
             let pairs = tr.div_ceil(2);
             let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
-            pack_columns(tile, tr, k, c0, c1, &mut panel);
-            multiply_panels(&a[t0 / 2..], mp, n, &panel, pairs, width, out, width, t0 > 0);
+            pack_columns(tile, tr, k, out.c0, out.c0 + out.cols, &mut panel);
+            multiply_panels(&a[t0 / 2..], mp, n, &panel, pairs, out, t0 > 0);
         }
     })
 }
 
-/// `out[i, ..cols] (+)= a[i] · panels` for every row `i < n` of `a` (row stride `a_stride`
-/// pairs): the panels (`pairs` × [`NR`] each) cover `cols` output columns, `out` has row stride
-/// `width`. [`MC`] rows at a time go against every panel, so they stay in L2 meanwhile.
-#[allow(clippy::too_many_arguments)]
-fn multiply_panels(
-    a: &[u32],
-    a_stride: usize,
-    n: usize,
-    panels: &[u32],
-    pairs: usize,
+/// Columns `c0..c0 + cols` of every row of a row-major `[rows, stride]` output that one thread
+/// fills while others fill other columns of the same rows (so no `&mut` slice can hold it).
+#[derive(Clone, Copy)]
+struct Columns {
+    /// Where column `c0` of row 0 is.
+    ptr: *mut f32,
+    rows: usize,
+    c0: usize,
     cols: usize,
-    out: &mut [f32],
-    width: usize,
-    accumulate: bool,
-) {
+    stride: usize,
+}
+
+// SAFETY: each thread gets a `Columns` of its own, disjoint from the others' (by_column_ranges).
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Columns `from..from + cols` of these (relative to `c0`).
+    fn columns(self, from: usize, cols: usize) -> Columns {
+        assert!(from + cols <= self.cols);
+        // SAFETY: in bounds of this block's row 0, as asserted.
+        Columns { ptr: unsafe { self.ptr.add(from) }, c0: self.c0 + from, cols, ..self }
+    }
+
+    /// Rows `from..from + rows` of these.
+    fn rows(self, from: usize, rows: usize) -> Columns {
+        assert!(from + rows <= self.rows);
+        // SAFETY: row `from` of the output, as asserted (`stride` is its row length).
+        Columns { ptr: unsafe { self.ptr.add(from * self.stride) }, rows, ..self }
+    }
+}
+
+/// `out[i, ..] (+)= a[i] · panels` for every row `i < n` of `a` (row stride `a_stride` pairs):
+/// the panels (`pairs` × [`NR`] each) cover `out`'s columns. [`MC`] rows at a time go against
+/// every panel, so they stay in L2 meanwhile.
+fn multiply_panels(a: &[u32], a_stride: usize, n: usize, panels: &[u32], pairs: usize, out: Columns, accumulate: bool) {
+    assert!(out.rows == n);
     for i0 in (0..n).step_by(MC) {
         let rows = MC.min(n - i0);
-        for (pi, p0) in (0..cols).step_by(NR).enumerate() {
+        for (pi, p0) in (0..out.cols).step_by(NR).enumerate() {
             let b = &panels[pi * pairs * NR..(pi + 1) * pairs * NR];
-            let (a, dst) = (&a[i0 * a_stride..], &mut out[i0 * width + p0..]);
-            run_rows(a, a_stride, rows, b, pairs, dst, width, NR.min(cols - p0), accumulate);
+            let dst = out.rows(i0, rows).columns(p0, NR.min(out.cols - p0));
+            run_rows(&a[i0 * a_stride..], a_stride, b, pairs, dst, accumulate);
         }
     }
 }
 
 /// A `[n, cols]` output computed in column ranges (multiples of [`NR`] wide), one per rayon
-/// thread: `f(c0, c1, part)` fills `part`, the `[n, c1 - c0]` block of columns `c0..c1`. Each
-/// thread packs only its own part of `W`.
-fn by_column_ranges(n: usize, cols: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// thread: `f(part)` fills `part`, the [`Columns`] `c0..c1` of every row. Each thread packs only
+/// its own part of `W`, and writes straight into the output.
+fn by_column_ranges(n: usize, cols: usize, f: impl Fn(Columns) + Sync) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let per = cols.div_ceil(threads).div_ceil(NR).max(1) * NR;
-    let ranges: Vec<(usize, usize)> = (0..cols).step_by(per).map(|c0| (c0, (c0 + per).min(cols))).collect();
-    let mut parts: Vec<Vec<f32>> = ranges
-        .par_iter()
-        .map(|&(c0, c1)| {
-            let mut part = vec![0f32; n * (c1 - c0)];
-            f(c0, c1, &mut part);
-            part
-        })
-        .collect();
-    if parts.len() == 1 {
-        return parts.pop().unwrap_or_default();
-    }
     let mut out = vec![0f32; n * cols];
-    for (&(c0, c1), part) in ranges.iter().zip(&parts) {
-        let width = c1 - c0;
-        for (row, src) in out.chunks_mut(cols).zip(part.chunks(width)) {
-            row[c0..c1].copy_from_slice(src);
-        }
-    }
+    let whole = Columns { ptr: out.as_mut_ptr(), rows: n, c0: 0, cols, stride: cols };
+    (0..cols).step_by(per).collect::<Vec<_>>().into_par_iter().for_each(|c0| f(whole.columns(c0, per.min(cols - c0))));
     out
 }
 
@@ -204,30 +209,31 @@ fn pack_columns(tile: &[f32], tr: usize, k: usize, c0: usize, c1: usize, panel: 
     }
 }
 
-/// `out[i, ..cols] (+)= Σ_p a[i][p] · b[p][..cols]` for `rows` rows of `a` (row stride
-/// `a_stride` pairs) and a panel `b` of `pairs` × [`NR`], [`MR`] rows at a time.
-#[allow(clippy::too_many_arguments)]
-fn run_rows(
-    a: &[u32],
-    a_stride: usize,
-    rows: usize,
-    b: &[u32],
-    pairs: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    cols: usize,
-    accumulate: bool,
-) {
-    assert!(b.len() >= pairs * NR && cols <= NR);
-    assert!(rows == 0 || ((rows - 1) * a_stride + pairs <= a.len() && (rows - 1) * out_stride + cols <= out.len()));
+/// `out[i, ..] (+)= Σ_p a[i][p] · b[p][..]` for the rows of `out` (of `a` at stride `a_stride`
+/// pairs) and a panel `b` of `pairs` × [`NR`] covering `out`'s columns, [`MR`] rows at a time.
+fn run_rows(a: &[u32], a_stride: usize, b: &[u32], pairs: usize, out: Columns, accumulate: bool) {
+    let rows = out.rows;
+    assert!(b.len() >= pairs * NR && out.cols <= NR);
+    assert!(rows == 0 || (rows - 1) * a_stride + pairs <= a.len());
     for i0 in (0..rows).step_by(MR) {
         let mr = MR.min(rows - i0);
-        let (a, out) = (&a[i0 * a_stride..], &mut out[i0 * out_stride..]);
+        let dst = out.rows(i0, mr);
         // SAFETY: `cpu_has_bf16()` was checked by the caller's entry point; the asserts above keep
-        // every row `i < mr` of `a` (pairs `..pairs`) and of `out` (columns `..cols`) in bounds.
+        // every row `i < mr` of `a` (pairs `..pairs`) in bounds, and `dst` is `mr` rows of `cols`
+        // values of the output at its stride, written by this thread alone.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512::micro(mr, a.as_ptr(), a_stride, b.as_ptr(), pairs, out.as_mut_ptr(), out_stride, cols, accumulate)
+            avx512::micro(
+                mr,
+                a[i0 * a_stride..].as_ptr(),
+                a_stride,
+                b.as_ptr(),
+                pairs,
+                dst.ptr,
+                dst.stride,
+                dst.cols,
+                accumulate,
+            )
         };
     }
 }

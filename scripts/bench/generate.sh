@@ -11,7 +11,11 @@
 #    bench profile = release): the GGUF as loaded (Q4_1) and dequantised to f32;
 # 2. runs scripts/bench/transformers_generate.py with the reference stack's Python on its f32 HF
 #    form of the default model (scripts/reference/setup.sh, scripts/reference/env.sh), if there;
-# 3. prints both tables and lowrank / transformers for each row.
+# 3. runs scripts/bench/llama_cpp_generate.py on the Q4_1 GGUF (llama-cpp-python's low-level API,
+#    no adapter), if the reference Python imports llama_cpp (scripts/reference/setup.sh
+#    --with-llama-cpp);
+# 4. prints the tables, lowrank / transformers for each row, and lowrank / llama.cpp for the
+#    adapter-free rows.
 #
 # Defaults: prompt 128 tokens, 64 decoded tokens, median of 5 after 1 warm-up, 2 threads, batch 8.
 # Takes about 10 minutes on two cores after the build. Timings are only as quiet as the machine:
@@ -53,10 +57,36 @@ if [[ -x "$REF_PYTHON" && -d "$REF_MODEL" ]]; then
     have_ref=1
 fi
 
+have_llama=0
+if [[ -x "$REF_PYTHON" && -f "$REF_GGUF" ]] && "$REF_PYTHON" -c 'import llama_cpp' 2>/dev/null; then
+    echo "== llama.cpp" >&2
+    watch_load llama
+    "$REF_PYTHON" scripts/bench/llama_cpp_generate.py --model "$REF_GGUF" "${args[@]}" >"$tmp/llama.txt"
+    stop_load llama
+    have_llama=1
+fi
+
 echo
 cat "$tmp/lowrank.txt"
 cat "$tmp/load-lowrank.line"
 echo
+if [[ $have_llama == 1 ]]; then
+    cat "$tmp/llama.txt"
+    cat "$tmp/load-llama.line"
+    echo
+    awk '
+        FNR == NR { if ($1 !~ /^#/ && $1 != "mode") { p = $3; d = $4; b = $5 } next }
+        $1 ~ /^#/ || $1 == "mode" || $2 != "none" { next }
+        !header++ {
+            print "# lowrank / llama.cpp, no adapter (>1: lowrank faster)"
+            printf "%-12s %14s %14s %20s\n", "mode", "prefill", "decode", "batch_decode"
+        }
+        { printf "%-12s %14.2f %14.2f %20s\n", $1, $3 / p, $4 / d, ($5 == "-" || b == "-") ? "-" : sprintf("%.2f", $5 / b) }
+    ' "$tmp/llama.txt" "$tmp/lowrank.txt"
+    echo
+else
+    echo "# no llama.cpp: the reference Python does not import llama_cpp (scripts/reference/setup.sh --with-llama-cpp)"
+fi
 if [[ $have_ref == 0 ]]; then
     echo "# no reference: $REF_PYTHON or $REF_MODEL is missing (run scripts/reference/setup.sh, or set LOWRANK_REFERENCE)"
     exit 0

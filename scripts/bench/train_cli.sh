@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# LoRA training through the CLI a user runs: `lowrank train` on the default model (its f32 HF form
-# and its Q4_1 GGUF), --dtype bf16 and f32, beside PEFT + PyTorch f32 and bf16 autocast
-# (scripts/bench/peft_train.py) in the same run. Batch 4 x 256 tokens with the loss on every
-# token (text rows of ~400 words cut to --max-seq-len 256; PEFT: random ids), LoRA r 16 alpha 32
-# on q,k,v,o,gate,up,down, AdamW, 2 threads.
+# LoRA training through the CLI a user runs: `lowrank train` on the default model (its f32 HF form,
+# its Q4_1 GGUF, and with --dtype bf16 its HF form stored in bf16: the `hf16` rows), --dtype bf16
+# and f32, beside PEFT + PyTorch f32 and bf16 autocast (scripts/bench/peft_train.py) in the same
+# run. Batch 4 x 256 tokens with the loss on every token (text rows of ~400 words cut to
+# --max-seq-len 256; PEFT: random ids), LoRA r 16 alpha 32 on q,k,v,o,gate,up,down, AdamW, 2
+# threads.
 #
 #   scripts/bench/train_cli.sh                 # knobs: STEPS (default 8) ROUNDS (default 2)
 #   SHAPE=short scripts/bench/train_cli.sh     # short rows: batch 8 of the roman example's
@@ -71,6 +72,10 @@ run_peft() { # variant
 for round in $(seq 1 "$ROUNDS"); do
     for dtype in bf16 f32; do
         echo "== round $round: lowrank train hf --dtype $dtype" >&2; run_lowrank hf "$dtype" --model "$REF_MODEL"
+        if [[ $dtype == bf16 && -d $REF_MODEL_BF16 ]]; then
+            echo "== round $round: lowrank train hf (stored in bf16) --dtype $dtype" >&2
+            run_lowrank hf16 "$dtype" --model "$REF_MODEL_BF16"
+        fi
         echo "== round $round: lowrank train q4_1 --dtype $dtype" >&2; run_lowrank q4_1 "$dtype"
     done
     for v in f32 bf16; do echo "== round $round: PEFT $v" >&2; run_peft "$v"; done

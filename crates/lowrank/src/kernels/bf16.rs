@@ -37,11 +37,15 @@ const MR: usize = 12;
 /// in L2 while the panels pass through it).
 const MC: usize = 4 * MR;
 
-/// Whether this CPU can run the bf16 kernels (AVX-512F and AVX-512-BF16).
+/// Whether this CPU can run the bf16 kernels (AVX-512F, -BW, -VL and -BF16: every CPU with the
+/// last has the others).
 pub fn cpu_has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -90,12 +94,10 @@ pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + 
     by_column_ranges(n, m, |out| {
         // Output columns c0..c1 are rows of W: tiles of them packed as panels of NR, pairs along k.
         let (c0, c1) = (out.c0, out.c0 + out.cols);
-        let mut buf = vec![0f32; w.buffer_len(ROWS.min(out.cols), k)];
-        let mut panel = Vec::new();
+        let (mut buf, mut panel) = (Vec::new(), Vec::new());
         for t0 in (c0..c1).step_by(ROWS) {
             let tr = ROWS.min(c1 - t0);
-            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
-            pack_rows(tile, tr, k, kp, &mut panel);
+            pack_rows(Tile::of(w, t0, tr, k, &mut buf), tr, k, kp, &mut panel);
             multiply_panels(&a, kp, n, &panel, kp, out.columns(t0 - c0, tr), false);
         }
     })
@@ -110,13 +112,11 @@ pub fn dyw_bf16(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows +
     let a = to_pairs(dy, n, m, mp);
     by_column_ranges(n, k, |out| {
         // Output columns c0..c1 are columns of W; its rows, the reduction, come a tile at a time.
-        let mut buf = vec![0f32; w.buffer_len(REDUCE_ROWS.min(m), k)];
-        let mut panel = Vec::new();
+        let (mut buf, mut panel) = (Vec::new(), Vec::new());
         for t0 in (0..m).step_by(REDUCE_ROWS) {
             let tr = REDUCE_ROWS.min(m - t0);
             let pairs = tr.div_ceil(2);
-            let tile = w.rows(t0, tr, &mut buf[..w.buffer_len(tr, k)]);
-            pack_columns(tile, tr, k, out.c0, out.c0 + out.cols, &mut panel);
+            pack_columns(Tile::of(w, t0, tr, k, &mut buf), tr, k, out.c0, out.c0 + out.cols, &mut panel);
             multiply_panels(&a[t0 / 2..], mp, n, &panel, pairs, out, t0 > 0);
         }
     })
@@ -181,11 +181,57 @@ fn by_column_ranges(n: usize, cols: usize, f: impl Fn(Columns) + Sync) -> Vec<f3
     out
 }
 
+/// Rows `t0..t0 + tr` of `W` to pack: f32 (rounded while packed), or bf16 as stored (taken as
+/// they are: pairs of a row are then its `u32`s, so `k` must be even).
+#[derive(Clone, Copy)]
+enum Tile<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Tile<'a> {
+    /// `W`'s rows `t0..t0 + tr`: its stored bf16 when it has them and `k` is even, else as f32
+    /// tiles (`buf` grows to hold them if they need a place).
+    fn of(w: &'a (impl WeightRows + ?Sized), t0: usize, tr: usize, k: usize, buf: &'a mut Vec<f32>) -> Tile<'a> {
+        match w.bf16() {
+            Some(b) if k.is_multiple_of(2) => {
+                let rows = &b[t0 * k..(t0 + tr) * k];
+                // SAFETY: bf16 is a 16-bit plain-old-data type (repr(transparent) over u16).
+                Tile::Bf16(unsafe { std::slice::from_raw_parts(rows.as_ptr().cast(), rows.len()) })
+            }
+            _ => {
+                let len = w.buffer_len(tr, k);
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                Tile::F32(w.rows(t0, tr, &mut buf[..len]))
+            }
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Tile::F32(t) => t.len(),
+            Tile::Bf16(t) => t.len(),
+        }
+    }
+}
+
+/// `panel` grown to `len` and cut to it. A tile packs every value the product reads; what a
+/// previous tile left past it only reaches output columns that are never stored, so nothing is
+/// zeroed (that was a memset of the whole weight per product).
+fn panel_of(panel: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    if panel.len() < len {
+        panel.resize(len, 0);
+    }
+    &mut panel[..len]
+}
+
 /// Packs `tile` (`tr × k`, its rows output columns) as panels of [`NR`] rows: `panel[pi][p][j] =
-/// (tile[pi·NR + j][2p], tile[pi·NR + j][2p + 1])`, zeros past the tile and past `k`.
-fn pack_rows(tile: &[f32], tr: usize, k: usize, kp: usize, panel: &mut Vec<u32>) {
-    panel.clear();
-    panel.resize(tr.div_ceil(NR) * kp * NR, 0);
+/// (tile[pi·NR + j][2p], tile[pi·NR + j][2p + 1])`, zeros past `k` and in the rest of the last
+/// 16 rows.
+fn pack_rows(tile: Tile, tr: usize, k: usize, kp: usize, panel: &mut Vec<u32>) {
+    let panel = panel_of(panel, tr.div_ceil(NR) * kp * NR);
     assert!(tile.len() >= tr * k);
     // SAFETY: cpu_has_bf16() was checked by the entry point; sizes as asserted and allocated.
     #[cfg(target_arch = "x86_64")]
@@ -196,11 +242,10 @@ fn pack_rows(tile: &[f32], tr: usize, k: usize, kp: usize, panel: &mut Vec<u32>)
 
 /// Packs columns `c0..c1` (`c0` a multiple of [`NR`]) of `tile` (`tr × k`, its rows reduction
 /// indices) as panels of [`NR`] columns: `panel[pi][q][c] = (tile[2q][c0 + pi·NR + c],
-/// tile[2q + 1][c0 + pi·NR + c])`, zeros past the tile and past `c1`.
-fn pack_columns(tile: &[f32], tr: usize, k: usize, c0: usize, c1: usize, panel: &mut Vec<u32>) {
+/// tile[2q + 1][c0 + pi·NR + c])`, zero in the high half past the tile.
+fn pack_columns(tile: Tile, tr: usize, k: usize, c0: usize, c1: usize, panel: &mut Vec<u32>) {
     let pairs = tr.div_ceil(2);
-    panel.clear();
-    panel.resize((c1 - c0).div_ceil(NR) * pairs * NR, 0);
+    let panel = panel_of(panel, (c1 - c0).div_ceil(NR) * pairs * NR);
     assert!(tile.len() >= tr * k && c0.is_multiple_of(NR) && c0 <= c1 && c1 <= k);
     // SAFETY: as for pack_rows.
     #[cfg(target_arch = "x86_64")]
@@ -242,31 +287,44 @@ fn run_rows(a: &[u32], a_stride: usize, b: &[u32], pairs: usize, out: Columns, a
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{Tile, MR, NR};
+
+    /// The first `len ≤ 16` lanes.
+    #[inline]
+    fn mask16(len: usize) -> __mmask16 {
+        if len >= 16 {
+            0xffff
+        } else {
+            ((1u32 << len) - 1) as u16
+        }
+    }
 
     /// 16 f32 at `src` (the first `len ≤ 16`, zeros after) rounded to bf16, zero-extended into
     /// the 16 lanes of 32 bits.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
     unsafe fn bf16x16(src: *const f32, len: usize) -> __m512i {
-        let mask: __mmask16 = if len >= 16 { 0xffff } else { ((1u32 << len) - 1) as u16 };
-        let v = _mm512_maskz_loadu_ps(mask, src);
+        let v = _mm512_maskz_loadu_ps(mask16(len), src);
         _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)))
+    }
+
+    /// 16 values of a tile from `at` (the first `len ≤ 16`, zeros after) in bf16, zero-extended
+    /// into the 16 lanes of 32 bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn column16(tile: Tile, at: usize, len: usize) -> __m512i {
+        match tile {
+            Tile::F32(t) => bf16x16(t.as_ptr().add(at), len),
+            Tile::Bf16(t) => _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask16(len), t.as_ptr().add(at).cast())),
+        }
     }
 
     /// 32 f32 at `src` (the first `len ≤ 32`, zeros after) as 16 bf16 pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
     unsafe fn pairs16(src: *const f32, len: usize) -> __m512i {
-        let mask = |l: usize| -> __mmask16 {
-            if l >= 16 {
-                0xffff
-            } else {
-                ((1u32 << l) - 1) as u16
-            }
-        };
-        let lo = _mm512_maskz_loadu_ps(mask(len), src);
-        let hi = _mm512_maskz_loadu_ps(mask(len.saturating_sub(16)), src.add(16.min(len)));
+        let lo = _mm512_maskz_loadu_ps(mask16(len), src);
+        let hi = _mm512_maskz_loadu_ps(mask16(len.saturating_sub(16)), src.add(16.min(len)));
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
     }
 
@@ -279,9 +337,7 @@ mod avx512 {
         assert!(dst.len() >= src.len().div_ceil(2));
         for (p0, chunk) in src.chunks(32).enumerate() {
             let v = pairs16(chunk.as_ptr(), chunk.len());
-            let mask: __mmask16 =
-                if chunk.len() >= 32 { 0xffff } else { ((1u32 << chunk.len().div_ceil(2)) - 1) as u16 };
-            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(p0 * 16).cast(), mask, v);
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(p0 * 16).cast(), mask16(chunk.len().div_ceil(2)), v);
         }
     }
 
@@ -321,8 +377,8 @@ mod avx512 {
     ///
     /// # Safety
     /// AVX-512F and AVX-512-BF16; `tile` holds `tr × k`, `panel` holds `tr.div_ceil(NR) · kp · NR`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_rows(tile: &[f32], tr: usize, k: usize, kp: usize, panel: &mut [u32]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn pack_rows(tile: Tile, tr: usize, k: usize, kp: usize, panel: &mut [u32]) {
         assert!(tile.len() >= tr * k && panel.len() >= tr.div_ceil(NR) * kp * NR);
         for j0 in (0..tr).step_by(16) {
             let base = (j0 / NR) * kp * NR + j0 % NR;
@@ -330,7 +386,12 @@ mod avx512 {
                 let len = k - 2 * p0; // values left in each row from pair p0
                 let mut rows = [_mm512_setzero_si512(); 16];
                 for (jj, row) in rows.iter_mut().enumerate().take(tr - j0) {
-                    *row = pairs16(tile.as_ptr().add((j0 + jj) * k + 2 * p0), len.min(32));
+                    let at = (j0 + jj) * k + 2 * p0;
+                    *row = match tile {
+                        Tile::F32(t) => pairs16(t.as_ptr().add(at), len.min(32)),
+                        // k is even: the row's pairs are its u32s.
+                        Tile::Bf16(t) => _mm512_maskz_loadu_epi32(mask16(len.min(32) / 2), t.as_ptr().add(at).cast()),
+                    };
                 }
                 let cols = transpose16(&rows);
                 for (pp, col) in cols.iter().enumerate().take(kp - p0) {
@@ -345,21 +406,19 @@ mod avx512 {
     /// # Safety
     /// AVX-512F and AVX-512-BF16; `tile` holds `tr × k`, `c0 ≤ c1 ≤ k`, `panel` holds
     /// `(c1 - c0).div_ceil(NR) · pairs · NR`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_columns(tile: &[f32], tr: usize, k: usize, c0: usize, c1: usize, panel: &mut [u32]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn pack_columns(tile: Tile, tr: usize, k: usize, c0: usize, c1: usize, panel: &mut [u32]) {
         let pairs = tr.div_ceil(2);
         assert!(tile.len() >= tr * k && c1 <= k && panel.len() >= (c1 - c0).div_ceil(NR) * pairs * NR);
         for q in 0..pairs {
-            let lo_row = tile.as_ptr().add(2 * q * k);
             let has_hi = 2 * q + 1 < tr;
             for c in (c0..c1).step_by(16) {
                 let len = 16.min(c1 - c);
-                let lo = bf16x16(lo_row.add(c), len);
-                let hi = if has_hi { bf16x16(lo_row.add(k + c), len) } else { _mm512_setzero_si512() };
+                let lo = column16(tile, 2 * q * k + c, len);
+                let hi = if has_hi { column16(tile, (2 * q + 1) * k + c, len) } else { _mm512_setzero_si512() };
                 let v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
                 let at = ((c - c0) / NR) * pairs * NR + q * NR + (c - c0) % NR;
-                let mask: __mmask16 = if len >= 16 { 0xffff } else { ((1u32 << len) - 1) as u16 };
-                _mm512_mask_storeu_epi32(panel.as_mut_ptr().add(at).cast(), mask, v);
+                _mm512_mask_storeu_epi32(panel.as_mut_ptr().add(at).cast(), mask16(len), v);
             }
         }
     }
@@ -410,14 +469,7 @@ mod avx512 {
         cols: usize,
         accumulate: bool,
     ) {
-        let lo_mask: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-        let hi_mask: __mmask16 = if cols >= NR {
-            0xffff
-        } else if cols > 16 {
-            ((1u32 << (cols - 16)) - 1) as u16
-        } else {
-            0
-        };
+        let (lo_mask, hi_mask) = (mask16(cols), mask16(cols.saturating_sub(16)));
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if accumulate {
             for (i, row) in acc.iter_mut().enumerate() {
@@ -482,12 +534,19 @@ mod tests {
             eprintln!("no AVX-512-BF16 on this CPU: nothing to check");
             return;
         }
-        for (n, m, k) in [(1, 1, 1), (5, 33, 7), (13, 70, 64), (40, 130, 97), (25, 256, 300)] {
+        // (3, 1029, 34): several tiles of `dy W`'s reduction, the last of odd length, after full
+        // ones (a packed panel is reused without being cleared).
+        for (n, m, k) in [(1, 1, 1), (5, 33, 7), (13, 70, 64), (40, 130, 97), (25, 256, 300), (3, 1029, 34)] {
             let (x, w, dy) = (values(n * k, 1), values(m * k, 2), values(n * m, 3));
             let (xr, wr, dyr) = (round(&x), round(&w), round(&dy));
             let rows = DenseRows { w: &w, k };
             let y = xwt_bf16(&x, n, m, k, &rows);
             let dx = dyw_bf16(&dy, n, m, k, &rows);
+            // W stored in bf16 (packed as it is where k is even) gives the same bits.
+            let stored: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_bits(bf16_bits(v))).collect();
+            let stored = crate::kernels::Bf16Rows { w: &stored, k };
+            assert!(xwt_bf16(&x, n, m, k, &stored) == y, "x Wᵀ {n}×{m}×{k}: bf16-stored W differs");
+            assert!(dyw_bf16(&dy, n, m, k, &stored) == dx, "dy W {n}×{m}×{k}: bf16-stored W differs");
             for i in 0..n {
                 for j in 0..m {
                     let want: f64 = (0..k).map(|t| f64::from(xr[i * k + t]) * f64::from(wr[j * k + t])).sum();

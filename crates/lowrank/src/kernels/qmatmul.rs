@@ -103,6 +103,10 @@ pub trait WeightRows: Sync {
     fn buffer_len(&self, rows: usize, k: usize) -> usize {
         rows * k
     }
+    /// The whole `W` as stored, when that is bf16 (the bf16 kernels pack it as it is).
+    fn bf16(&self) -> Option<&[half::bf16]> {
+        None
+    }
 }
 
 /// A dense f32 `W` (row-major, `k` columns): tiles are borrowed.
@@ -140,6 +144,10 @@ impl WeightRows for Bf16Rows<'_> {
             *o = f32::from_bits(u32::from(v.to_bits()) << 16);
         }
         out
+    }
+
+    fn bf16(&self) -> Option<&[half::bf16]> {
+        Some(self.w)
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //!     cargo bench -p lowrank --bench matmul -- [--rows 1024] [--reps 7] [--threads 2]
 //!
-//! For each `[out, in]` weight, dense f32 and Q4_1: `x Wᵀ` (forward) and `dy W` (input gradient),
+//! For each `[out, in]` weight, dense f32, dense bf16 (as an HF checkpoint stores it) and Q4_1: `x Wᵀ` (forward) and `dy W` (input gradient),
 //! median of `reps` calls, in GFLOP/s (2·n·out·in per call). `scripts/bench/matmul.sh` runs it
 //! beside PyTorch's f32 and bf16 `matmul` (oneDNN) on the same shapes.
 //!
@@ -63,6 +63,7 @@ fn main() -> Result<()> {
         let flops = 2.0 * (rows * m * k) as f64 / 1e9;
         for (kind, weight) in [
             ("f32", FrozenWeight::Dense(w.clone())),
+            ("bf16", FrozenWeight::Dense(w.to_dtype(candle_core::DType::BF16)?)),
             ("q4_1", FrozenWeight::Quant(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?))),
         ] {
             for (direction, a) in [("xWt", &x), ("dyW", &dy)] {

@@ -163,6 +163,17 @@ fn a_bf16_checkpoint_stays_bf16_and_computes_as_its_f32_widening() {
     let ids = &ids("llama")[0];
     let (h, w) = (logits(&half, ids, &[]), logits(&wide, ids, &[]));
     assert_eq!(max_diff(&h, &w), 0.0, "logits differ");
+    // Merged, the bf16 base's projections become f32 (a LoRA update is below bf16's step) and
+    // equal the widened base's merge.
+    let merged = |dir: &std::path::Path| {
+        let mut model = load(dir);
+        model.merge(&[active(&adapter(&model, "llama", "all_linear"), 1.0)]).unwrap();
+        assert!(model.blocks().iter().flat_map(|b| b.projections()).all(|p| p.base().weight().dtype_name() == "f32"));
+        logits(&model, ids, &[])
+    };
+    let (h, w) = (merged(&half_dir), merged(&wide_dir));
+    assert_eq!(max_diff(&h, &w), 0.0, "merged logits differ");
+    assert!(max_diff(&h, &logits(&half, ids, &[])) > 1e-3, "the merge changed nothing");
 
     let mut precisions = vec![Precision::F32];
     if bf16_available() {

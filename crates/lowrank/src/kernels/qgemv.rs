@@ -45,6 +45,28 @@ pub fn qgemv(dtype: GgmlDType, bytes: &[u8], m: usize, k: usize, x: &[f32], n: u
     Some(y)
 }
 
+/// The values of whole `dtype` blocks (`bytes`, 32 values each) into `out`, as candle's
+/// `to_float` computes them (`q·d + m`, `(q − 8)·d`, `q·d`: a multiply, then an add), to the bit;
+/// `false` (nothing written) for other block types or a CPU without AVX2 and F16C.
+pub(crate) fn dequantize_blocks(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    let block_bytes = match dtype {
+        GgmlDType::Q4_0 => 18,
+        GgmlDType::Q4_1 => 20,
+        GgmlDType::Q8_0 => 34,
+        _ => return false,
+    };
+    assert!(bytes.len().is_multiple_of(block_bytes) && out.len() >= bytes.len() / block_bytes * QK);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2 and F16C (checked just above); sizes as asserted.
+            unsafe { simd::dequantize(dtype, bytes, block_bytes, out) };
+            return true;
+        }
+    }
+    false
+}
+
 fn rows_dispatch(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -117,6 +139,49 @@ mod simd {
             _mm256_fmadd_ps(f(hi), d, m),
             _mm256_fmadd_ps(f(_mm_srli_si128::<8>(hi)), d, m),
         ]
+    }
+
+    /// [`super::dequantize_blocks`] for the block type.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn dequantize(dtype: GgmlDType, bytes: &[u8], block_bytes: usize, out: &mut [f32]) {
+        match dtype {
+            GgmlDType::Q4_0 => dequantize_of::<Q4_0>(bytes, block_bytes, out),
+            GgmlDType::Q4_1 => dequantize_of::<Q4_1>(bytes, block_bytes, out),
+            _ => dequantize_of::<Q8_0>(bytes, block_bytes, out),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dequantize_of<const KIND: u8>(bytes: &[u8], block_bytes: usize, out: &mut [f32]) {
+        for (i, block) in bytes.chunks_exact(block_bytes).enumerate() {
+            let w = decode_exact::<KIND>(block.as_ptr());
+            let o = out.as_mut_ptr().add(i * QK);
+            for (v, w) in w.iter().enumerate() {
+                _mm256_storeu_ps(o.add(8 * v), *w);
+            }
+        }
+    }
+
+    /// The 32 weights of a block as [`decode`] gives them, but rounded as candle's `to_float`
+    /// rounds (a multiply, then an add: no fused multiply-add).
+    #[inline(always)]
+    unsafe fn decode_exact<const KIND: u8>(b: *const u8) -> [__m256; 4] {
+        let d = _mm256_set1_ps(f16_at(b));
+        if KIND == Q8_0 {
+            return decode::<Q8_0>(b);
+        }
+        let qs = _mm_loadu_si128(b.add(if KIND == Q4_1 { 4 } else { 2 }) as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let (lo, hi) = (_mm_and_si128(qs, mask), _mm_and_si128(_mm_srli_epi16::<4>(qs), mask));
+        let value = |bytes: __m128i| {
+            let q = _mm256_cvtepu8_epi32(bytes);
+            if KIND == Q4_1 {
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), _mm256_set1_ps(f16_at(b.add(2))))
+            } else {
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))), d)
+            }
+        };
+        [value(lo), value(_mm_srli_si128::<8>(lo)), value(hi), value(_mm_srli_si128::<8>(hi))]
     }
 
     #[inline(always)]
@@ -231,6 +296,26 @@ mod tests {
             }
         }
         assert!(qgemv(GgmlDType::Q4K, &[], 0, 256, &[], 0).is_none());
+        Ok(())
+    }
+
+    /// Whole blocks dequantised here equal candle's `dequantize` to the bit.
+    #[test]
+    fn dequantized_blocks_equal_candles() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (9, 128), &dev)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            let want: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
+            let mut got = vec![f32::NAN; want.len()];
+            if !dequantize_blocks(dtype, &q.data()?, &mut got) {
+                eprintln!("no AVX2/F16C here: nothing to check");
+                return Ok(());
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&got) == bits(&want), "{dtype:?} differs from candle's");
+        }
+        assert!(!dequantize_blocks(GgmlDType::Q4K, &[], &mut []));
         Ok(())
     }
 }

@@ -151,7 +151,8 @@ impl WeightRows for Bf16Rows<'_> {
     }
 }
 
-/// A quantized `W`: tiles are dequantised into the buffer.
+/// A quantized `W`: tiles are dequantised into the buffer (vectorised for Q4_0, Q4_1 and
+/// Q8_0, with candle's own values; by candle otherwise).
 struct QuantRows<'b, T> {
     blocks: &'b [T],
     per_row: usize,
@@ -159,7 +160,12 @@ struct QuantRows<'b, T> {
 
 impl<T: GgmlType + Sync> WeightRows for QuantRows<'_, T> {
     fn rows<'a>(&'a self, r0: usize, rows: usize, buf: &'a mut [f32]) -> &'a [f32] {
-        T::to_float(&self.blocks[r0 * self.per_row..(r0 + rows) * self.per_row], buf);
+        let blocks = &self.blocks[r0 * self.per_row..(r0 + rows) * self.per_row];
+        // SAFETY: the blocks are plain-old-data `repr(C)` structs, read as their bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks)) };
+        if !super::qgemv::dequantize_blocks(T::DTYPE, bytes, buf) {
+            T::to_float(blocks, buf);
+        }
         buf
     }
 }

@@ -114,9 +114,11 @@ mod simd {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*b, *b.add(1)]) as i32)))
     }
 
-    /// The 32 weights of a block as four vectors of 8.
+    /// The 32 weights of a block as four vectors of 8. `FUSED`: `q·d + m` in one fused
+    /// multiply-add (decoding into registers); else a multiply, then an add, as candle's
+    /// `to_float` rounds (dequantised tiles, equal to candle's to the bit).
     #[inline(always)]
-    unsafe fn decode<const KIND: u8>(b: *const u8) -> [__m256; 4] {
+    unsafe fn decode<const KIND: u8, const FUSED: bool>(b: *const u8) -> [__m256; 4] {
         let d = _mm256_set1_ps(f16_at(b));
         if KIND == Q8_0 {
             let w = |i: usize| {
@@ -130,15 +132,22 @@ mod simd {
         let qs = _mm_loadu_si128(b.add(if KIND == Q4_1 { 4 } else { 2 }) as *const __m128i);
         let mask = _mm_set1_epi8(0x0F);
         let (lo, hi) = (_mm_and_si128(qs, mask), _mm_and_si128(_mm_srli_epi16::<4>(qs), mask));
-        let f = |bytes: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-        // Q4_1: q·d + m; Q4_0: (q − 8)·d = q·d − 8d.
-        let m = if KIND == Q4_1 { _mm256_set1_ps(f16_at(b.add(2))) } else { _mm256_mul_ps(d, _mm256_set1_ps(-8.0)) };
-        [
-            _mm256_fmadd_ps(f(lo), d, m),
-            _mm256_fmadd_ps(f(_mm_srli_si128::<8>(lo)), d, m),
-            _mm256_fmadd_ps(f(hi), d, m),
-            _mm256_fmadd_ps(f(_mm_srli_si128::<8>(hi)), d, m),
-        ]
+        let value = |bytes: __m128i| {
+            let q = _mm256_cvtepu8_epi32(bytes);
+            if KIND == Q4_1 {
+                // q·d + m
+                let (q, m) = (_mm256_cvtepi32_ps(q), _mm256_set1_ps(f16_at(b.add(2))));
+                if FUSED {
+                    _mm256_fmadd_ps(q, d, m)
+                } else {
+                    _mm256_add_ps(_mm256_mul_ps(q, d), m)
+                }
+            } else {
+                // Q4_0: (q − 8)·d
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))), d)
+            }
+        };
+        [value(lo), value(_mm_srli_si128::<8>(lo)), value(hi), value(_mm_srli_si128::<8>(hi))]
     }
 
     /// [`super::dequantize_blocks`] for the block type.
@@ -154,34 +163,12 @@ mod simd {
     #[inline(always)]
     unsafe fn dequantize_of<const KIND: u8>(bytes: &[u8], block_bytes: usize, out: &mut [f32]) {
         for (i, block) in bytes.chunks_exact(block_bytes).enumerate() {
-            let w = decode_exact::<KIND>(block.as_ptr());
+            let w = decode::<KIND, false>(block.as_ptr());
             let o = out.as_mut_ptr().add(i * QK);
             for (v, w) in w.iter().enumerate() {
                 _mm256_storeu_ps(o.add(8 * v), *w);
             }
         }
-    }
-
-    /// The 32 weights of a block as [`decode`] gives them, but rounded as candle's `to_float`
-    /// rounds (a multiply, then an add: no fused multiply-add).
-    #[inline(always)]
-    unsafe fn decode_exact<const KIND: u8>(b: *const u8) -> [__m256; 4] {
-        let d = _mm256_set1_ps(f16_at(b));
-        if KIND == Q8_0 {
-            return decode::<Q8_0>(b);
-        }
-        let qs = _mm_loadu_si128(b.add(if KIND == Q4_1 { 4 } else { 2 }) as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let (lo, hi) = (_mm_and_si128(qs, mask), _mm_and_si128(_mm_srli_epi16::<4>(qs), mask));
-        let value = |bytes: __m128i| {
-            let q = _mm256_cvtepu8_epi32(bytes);
-            if KIND == Q4_1 {
-                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), _mm256_set1_ps(f16_at(b.add(2))))
-            } else {
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))), d)
-            }
-        };
-        [value(lo), value(_mm_srli_si128::<8>(lo)), value(hi), value(_mm_srli_si128::<8>(hi))]
     }
 
     #[inline(always)]
@@ -202,7 +189,7 @@ mod simd {
                 // Decoding one token: the accumulators stay in registers.
                 let mut a = [_mm256_setzero_ps(); 4];
                 for b in 0..blocks {
-                    let w = decode::<KIND>(row.as_ptr().add(b * block_bytes));
+                    let w = decode::<KIND, true>(row.as_ptr().add(b * block_bytes));
                     let xs = x.as_ptr().add(b * QK);
                     for v in 0..4 {
                         a[v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xs.add(8 * v)), a[v]);
@@ -213,7 +200,7 @@ mod simd {
             }
             acc.iter_mut().for_each(|a| *a = [_mm256_setzero_ps(); 4]);
             for b in 0..blocks {
-                let w = decode::<KIND>(row.as_ptr().add(b * block_bytes));
+                let w = decode::<KIND, true>(row.as_ptr().add(b * block_bytes));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xs = x.as_ptr().add(i * k + b * QK);
                     for v in 0..4 {

@@ -141,7 +141,7 @@ impl WeightRows for Bf16Rows<'_> {
         let src = &self.w[r0 * self.k..(r0 + rows) * self.k];
         let out = &mut buf[..src.len()];
         for (o, v) in out.iter_mut().zip(src) {
-            *o = f32::from_bits(u32::from(v.to_bits()) << 16);
+            *o = v.to_f32(); // exact: the bits, shifted
         }
         out
     }

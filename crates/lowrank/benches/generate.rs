@@ -4,6 +4,7 @@
 //!
 //!     cargo bench -p lowrank --bench generate
 //!     cargo bench -p lowrank --bench generate -- --reps 9 --threads 2 --batch 8 --hf-dir DIR
+//!     cargo bench -p lowrank --bench generate -- --modes gguf-q4_1   # one mode only
 //!
 //! `scripts/bench/generate.sh` runs this and the transformers + PEFT reference
 //! (`scripts/bench/transformers_generate.py`) and compares them; both print the same table.
@@ -53,6 +54,8 @@ struct Settings {
     threads: usize,
     /// Also measure this HF directory (f32 safetensors) as a third mode.
     hf_dir: Option<PathBuf>,
+    /// Modes to measure (`--modes gguf-q4_1,gguf-f32`); empty: all of them.
+    modes: Vec<String>,
     /// Precision of the frozen-weight products (`--dtype bf16|f32`, as `lowrank generate --dtype`:
     /// prefill and batches of more than 16 rows).
     precision: lowrank::kernels::Precision,
@@ -68,6 +71,7 @@ impl Settings {
             batch: 8,
             threads: 2,
             hf_dir: None,
+            modes: Vec::new(),
             precision: lowrank::kernels::Precision::F32,
         };
         let mut args = args.peekable();
@@ -86,6 +90,7 @@ impl Settings {
                 "--batch" => s.batch = num()?,
                 "--threads" => s.threads = num()?,
                 "--hf-dir" => s.hf_dir = Some(PathBuf::from(value)),
+                "--modes" => s.modes = value.split(',').map(str::to_owned).collect(),
                 "--dtype" => {
                     s.precision = match value.as_str() {
                         "bf16" => lowrank::kernels::Precision::Bf16,
@@ -94,7 +99,7 @@ impl Settings {
                     }
                 }
                 _ => bail!(
-                    "unknown flag {flag} (known: --reps --warmup --prompt --decode --batch --threads --hf-dir --dtype)"
+                    "unknown flag {flag} (known: --reps --warmup --prompt --decode --batch --threads --hf-dir --modes --dtype)"
                 ),
             }
         }
@@ -297,6 +302,10 @@ fn main() -> Result<()> {
     if let Some(dir) = &s.hf_dir {
         modes.push(("hf-f32", dir.clone(), false));
     }
+    if let Some(unknown) = s.modes.iter().find(|m| !modes.iter().any(|(known, ..)| known == m)) {
+        bail!("--modes: no mode {unknown} (known: {})", modes.iter().map(|m| m.0).collect::<Vec<_>>().join(", "));
+    }
+    modes.retain(|(mode, ..)| s.modes.is_empty() || s.modes.iter().any(|m| m == mode));
     let mut results = Vec::new();
     for (mode, path, dequantize) in modes {
         let opts = LoadOptions { dequantize, ..Default::default() };
@@ -310,7 +319,8 @@ fn main() -> Result<()> {
             path.display(),
             model.weight_bytes()
         );
-        let rows = measure(&s, &model, &[("none", &[]), (LORA_LABEL, &lora)])?;
+        // On a worker of the pool, as the CLI and the server drive the model (`threads::run`).
+        let rows = lowrank::threads::run(|| measure(&s, &model, &[("none", &[]), (LORA_LABEL, &lora)]))?;
         let [none, with] = <[Row; 2]>::try_from(rows).map_err(|_| anyhow!("two variants give two rows"))?;
         results.push((mode, none, with));
     }

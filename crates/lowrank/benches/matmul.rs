@@ -49,7 +49,12 @@ fn main() -> Result<()> {
             other => bail!("unknown flag {other}"),
         }
     }
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    // Driven from a worker of the pool, as `lowrank` drives its model (`threads::run`): small
+    // products are not timed with a cross-thread wake-up each.
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| products(rows, reps, threads))
+}
+
+fn products(rows: usize, reps: usize, threads: usize) -> Result<()> {
     if !bf16_available() {
         bail!("this CPU has no AVX-512-BF16");
     }

@@ -1,7 +1,9 @@
 //! `y = x Wᵀ` for a few rows of `x` (decoding) straight from GGUF blocks: each block of 32
 //! weights is dequantised into registers and used at once for every row of `x`, in f32 — no
 //! tile buffer, the activations never quantised. Decoding one token otherwise dequantises all
-//! of `W` into memory and reads it back.
+//! of `W` into memory and reads it back. With AVX-512 a block is two 16-lane registers and up to
+//! 8 rows of `x` share each decoded block, their accumulators in registers (batched decode);
+//! with AVX2 only, four 8-lane registers.
 //!
 //! Block layouts (ggml): Q4_0 `d: f16, qs: [u8; 16]`, value `(q − 8)·d`; Q4_1 `d, m: f16,
 //! qs: [u8; 16]`, value `q·d + m`; Q8_0 `d: f16, qs: [i8; 32]`, value `q·d`. In the 4-bit types,
@@ -70,6 +72,10 @@ pub(crate) fn dequantize_blocks(dtype: GgmlDType, bytes: &[u8], out: &mut [f32])
 fn rows_dispatch(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX-512F and F16C (checked just above).
+            return unsafe { simd::rows_avx512(dtype, rows, row_bytes, x, n, k, out) };
+        }
         if std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
@@ -109,9 +115,107 @@ mod simd {
         }
     }
 
+    /// `rows` with 16-lane registers: rows of `x` go in groups of up to 8, whose 16 accumulators
+    /// stay in registers while each block is decoded once for the group. Every row of `x` gets
+    /// the same operations in the same order whatever `n` and its group, so a sequence decodes
+    /// to the same bits alone and in a batch.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn rows_avx512(
+        dtype: GgmlDType,
+        rows: &[u8],
+        row_bytes: usize,
+        x: &[f32],
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        match dtype {
+            GgmlDType::Q4_0 => groups::<Q4_0>(rows, row_bytes, x, n, k, out),
+            GgmlDType::Q4_1 => groups::<Q4_1>(rows, row_bytes, x, n, k, out),
+            _ => groups::<Q8_0>(rows, row_bytes, x, n, k, out),
+        }
+    }
+
     #[inline(always)]
-    unsafe fn f16_at(b: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*b, *b.add(1)]) as i32)))
+    unsafe fn groups<const KIND: u8>(rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
+        let mut i = 0;
+        while i < n {
+            let left = n - i;
+            let xs = x.as_ptr().add(i * k);
+            i += match left {
+                8.. => group::<KIND, 8>(rows, row_bytes, xs, k, out, n, i),
+                4..=7 => group::<KIND, 4>(rows, row_bytes, xs, k, out, n, i),
+                2 | 3 => group::<KIND, 2>(rows, row_bytes, xs, k, out, n, i),
+                _ => group::<KIND, 1>(rows, row_bytes, xs, k, out, n, i),
+            };
+        }
+    }
+
+    /// Rows `i..i + G` of `x` (starting at `xs`) against every row of `W` in `rows`: writes
+    /// `out[j * n + i + g]`; returns `G`.
+    #[inline(always)]
+    unsafe fn group<const KIND: u8, const G: usize>(
+        rows: &[u8],
+        row_bytes: usize,
+        xs: *const f32,
+        k: usize,
+        out: &mut [f32],
+        n: usize,
+        i: usize,
+    ) -> usize {
+        let blocks = k / QK;
+        let block_bytes = row_bytes / blocks;
+        for (j, row) in rows.chunks_exact(row_bytes).enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); 2]; G];
+            for b in 0..blocks {
+                let w = decode16::<KIND>(row.as_ptr().add(b * block_bytes));
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let x = xs.add(g * k + b * QK);
+                    a[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), a[0]);
+                    a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), a[1]);
+                }
+            }
+            for (g, a) in acc.iter().enumerate() {
+                out[j * n + i + g] = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            }
+        }
+        G
+    }
+
+    /// The 32 weights of a block as two vectors of 16, `q·d + m` fused as in [`decode`].
+    #[inline(always)]
+    unsafe fn decode16<const KIND: u8>(b: *const u8) -> [__m512; 2] {
+        let dm = scales(b);
+        let d = _mm512_broadcastss_ps(dm);
+        if KIND == Q8_0 {
+            let w = |i: usize| {
+                _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(2 + 16 * i) as *const __m128i))),
+                    d,
+                )
+            };
+            return [w(0), w(1)];
+        }
+        let qs = _mm_loadu_si128(b.add(if KIND == Q4_1 { 4 } else { 2 }) as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let (lo, hi) = (_mm_and_si128(qs, mask), _mm_and_si128(_mm_srli_epi16::<4>(qs), mask));
+        let value = |bytes: __m128i| {
+            let q = _mm512_cvtepu8_epi32(bytes);
+            if KIND == Q4_1 {
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, _mm512_broadcastss_ps(_mm_movehdup_ps(dm)))
+            } else {
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))), d)
+            }
+        };
+        [value(lo), value(hi)]
+    }
+
+    /// A block's scale `d` in lane 0 and, for Q4_1, its offset `m` in lane 1: its first four
+    /// bytes as two f16. A plain 32-bit load, so that nothing carries over from the last block
+    /// (inserting a 16-bit word into a register kept one long dependency chain per row).
+    #[inline(always)]
+    unsafe fn scales(b: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_loadu_si32(b))
     }
 
     /// The 32 weights of a block as four vectors of 8. `FUSED`: `q·d + m` in one fused
@@ -119,7 +223,8 @@ mod simd {
     /// `to_float` rounds (dequantised tiles, equal to candle's to the bit).
     #[inline(always)]
     unsafe fn decode<const KIND: u8, const FUSED: bool>(b: *const u8) -> [__m256; 4] {
-        let d = _mm256_set1_ps(f16_at(b));
+        let dm = scales(b);
+        let d = _mm256_broadcastss_ps(dm);
         if KIND == Q8_0 {
             let w = |i: usize| {
                 _mm256_mul_ps(
@@ -136,7 +241,7 @@ mod simd {
             let q = _mm256_cvtepu8_epi32(bytes);
             if KIND == Q4_1 {
                 // q·d + m
-                let (q, m) = (_mm256_cvtepi32_ps(q), _mm256_set1_ps(f16_at(b.add(2))));
+                let (q, m) = (_mm256_cvtepi32_ps(q), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)));
                 if FUSED {
                     _mm256_fmadd_ps(q, d, m)
                 } else {
@@ -283,6 +388,25 @@ mod tests {
             }
         }
         assert!(qgemv(GgmlDType::Q4K, &[], 0, 256, &[], 0).is_none());
+        Ok(())
+    }
+
+    /// A row of `x` gives the same bits alone as in any batch (groups of 8, 4, 2, 1 here): a
+    /// sequence decodes alike whether the server batches it or not.
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, n) = (40, 128, 15);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (m, k), &dev)?, dtype)?;
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, k), &dev)?.flatten_all()?.to_vec1()?;
+            let batch = qgemv(dtype, &q.data()?, m, k, &x, n).expect("supported");
+            for (i, xi) in x.chunks_exact(k).enumerate() {
+                let alone = qgemv(dtype, &q.data()?, m, k, xi, 1).expect("supported");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&alone) == bits(&batch[i * m..(i + 1) * m]), "{dtype:?}: row {i} of {n}");
+            }
+        }
         Ok(())
     }
 

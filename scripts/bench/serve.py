@@ -1,6 +1,6 @@
 """Load test and throughput of `lowrank serve` on the default model (scripts/bench/serve.sh).
 
-    PY scripts/bench/serve.py LOWRANK_BIN GGUF [--clients 64] [--requests 256] [--max-tokens 32]
+    PY scripts/bench/serve.py LOWRANK_BIN GGUF [--clients 64] [--requests 256] [--max-tokens 32] [--dtype f32|bf16]
 
 Writes 8 random q/v LoRA adapters (rank 8, numpy + safetensors), starts `lowrank serve` on a free
 loopback port with them in --adapters-dir, then:
@@ -20,6 +20,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("lowrank"); ap.add_argument("gguf")
 ap.add_argument("--clients", type=int, default=64); ap.add_argument("--requests", type=int, default=256)
 ap.add_argument("--max-tokens", type=int, default=32)
+ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="lowrank serve --dtype (prefill and batches over 16 rows)")
 args = ap.parse_args()
 
 questions = [json.loads(l)["messages"][0]["content"] for l in open("examples/dates/eval.jsonl") if l.strip()]
@@ -40,12 +41,16 @@ for i in range(8):
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 server = subprocess.Popen([args.lowrank, "serve", "--model", args.gguf, "--port", str(port), "--adapters-dir", adir,
-                           "--max-batch", "32", "--max-queue", "1024"], stderr=subprocess.DEVNULL)
-for _ in range(300):
+                           "--max-batch", "32", "--max-queue", "1024", "--dtype", args.dtype], stderr=subprocess.DEVNULL)
+# The port opens at once; /health answers 503 ("loading") until the model is in.
+for _ in range(600):
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=2); c.request("GET", "/health")
         if c.getresponse().status == 200: break
-    except OSError: time.sleep(0.2)
+    except OSError: pass
+    time.sleep(0.2)
+else:
+    server.terminate(); sys.exit("lowrank serve did not become ready in 120 s")
 
 def chat(model, q, max_tokens, stream=False):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -55,6 +60,8 @@ def chat(model, q, max_tokens, stream=False):
     r = c.getresponse()
     if not stream:
         data = json.loads(r.read())
+        if r.status != 200:
+            return f"{r.status} {data.get('error', {}).get('message', '')[:120]}", 0, time.perf_counter() - t0, None
         return r.status, data.get("usage", {}).get("completion_tokens", 0), time.perf_counter() - t0, None
     first, n = None, 0
     for line in r:
@@ -86,6 +93,8 @@ def run(n_clients, jobs):
     [t.start() for t in ts]; [t.join() for t in ts]
     wall = time.perf_counter() - t0
     lat.sort()
+    if errors:
+        print(f"  {len(errors)} failed requests, e.g. {sorted(set(map(str, errors)))[:3]}", file=sys.stderr)
     return {"requests": len(lat), "errors": len(errors), "wall_s": wall, "req_per_s": len(lat) / wall, "gen_tok_per_s": toks[0] / wall,
             "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 

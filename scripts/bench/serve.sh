@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load test and throughput of `lowrank serve` on the default model; see scripts/bench/serve.py.
-#   scripts/bench/serve.sh [--clients 64] [--requests 256] [--max-tokens 32]
+#   scripts/bench/serve.sh [--clients 64] [--requests 256] [--max-tokens 32] [--dtype f32|bf16]
 # Needs a Python with numpy and safetensors (the reference stack's, scripts/reference/env.sh);
 # llama-cpp-python in it adds the llama.cpp single-stream figure.
 set -euo pipefail

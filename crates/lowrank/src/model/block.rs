@@ -8,7 +8,7 @@ use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::projection::{AdapterRun, LinearFactory, Projection};
 use super::weights::{norm_checked, WeightSource};
-use crate::ops::{apply_rope, causal_attention, glu, rms_norm, Activation, Scores, Segment};
+use crate::ops::{apply_rope, causal_attention, glu, rms_norm, rotary_causal_attention, Activation, Scores, Segment};
 use crate::Result;
 
 /// Where each sequence sits in the flattened batch.
@@ -242,20 +242,21 @@ impl Block {
             Some((cos, sin)) if self.sliding_rope => (cos, sin),
             _ => (&ctx.cos, &ctx.sin),
         };
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
         let o = match caches {
-            // Every sequence attends to its own new rows: one call for the whole batch.
+            // Every sequence attends to its own new rows: one call for the whole batch, which
+            // rotates q and k itself (the graph keeps them once).
             None => {
                 let segs: Vec<Segment> = ctx
                     .spans
                     .iter()
                     .map(|s| Segment { q_start: s.start, q_len: s.len, k_start: s.start, k_len: s.len })
                     .collect();
-                causal_attention(&q, &k, &v, &segs, self.scores)? // [N, heads, D]
+                rotary_causal_attention(&q, &k, &v, (cos, sin), &segs, self.scores)?
+                // [N, heads, D]
             }
-            // Each sequence's keys are its cache plus its new rows.
+            // Each sequence's keys are its cache (rotated) plus its new rows.
             Some(caches) => {
+                let (q, k) = (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?);
                 let mut outs = Vec::with_capacity(ctx.spans.len());
                 for (span, cache) in ctx.spans.iter().zip(caches.iter_mut()) {
                     let rows = |t: &Tensor| t.narrow(0, span.start, span.len);

@@ -16,7 +16,10 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::softmax_last_dim;
+use std::borrow::Cow;
+
+use super::rope::rotate;
+use super::{apply_rope, softmax_last_dim};
 use crate::kernels::{exp_shifted, gemm, Mat};
 use crate::kernels::{stored, values};
 use crate::{Error, Result};
@@ -58,34 +61,36 @@ impl Scores {
 /// `q: [Nq, heads, D]`, `k, v: [Nk, kv, D]` -> `[Nq, heads, D]`: every segment's queries attend
 /// causally (and within the window, if any) to that segment's keys, scored as `scores` says.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Segment], scores: Scores) -> Result<Tensor> {
-    let (nq, heads, d) = q.dims3()?;
-    let (nk, kv, dk) = k.dims3()?;
-    if v.dims3()? != (nk, kv, dk) || dk != d || kv == 0 || heads % kv != 0 {
-        return Err(Error::Batch(format!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit [Nq, heads, D], [Nk, kv, D] with heads a multiple of kv",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )));
-    }
-    for s in segments {
-        if s.q_len > s.k_len || s.q_start + s.q_len > nq || s.k_start + s.k_len > nk {
-            return Err(Error::Batch(format!("attention: segment {s:?} outside q rows {nq} / k rows {nk}")));
-        }
-    }
-    let op = Attention {
-        segments: segments.to_vec(),
-        heads,
-        kv,
-        d,
-        window: scores.window.unwrap_or(usize::MAX).max(1),
-        scale: scores.scale,
-        softcap: scores.softcap,
-    };
-    if q.device().is_cpu() && [q.dtype(), k.dtype(), v.dtype()].iter().all(|t| *t == DType::F32) {
+    let op = Attention::new(q, k, v, segments, scores, None)?;
+    if [q, k, v].iter().all(|t| cpu_f32(t)) {
         return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     op.composed(q, k, v)
+}
+
+/// [`causal_attention`] of `q` and `k` rotated by `cos, sin: [N, 1, D/2]` ([`apply_rope`]), with
+/// no cache (`q`, `k` and `v` the same `N` rows). On the CPU the rotation happens inside the op,
+/// forward and backward, so the graph keeps only the unrotated `q` and `k`: one copy of them per
+/// layer, not two. Elsewhere, or for a partial rotation, it is `apply_rope` and then the op.
+pub fn rotary_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    segments: &[Segment],
+    scores: Scores,
+) -> Result<Tensor> {
+    let (n, _, d) = q.dims3()?;
+    let whole = [cos, sin].iter().all(|t| t.dims3().ok() == Some((n, 1, d / 2)) && cpu_f32(t));
+    if !(whole && [q, k, v].iter().all(|t| cpu_f32(t)) && d % 2 == 0 && k.dim(0)? == n) {
+        return causal_attention(&apply_rope(q, cos, sin)?, &apply_rope(k, cos, sin)?, v, segments, scores);
+    }
+    let op = Attention::new(q, k, v, segments, scores, Some((cos.contiguous()?, sin.contiguous()?)))?;
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// The op: its segments and head geometry.
@@ -99,6 +104,8 @@ struct Attention {
     window: usize,
     scale: f32,
     softcap: Option<f32>,
+    /// `cos, sin: [N, 1, D/2]` that rotate `q` and `k` inside the op ([`rotary_causal_attention`]).
+    rope: Option<(Tensor, Tensor)>,
 }
 
 /// Contiguous f32 views of the inputs: `q`, `k`, `v` and their row strides.
@@ -109,6 +116,58 @@ struct Views<'a> {
 }
 
 impl Attention {
+    /// The op for these operands, after checking that they fit.
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        segments: &[Segment],
+        scores: Scores,
+        rope: Option<(Tensor, Tensor)>,
+    ) -> Result<Self> {
+        let (nq, heads, d) = q.dims3()?;
+        let (nk, kv, dk) = k.dims3()?;
+        if v.dims3()? != (nk, kv, dk) || dk != d || kv == 0 || heads % kv != 0 {
+            return Err(Error::Batch(format!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit [Nq, heads, D], [Nk, kv, D] with heads a multiple of kv",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        for s in segments {
+            if s.q_len > s.k_len || s.q_start + s.q_len > nq || s.k_start + s.k_len > nk {
+                return Err(Error::Batch(format!("attention: segment {s:?} outside q rows {nq} / k rows {nk}")));
+            }
+        }
+        Ok(Attention {
+            segments: segments.to_vec(),
+            heads,
+            kv,
+            d,
+            window: scores.window.unwrap_or(usize::MAX).max(1),
+            scale: scores.scale,
+            softcap: scores.softcap,
+            rope,
+        })
+    }
+
+    /// `q` and `k` as the op sees them: rotated into new buffers when it rotates, else as given.
+    fn rotated<'a>(&self, q: &'a [f32], k: &'a [f32]) -> candle_core::Result<(Cow<'a, [f32]>, Cow<'a, [f32]>)> {
+        let Some((cos, sin)) = &self.rope else { return Ok((Cow::Borrowed(q), Cow::Borrowed(k))) };
+        let ((sc, lc), (ss, ls)) = (cos.storage_and_layout(), sin.storage_and_layout());
+        let (c, s) = (stored(&sc, lc)?, stored(&ss, ls)?);
+        let half = self.d / 2;
+        Ok((Cow::Owned(rotate(q, c, s, half, 1.0)), Cow::Owned(rotate(k, c, s, half, 1.0))))
+    }
+
+    /// The gradient of a rotated operand back to the unrotated one (rotation by minus the angle).
+    fn unrotated(&self, g: Vec<f32>) -> candle_core::Result<Vec<f32>> {
+        let Some((cos, sin)) = &self.rope else { return Ok(g) };
+        let ((sc, lc), (ss, ls)) = (cos.storage_and_layout(), sin.storage_and_layout());
+        Ok(rotate(&g, stored(&sc, lc)?, stored(&ss, ls)?, self.d / 2, -1.0))
+    }
+
     fn q_stride(&self) -> usize {
         self.heads * self.d
     }
@@ -314,7 +373,8 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Views { q: values(s1, l1)?, k: values(s2, l2)?, v: values(s3, l3)? };
+        let (q, k) = self.rotated(values(s1, l1)?, values(s2, l2)?)?;
+        let x = Views { q: &q, k: &k, v: values(s3, l3)? };
         let (qs, d) = (self.q_stride(), self.d);
         let heads: Vec<_> =
             self.tasks().into_par_iter().map(|(s, h)| self.forward_head(&x, &self.segments[s], h)).collect();
@@ -344,7 +404,8 @@ impl CustomOp3 for Attention {
         let (sv, lv) = v.storage_and_layout();
         let (so, lo) = o.storage_and_layout();
         let (sg, lg) = go.storage_and_layout();
-        let x = Views { q: stored(&sq, lq)?, k: stored(&sk, lk)?, v: stored(&sv, lv)? };
+        let (q_data, k_data) = self.rotated(stored(&sq, lq)?, stored(&sk, lk)?)?;
+        let x = Views { q: &q_data, k: &k_data, v: stored(&sv, lv)? };
         let (o_data, go_data) = (stored(&so, lo)?, stored(&sg, lg)?);
         if o_data.len() != x.q.len() || go_data.len() != x.q.len() {
             candle_core::bail!("causal-attention backward: output or its gradient has the wrong size")
@@ -369,6 +430,7 @@ impl CustomOp3 for Attention {
                 dv[at..at + d].iter_mut().zip(rv).for_each(|(a, b)| *a += b);
             }
         }
+        let (dq, dk) = (self.unrotated(dq)?, self.unrotated(dk)?);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, lq.shape(), dev)?),
@@ -407,16 +469,7 @@ mod tests {
             let up = Tensor::randn(0f32, 1.0, (160, heads, d), &dev)?;
             let scores = Scores { scale: 0.3, softcap, window };
             let got = causal_attention(&q, &k, &v, &segs, scores)?;
-            let op = Attention {
-                segments: segs.to_vec(),
-                heads,
-                kv,
-                d,
-                window: window.unwrap_or(usize::MAX),
-                scale: 0.3,
-                softcap,
-            };
-            let want = op.composed(&q, &k, &v)?;
+            let want = Attention::new(&q, &k, &v, &segs, scores, None)?.composed(&q, &k, &v)?;
             assert!(
                 max_diff(&got, &want) < 1e-5,
                 "window {window:?} cap {softcap:?}: forward differs by {}",
@@ -434,6 +487,40 @@ mod tests {
             }
             let unused = g.get(k.as_tensor()).expect("grad").narrow(0, 165, 5)?.abs()?.sum_all()?.to_scalar::<f32>()?;
             assert_eq!(unused, 0.0, "rows no segment reads get no gradient");
+        }
+        Ok(())
+    }
+
+    /// Rotating inside the op gives what rotating first does, to the bit, forward and backward.
+    #[test]
+    fn rotating_inside_equals_rotating_first() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv, d) = (4, 2, 8);
+        let segs = [
+            Segment { q_start: 0, q_len: 70, k_start: 0, k_len: 70 },
+            Segment { q_start: 70, q_len: 9, k_start: 70, k_len: 9 },
+        ];
+        let table = crate::ops::RopeTable::new(d, 10000.0, &crate::ops::RopeScaling::None)?;
+        let positions: Vec<usize> = (0..70).chain(0..9).collect();
+        let lengths: Vec<usize> = [70; 70].into_iter().chain([9; 9]).collect();
+        let (cos, sin) = table.cos_sin(&positions, &lengths, &dev)?;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (79, heads, d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (79, kv, d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (79, kv, d), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (79, heads, d), &dev)?;
+        let scores = Scores::plain(d);
+        let got = rotary_causal_attention(&q, &k, &v, (&cos, &sin), &segs, scores)?;
+        let (qr, kr) = (apply_rope(&q, &cos, &sin)?, apply_rope(&k, &cos, &sin)?);
+        let want = causal_attention(&qr, &kr, &v, &segs, scores)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+        };
+        assert!(bits(&got)? == bits(&want)?, "forward differs");
+        let g = (&got * &up)?.sum_all()?.backward()?;
+        let g_ref = (&want * &up)?.sum_all()?.backward()?;
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, b) = (g.get(var.as_tensor()).expect("grad"), g_ref.get(var.as_tensor()).expect("grad"));
+            assert!(bits(a)? == bits(b)?, "d{name} differs");
         }
         Ok(())
     }

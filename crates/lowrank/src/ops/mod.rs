@@ -15,7 +15,7 @@ mod rms_norm;
 mod rope;
 mod softmax;
 
-pub use attention::{causal_attention, Scores, Segment};
+pub use attention::{causal_attention, rotary_causal_attention, Scores, Segment};
 pub use glu::{glu, Activation};
 pub use linear::FrozenLinear;
 pub use lora_linear::{lora_linear, LowRank};

@@ -193,7 +193,7 @@ struct Rope;
 
 /// Rotates every head of every row of `x: [N, heads, D]` by `(cos, sin): [N, D/2]`, with `sign`
 /// 1 (forward) or -1 (the inverse rotation, for the gradient).
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], half: usize, sign: f32) -> Vec<f32> {
+pub(super) fn rotate(x: &[f32], cos: &[f32], sin: &[f32], half: usize, sign: f32) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     if x.is_empty() || half == 0 {
         return y;

@@ -106,7 +106,7 @@ pub enum QuantizeArg {
 
 pub fn load_options(device: DeviceArg, dequantize: bool, quantize: Option<QuantizeArg>) -> Result<LoadOptions> {
     let quantize = quantize.map(|QuantizeArg::Nf4| Quantize::Nf4);
-    Ok(LoadOptions { device: device.device()?, dequantize, quantize })
+    Ok(LoadOptions { device: device.device()?, dequantize, quantize, frozen_bf16: false })
 }
 
 /// Loads each `--adapter` against the model's modules.

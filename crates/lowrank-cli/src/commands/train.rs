@@ -14,6 +14,7 @@ use lowrank::bundle::ModelBundle;
 use lowrank::chat::ChatTemplate;
 use lowrank::data::{load_jsonl, DataOptions, Dataset, Example, Examples};
 use lowrank::kernels::{bf16_available, set_matmul_precision, Precision};
+use lowrank::model::LoadOptions;
 use lowrank::tokenizer::Tokenizer;
 use lowrank::train::{metrics, AdamWConfig, ResidualBase, RunEnd, Schedule, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -480,7 +481,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     set_matmul_precision(s.dtype.into()).context("--dtype bf16")?;
-    let opts = load_options(s.device, s.dequantize, s.quantize)?;
+    // In bf16 the frozen projections are rounded to bf16 by every product that matters: hold
+    // them so (an f32 base's take half the memory).
+    let opts =
+        LoadOptions { frozen_bf16: s.dtype == DtypeArg::Bf16, ..load_options(s.device, s.dequantize, s.quantize)? };
     let mut bundle =
         ModelBundle::open(&s.model, &opts).with_context(|| format!("loading model {}", s.model.display()))?;
     let (train, eval) = load_data(&s, &bundle.tokenizer, bundle.chat_template.as_ref())?;

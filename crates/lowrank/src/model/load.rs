@@ -4,7 +4,7 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::gguf::GgufFile;
@@ -32,11 +32,15 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// Quantise the projection weights of a full-precision base at load.
     pub quantize: Option<Quantize>,
+    /// Keep the projection weights of an f32 base in bf16, on the CPU: half their memory, and the
+    /// same products on the bf16 engine, which rounds its operands to bf16 anyway (`lowrank train
+    /// --dtype bf16`). Products too small for the engine then use their bf16 values.
+    pub frozen_bf16: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dequantize: false, quantize: None }
+        Self { device: Device::Cpu, dequantize: false, quantize: None, frozen_bf16: false }
     }
 }
 
@@ -84,6 +88,35 @@ impl WeightSource for Nf4Source<'_> {
                 self.0.describe(),
                 other.dtype_name()
             ))),
+        }
+    }
+}
+
+/// A weight source whose f32 projection matrices (`*_proj.weight`) come out as bf16; everything
+/// else passes through.
+struct Bf16Source<'a>(&'a dyn WeightSource);
+
+impl WeightSource for Bf16Source<'_> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        self.0.dense(name)
+    }
+
+    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
+        match self.0.matrix(name)? {
+            FrozenWeight::Dense(t)
+                if name.ends_with("_proj.weight") && t.dtype() == DType::F32 && t.device().is_cpu() =>
+            {
+                Ok(FrozenWeight::Dense(t.to_dtype(DType::BF16)?))
+            }
+            other => Ok(other),
         }
     }
 }
@@ -174,6 +207,7 @@ impl Model {
     /// [`Model::load`], with the projections quantised as `opts.quantize` asks.
     pub fn load_with(cfg: ModelConfig, src: &dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
         match opts.quantize {
+            None if opts.frozen_bf16 && opts.device.is_cpu() => Model::load(cfg, &Bf16Source(src), &opts.device),
             None => Model::load(cfg, src, &opts.device),
             Some(Quantize::Nf4) if !opts.device.is_cpu() => {
                 Err(Error::Config("--quantize nf4 runs on the CPU only".into()))

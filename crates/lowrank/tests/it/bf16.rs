@@ -198,3 +198,41 @@ fn a_bf16_checkpoint_stays_bf16_and_computes_as_its_f32_widening() {
         }
     }
 }
+
+/// `LoadOptions::frozen_bf16` (what `lowrank train --dtype bf16` loads with) keeps an f32 base's
+/// projections in bf16, at half the bytes, and a bf16 training step is the same to the bit as
+/// on the f32 copy: the bf16 products round the f32 weights to those very values.
+#[test]
+fn frozen_bf16_halves_the_projections_and_keeps_the_bf16_step() {
+    if !bf16_available() {
+        assert!(bf16_or_refused());
+        return;
+    }
+    let dir = models_dir().join("llama/model");
+    let opts = lowrank::model::LoadOptions { frozen_bf16: true, ..Default::default() };
+    let (half, wide) = (
+        lowrank::model::Model::from_path(&dir, &opts).unwrap(),
+        lowrank::model::Model::from_path(&dir, &Default::default()).unwrap(),
+    );
+    for (h, w) in half.blocks().iter().zip(wide.blocks()).flat_map(|(h, w)| h.projections().into_iter().zip(w.projections())) {
+        let (h, w) = (h.base().weight(), w.base().weight());
+        assert_eq!((h.dtype_name().as_str(), w.dtype_name().as_str()), ("bf16", "f32"));
+        assert_eq!(2 * h.size_in_bytes(), w.size_in_bytes());
+    }
+    let batch = TrainBatch::load("llama");
+    let step = |model: &lowrank::model::Model| {
+        let init = Adapter::load_peft(&training_dir("llama").join("init"), model.modules(), &Device::Cpu).unwrap();
+        let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
+        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
+        let out = with_matmul_precision(Precision::Bf16, || forward_backward(model, &active, &batch.seqs(), 4, 1.0, 0))
+            .unwrap()
+            .unwrap();
+        let vars: Vec<_> = vars.into_iter().map(|(_, v)| v).collect();
+        (out.loss, collect_grads(&out.grads, &vars).unwrap())
+    };
+    let ((h_loss, h_grads), (w_loss, w_grads)) = (step(&half), step(&wide));
+    assert_eq!(h_loss, w_loss, "loss");
+    for (a, b) in h_grads.iter().zip(&w_grads) {
+        assert_eq!(max_diff(a, b), 0.0, "a gradient differs");
+    }
+}

@@ -153,12 +153,12 @@ impl Attention {
     }
 
     /// `q` and `k` as the op sees them: rotated into new buffers when it rotates, else as given.
-    fn rotated<'a>(&self, q: &'a [f32], k: &'a [f32]) -> candle_core::Result<(Cow<'a, [f32]>, Cow<'a, [f32]>)> {
-        let Some((cos, sin)) = &self.rope else { return Ok((Cow::Borrowed(q), Cow::Borrowed(k))) };
+    fn rotated<'a>(&self, q: &'a [f32], k: &'a [f32]) -> candle_core::Result<[Cow<'a, [f32]>; 2]> {
+        let Some((cos, sin)) = &self.rope else { return Ok([Cow::Borrowed(q), Cow::Borrowed(k)]) };
         let ((sc, lc), (ss, ls)) = (cos.storage_and_layout(), sin.storage_and_layout());
         let (c, s) = (stored(&sc, lc)?, stored(&ss, ls)?);
         let half = self.d / 2;
-        Ok((Cow::Owned(rotate(q, c, s, half, 1.0)), Cow::Owned(rotate(k, c, s, half, 1.0))))
+        Ok([Cow::Owned(rotate(q, c, s, half, 1.0)), Cow::Owned(rotate(k, c, s, half, 1.0))])
     }
 
     /// The gradient of a rotated operand back to the unrotated one (rotation by minus the angle).
@@ -373,7 +373,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k) = self.rotated(values(s1, l1)?, values(s2, l2)?)?;
+        let [q, k] = self.rotated(values(s1, l1)?, values(s2, l2)?)?;
         let x = Views { q: &q, k: &k, v: values(s3, l3)? };
         let (qs, d) = (self.q_stride(), self.d);
         let heads: Vec<_> =
@@ -404,7 +404,7 @@ impl CustomOp3 for Attention {
         let (sv, lv) = v.storage_and_layout();
         let (so, lo) = o.storage_and_layout();
         let (sg, lg) = go.storage_and_layout();
-        let (q_data, k_data) = self.rotated(stored(&sq, lq)?, stored(&sk, lk)?)?;
+        let [q_data, k_data] = self.rotated(stored(&sq, lq)?, stored(&sk, lk)?)?;
         let x = Views { q: &q_data, k: &k_data, v: stored(&sv, lv)? };
         let (o_data, go_data) = (stored(&so, lo)?, stored(&sg, lg)?);
         if o_data.len() != x.q.len() || go_data.len() != x.q.len() {

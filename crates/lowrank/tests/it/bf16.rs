@@ -214,7 +214,9 @@ fn frozen_bf16_halves_the_projections_and_keeps_the_bf16_step() {
         lowrank::model::Model::from_path(&dir, &opts).unwrap(),
         lowrank::model::Model::from_path(&dir, &Default::default()).unwrap(),
     );
-    for (h, w) in half.blocks().iter().zip(wide.blocks()).flat_map(|(h, w)| h.projections().into_iter().zip(w.projections())) {
+    for (h, w) in
+        half.blocks().iter().zip(wide.blocks()).flat_map(|(h, w)| h.projections().into_iter().zip(w.projections()))
+    {
         let (h, w) = (h.base().weight(), w.base().weight());
         assert_eq!((h.dtype_name().as_str(), w.dtype_name().as_str()), ("bf16", "f32"));
         assert_eq!(2 * h.size_in_bytes(), w.size_in_bytes());

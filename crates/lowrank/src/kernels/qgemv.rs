@@ -21,12 +21,7 @@ const ROWS_PER_TASK: usize = 32;
 /// `x: [n, k]` times `Wᵀ` for `W: [m, k]` stored as `bytes` of `dtype` blocks; `None` for block
 /// types this kernel does not decode (the caller falls back to dequantised tiles).
 pub fn qgemv(dtype: GgmlDType, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize) -> Option<Vec<f32>> {
-    let block_bytes = match dtype {
-        GgmlDType::Q4_0 => 18,
-        GgmlDType::Q4_1 => 20,
-        GgmlDType::Q8_0 => 34,
-        _ => return None,
-    };
+    let block_bytes = block_bytes(dtype)?;
     let row_bytes = k / QK * block_bytes;
     if !k.is_multiple_of(QK) || bytes.len() != m * row_bytes || x.len() != n * k {
         return None;
@@ -51,12 +46,7 @@ pub fn qgemv(dtype: GgmlDType, bytes: &[u8], m: usize, k: usize, x: &[f32], n: u
 /// `to_float` computes them (`q·d + m`, `(q − 8)·d`, `q·d`: a multiply, then an add), to the bit;
 /// `false` (nothing written) for other block types or a CPU without AVX2 and F16C.
 pub(crate) fn dequantize_blocks(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
-    let block_bytes = match dtype {
-        GgmlDType::Q4_0 => 18,
-        GgmlDType::Q4_1 => 20,
-        GgmlDType::Q8_0 => 34,
-        _ => return false,
-    };
+    let Some(block_bytes) = block_bytes(dtype) else { return false };
     assert!(bytes.len().is_multiple_of(block_bytes) && out.len() >= bytes.len() / block_bytes * QK);
     #[cfg(target_arch = "x86_64")]
     {
@@ -67,6 +57,16 @@ pub(crate) fn dequantize_blocks(dtype: GgmlDType, bytes: &[u8], out: &mut [f32])
         }
     }
     false
+}
+
+/// Bytes of one block of the types these kernels decode.
+fn block_bytes(dtype: GgmlDType) -> Option<usize> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(18),
+        GgmlDType::Q4_1 => Some(20),
+        GgmlDType::Q8_0 => Some(34),
+        _ => None,
+    }
 }
 
 fn rows_dispatch(dtype: GgmlDType, rows: &[u8], row_bytes: usize, x: &[f32], n: usize, k: usize, out: &mut [f32]) {
@@ -97,7 +97,19 @@ mod simd {
     const Q4_1: u8 = 1;
     const Q8_0: u8 = 2;
 
-    /// `rows` for the block type, the type fixed at compile time in the inner loop.
+    /// `f::<KIND>(args)` for the block type (Q4_0, Q4_1, else Q8_0), the type fixed at compile
+    /// time in the inner loops.
+    macro_rules! by_kind {
+        ($dtype:expr, $f:ident($($arg:expr),*)) => {
+            match $dtype {
+                GgmlDType::Q4_0 => $f::<Q4_0>($($arg),*),
+                GgmlDType::Q4_1 => $f::<Q4_1>($($arg),*),
+                _ => $f::<Q8_0>($($arg),*),
+            }
+        };
+    }
+
+    /// `rows` with 8-lane registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(
         dtype: GgmlDType,
@@ -108,11 +120,7 @@ mod simd {
         k: usize,
         out: &mut [f32],
     ) {
-        match dtype {
-            GgmlDType::Q4_0 => rows_of::<Q4_0>(rows, row_bytes, x, n, k, out),
-            GgmlDType::Q4_1 => rows_of::<Q4_1>(rows, row_bytes, x, n, k, out),
-            _ => rows_of::<Q8_0>(rows, row_bytes, x, n, k, out),
-        }
+        by_kind!(dtype, rows_of(rows, row_bytes, x, n, k, out))
     }
 
     /// `rows` with 16-lane registers: rows of `x` go in groups of up to 8, whose 16 accumulators
@@ -129,11 +137,7 @@ mod simd {
         k: usize,
         out: &mut [f32],
     ) {
-        match dtype {
-            GgmlDType::Q4_0 => groups::<Q4_0>(rows, row_bytes, x, n, k, out),
-            GgmlDType::Q4_1 => groups::<Q4_1>(rows, row_bytes, x, n, k, out),
-            _ => groups::<Q8_0>(rows, row_bytes, x, n, k, out),
-        }
+        by_kind!(dtype, groups(rows, row_bytes, x, n, k, out))
     }
 
     #[inline(always)]
@@ -258,11 +262,7 @@ mod simd {
     /// [`super::dequantize_blocks`] for the block type.
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn dequantize(dtype: GgmlDType, bytes: &[u8], block_bytes: usize, out: &mut [f32]) {
-        match dtype {
-            GgmlDType::Q4_0 => dequantize_of::<Q4_0>(bytes, block_bytes, out),
-            GgmlDType::Q4_1 => dequantize_of::<Q4_1>(bytes, block_bytes, out),
-            _ => dequantize_of::<Q8_0>(bytes, block_bytes, out),
-        }
+        by_kind!(dtype, dequantize_of(bytes, block_bytes, out))
     }
 
     #[inline(always)]

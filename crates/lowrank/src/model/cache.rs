@@ -44,7 +44,7 @@ impl KvCache {
         let (t, filled) = (k.dim(0)?, self.len);
         let need = filled + t;
         let buffers = match self.layers[layer].take() {
-            Some((kb, vb)) if kb.dim(0)? >= need && kb.dtype() == k.dtype() => (kb, vb),
+            Some((kb, vb)) if kb.dim(0)? >= need => (kb, vb),
             old => {
                 let capacity = need.max(filled + filled / 4).next_multiple_of(GROW);
                 let grown = |new: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
@@ -52,7 +52,7 @@ impl KvCache {
                     dims[0] = capacity;
                     let buffer = Tensor::zeros(dims, new.dtype(), new.device())?;
                     if let Some(old) = old {
-                        buffer.slice_set(&old.narrow(0, 0, filled)?.to_dtype(new.dtype())?.contiguous()?, 0, 0)?;
+                        buffer.slice_set(&old.narrow(0, 0, filled)?, 0, 0)?;
                     }
                     Ok(buffer)
                 };

@@ -59,65 +59,56 @@ pub enum Quantize {
     Nf4,
 }
 
-/// A weight source whose projection matrices (`*_proj.weight`) come out as NF4; embeddings,
-/// the LM head, norms and biases pass through. One matrix is dense at a time.
-struct Nf4Source<'a>(&'a dyn WeightSource);
+/// A weight source whose projection matrices (`*_proj.weight`) pass through `map` (name, the
+/// stored matrix, the source); embeddings, the LM head, norms and biases pass through as they
+/// are. One matrix is converted at a time.
+struct ProjectionSource<'a, F> {
+    src: &'a dyn WeightSource,
+    map: F,
+}
 
-impl WeightSource for Nf4Source<'_> {
+impl<F: Fn(&str, FrozenWeight, &dyn WeightSource) -> Result<FrozenWeight>> WeightSource for ProjectionSource<'_, F> {
     fn describe(&self) -> String {
-        self.0.describe()
+        self.src.describe()
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
+        self.src.contains(name)
     }
 
     fn dense(&self, name: &str) -> Result<Tensor> {
-        self.0.dense(name)
+        self.src.dense(name)
     }
 
     fn matrix(&self, name: &str) -> Result<FrozenWeight> {
-        let w = self.0.matrix(name)?;
-        if !name.ends_with("_proj.weight") {
-            return Ok(w);
-        }
-        match w {
-            FrozenWeight::Dense(t) => Ok(FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&t).map_err(|e| Error::Config(format!("{name}: {e}")))?))),
-            other => Err(Error::Config(format!(
-                "{} stores `{name}` as {}: it is already quantized, so --quantize nf4 would quantize it twice (use it as it is, or a full-precision base)",
-                self.0.describe(),
-                other.dtype_name()
-            ))),
+        let w = self.src.matrix(name)?;
+        if name.ends_with("_proj.weight") {
+            (self.map)(name, w, self.src)
+        } else {
+            Ok(w)
         }
     }
 }
 
-/// A weight source whose f32 projection matrices (`*_proj.weight`) come out as bf16; everything
-/// else passes through.
-struct Bf16Source<'a>(&'a dyn WeightSource);
-
-impl WeightSource for Bf16Source<'_> {
-    fn describe(&self) -> String {
-        self.0.describe()
+/// A projection quantised to NF4; refused if it is stored quantized already.
+fn to_nf4(name: &str, w: FrozenWeight, src: &dyn WeightSource) -> Result<FrozenWeight> {
+    match w {
+        FrozenWeight::Dense(t) => Ok(FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&t).map_err(|e| Error::Config(format!("{name}: {e}")))?))),
+        other => Err(Error::Config(format!(
+            "{} stores `{name}` as {}: it is already quantized, so --quantize nf4 would quantize it twice (use it as it is, or a full-precision base)",
+            src.describe(),
+            other.dtype_name()
+        ))),
     }
+}
 
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
-
-    fn dense(&self, name: &str) -> Result<Tensor> {
-        self.0.dense(name)
-    }
-
-    fn matrix(&self, name: &str) -> Result<FrozenWeight> {
-        match self.0.matrix(name)? {
-            FrozenWeight::Dense(t)
-                if name.ends_with("_proj.weight") && t.dtype() == DType::F32 && t.device().is_cpu() =>
-            {
-                Ok(FrozenWeight::Dense(t.to_dtype(DType::BF16)?))
-            }
-            other => Ok(other),
+/// An f32 projection on the CPU rounded to bf16; any other passes through.
+fn to_bf16(_: &str, w: FrozenWeight, _: &dyn WeightSource) -> Result<FrozenWeight> {
+    match w {
+        FrozenWeight::Dense(t) if t.dtype() == DType::F32 && t.device().is_cpu() => {
+            Ok(FrozenWeight::Dense(t.to_dtype(DType::BF16)?))
         }
+        other => Ok(other),
     }
 }
 
@@ -204,15 +195,18 @@ impl Model {
         Ok(model)
     }
 
-    /// [`Model::load`], with the projections quantised as `opts.quantize` asks.
+    /// [`Model::load`], with the projections quantised as `opts.quantize` asks, or held in bf16
+    /// as `opts.frozen_bf16` does.
     pub fn load_with(cfg: ModelConfig, src: &dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
         match opts.quantize {
-            None if opts.frozen_bf16 && opts.device.is_cpu() => Model::load(cfg, &Bf16Source(src), &opts.device),
+            None if opts.frozen_bf16 && opts.device.is_cpu() => {
+                Model::load(cfg, &ProjectionSource { src, map: to_bf16 }, &opts.device)
+            }
             None => Model::load(cfg, src, &opts.device),
             Some(Quantize::Nf4) if !opts.device.is_cpu() => {
                 Err(Error::Config("--quantize nf4 runs on the CPU only".into()))
             }
-            Some(Quantize::Nf4) => Model::load(cfg, &Nf4Source(src), &opts.device),
+            Some(Quantize::Nf4) => Model::load(cfg, &ProjectionSource { src, map: to_nf4 }, &opts.device),
         }
     }
 }

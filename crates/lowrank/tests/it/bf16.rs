@@ -135,6 +135,20 @@ fn rounded_copy(dir: &std::path::Path, dtype: DType) {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 }
 
+/// One training step of the tiny Llama's fixture batch from its PEFT fixture adapter, in
+/// `precision`: the loss and every LoRA gradient.
+fn llama_step(model: &lowrank::model::Model, precision: Precision) -> (f64, Vec<Tensor>) {
+    let init = Adapter::load_peft(&training_dir("llama").join("init"), model.modules(), &Device::Cpu).unwrap();
+    let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
+    let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
+    let batch = TrainBatch::load("llama");
+    let out = with_matmul_precision(precision, || forward_backward(model, &active, &batch.seqs(), 4, 1.0, 0))
+        .unwrap()
+        .unwrap();
+    let vars: Vec<_> = vars.into_iter().map(|(_, v)| v).collect();
+    (out.loss, collect_grads(&out.grads, &vars).unwrap())
+}
+
 /// A bf16 checkpoint's matrices stay bf16 in memory (half the bytes of their f32 widening) and
 /// give the same logits and the same training step, to the bit, in f32 precision; in bf16
 /// precision too (the products round both to the same bf16 operands).
@@ -179,19 +193,8 @@ fn a_bf16_checkpoint_stays_bf16_and_computes_as_its_f32_widening() {
     if bf16_available() {
         precisions.push(Precision::Bf16);
     }
-    let batch = TrainBatch::load("llama");
     for precision in precisions {
-        let step = |model: &lowrank::model::Model| {
-            let init = Adapter::load_peft(&training_dir("llama").join("init"), model.modules(), &Device::Cpu).unwrap();
-            let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
-            let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
-            let out = with_matmul_precision(precision, || forward_backward(model, &active, &batch.seqs(), 4, 1.0, 0))
-                .unwrap()
-                .unwrap();
-            let vars: Vec<_> = vars.into_iter().map(|(_, v)| v).collect();
-            (out.loss, collect_grads(&out.grads, &vars).unwrap())
-        };
-        let ((h_loss, h_grads), (w_loss, w_grads)) = (step(&half), step(&wide));
+        let ((h_loss, h_grads), (w_loss, w_grads)) = (llama_step(&half, precision), llama_step(&wide, precision));
         assert_eq!(h_loss, w_loss, "{precision}: loss");
         for (a, b) in h_grads.iter().zip(&w_grads) {
             assert_eq!(max_diff(a, b), 0.0, "{precision}: a gradient differs");
@@ -221,18 +224,8 @@ fn frozen_bf16_halves_the_projections_and_keeps_the_bf16_step() {
         assert_eq!((h.dtype_name().as_str(), w.dtype_name().as_str()), ("bf16", "f32"));
         assert_eq!(2 * h.size_in_bytes(), w.size_in_bytes());
     }
-    let batch = TrainBatch::load("llama");
-    let step = |model: &lowrank::model::Model| {
-        let init = Adapter::load_peft(&training_dir("llama").join("init"), model.modules(), &Device::Cpu).unwrap();
-        let (adapter, vars) = init.to_trainable(model.modules(), None).unwrap();
-        let active = [ActiveAdapter { adapter: Arc::new(adapter), weight: 1.0 }];
-        let out = with_matmul_precision(Precision::Bf16, || forward_backward(model, &active, &batch.seqs(), 4, 1.0, 0))
-            .unwrap()
-            .unwrap();
-        let vars: Vec<_> = vars.into_iter().map(|(_, v)| v).collect();
-        (out.loss, collect_grads(&out.grads, &vars).unwrap())
-    };
-    let ((h_loss, h_grads), (w_loss, w_grads)) = (step(&half), step(&wide));
+    let ((h_loss, h_grads), (w_loss, w_grads)) =
+        (llama_step(&half, Precision::Bf16), llama_step(&wide, Precision::Bf16));
     assert_eq!(h_loss, w_loss, "loss");
     for (a, b) in h_grads.iter().zip(&w_grads) {
         assert_eq!(max_diff(a, b), 0.0, "a gradient differs");

@@ -33,6 +33,10 @@ const REDUCE_ROWS: usize = 512;
 const NR: usize = 32;
 /// Rows of the left operand a microkernel call holds in registers (2 × `MR` accumulators).
 const MR: usize = 12;
+/// Pairs of the reduction a microkernel call sums at most (a reduction is cut in equal chunks):
+/// a panel's chunk (16 KiB) stays in L1 while the [`MC`] rows take it, [`MR`] at a time. Whole
+/// panels of the model's reductions (36–96 KiB) did not, which cost ~10% of the products.
+const KC: usize = 128;
 /// Rows of the left operand taken against every panel of a tile before the next rows (they stay
 /// in L2 while the panels pass through it).
 const MC: usize = 4 * MR;
@@ -67,20 +71,23 @@ pub fn bf16_value(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// `rows × cols` f32 values (row-major) in bf16, each row padded with zeros to `2 · stride`
-/// values: pairs of a row read as one `u32`.
-fn to_pairs(a: &[f32], rows: usize, cols: usize, stride: usize) -> Vec<u32> {
-    let mut out = vec![0u32; rows * stride];
-    if cols == 0 {
-        return out;
+/// `rows × cols` f32 values (row-major) in bf16, each row padded with a zero to an even
+/// length: `cols.div_ceil(2)` pairs a row, each read as one `u32`. Not zero-filled first: every
+/// pair is written (a fill of the whole operand on one thread cost more than the rounding).
+fn to_pairs(a: &[f32], rows: usize, cols: usize) -> Vec<u32> {
+    let stride = cols.div_ceil(2);
+    let mut out = Vec::with_capacity(rows * stride);
+    if stride > 0 {
+        out.spare_capacity_mut().par_chunks_mut(stride).zip(a.par_chunks(cols)).for_each(|(dst, src)| {
+            // SAFETY: the entry points checked cpu_has_bf16(); `dst` holds cols.div_ceil(2) pairs.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::row_pairs(src, dst)
+            }
+        });
     }
-    out.par_chunks_mut(stride.max(1)).zip(a.par_chunks(cols)).for_each(|(dst, src)| {
-        // SAFETY: the entry points checked cpu_has_bf16(); `dst` holds cols.div_ceil(2) pairs.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            avx512::row_pairs(src, dst)
-        }
-    });
+    // SAFETY: row_pairs wrote every pair of every row (`stride` of them, all `rows` rows).
+    unsafe { out.set_len(rows * stride) };
     out
 }
 
@@ -90,7 +97,7 @@ pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + 
     assert!(cpu_has_bf16(), "xwt_bf16 needs AVX-512-BF16");
     assert_eq!(x.len(), n * k, "xwt_bf16: x is not [{n}, {k}]");
     let kp = k.div_ceil(2); // pairs along k
-    let a = to_pairs(x, n, k, kp);
+    let a = to_pairs(x, n, k);
     by_column_ranges(n, m, |out| {
         // Output columns c0..c1 are rows of W: tiles of them packed as panels of NR, pairs along k.
         let (c0, c1) = (out.c0, out.c0 + out.cols);
@@ -108,8 +115,11 @@ pub fn xwt_bf16(x: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + 
 pub fn dyw_bf16(dy: &[f32], n: usize, m: usize, k: usize, w: &(impl WeightRows + ?Sized)) -> Vec<f32> {
     assert!(cpu_has_bf16(), "dyw_bf16 needs AVX-512-BF16");
     assert_eq!(dy.len(), n * m, "dyw_bf16: dy is not [{n}, {m}]");
+    if m == 0 {
+        return vec![0.0; n * k]; // an empty sum (no tile below would write the output)
+    }
     let mp = m.div_ceil(2); // pairs along m
-    let a = to_pairs(dy, n, m, mp);
+    let a = to_pairs(dy, n, m);
     by_column_ranges(n, k, |out| {
         // Output columns c0..c1 are columns of W; its rows, the reduction, come a tile at a time.
         let (mut buf, mut panel) = (Vec::new(), Vec::new());
@@ -164,20 +174,29 @@ fn multiply_panels(a: &[u32], a_stride: usize, n: usize, panels: &[u32], pairs: 
         for (pi, p0) in (0..out.cols).step_by(NR).enumerate() {
             let b = &panels[pi * pairs * NR..(pi + 1) * pairs * NR];
             let dst = out.rows(i0, rows).columns(p0, NR.min(out.cols - p0));
-            run_rows(&a[i0 * a_stride..], a_stride, b, pairs, dst, accumulate);
+            // Equal chunks of at most KC pairs (one, of none, when there are no pairs: the output
+            // is still written, with zeros).
+            let chunk = pairs.div_ceil(pairs.div_ceil(KC).max(1)).max(1);
+            for q0 in (0..pairs.max(1)).step_by(chunk) {
+                let (a, b) = (&a[i0 * a_stride + q0..], &b[q0 * NR..]);
+                run_rows(a, a_stride, b, chunk.min(pairs - q0), dst, accumulate || q0 > 0);
+            }
         }
     }
 }
 
 /// A `[n, cols]` output computed in column ranges (multiples of [`NR`] wide), one per rayon
-/// thread: `f(part)` fills `part`, the [`Columns`] `c0..c1` of every row. Each thread packs only
-/// its own part of `W`, and writes straight into the output.
+/// thread: `f(part)` must write every value of `part`, the [`Columns`] `c0..c1` of every row.
+/// Each thread packs only its own part of `W`, and writes straight into the output, which is
+/// not zero-filled first (on one thread, that fill cost a few percent of a training step).
 fn by_column_ranges(n: usize, cols: usize, f: impl Fn(Columns) + Sync) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let per = cols.div_ceil(threads).div_ceil(NR).max(1) * NR;
-    let mut out = vec![0f32; n * cols];
+    let mut out = Vec::with_capacity(n * cols);
     let whole = Columns { ptr: out.as_mut_ptr(), rows: n, c0: 0, cols, stride: cols };
     (0..cols).step_by(per).collect::<Vec<_>>().into_par_iter().for_each(|c0| f(whole.columns(c0, per.min(cols - c0))));
+    // SAFETY: the parts cover columns 0..cols of all n rows, and `f` wrote every value of each.
+    unsafe { out.set_len(n * cols) };
     out
 }
 
@@ -328,12 +347,13 @@ mod avx512 {
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
     }
 
-    /// `dst[p] = (src[2p], src[2p + 1])` in bf16, zeros past `src`.
+    /// `dst[p] = (src[2p], src[2p + 1])` in bf16 for every `p < src.len().div_ceil(2)` (a zero
+    /// past `src` in the last), whatever `dst` held.
     ///
     /// # Safety
     /// AVX-512F and AVX-512-BF16; `dst.len() ≥ src.len().div_ceil(2)`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn row_pairs(src: &[f32], dst: &mut [u32]) {
+    pub(super) unsafe fn row_pairs(src: &[f32], dst: &mut [std::mem::MaybeUninit<u32>]) {
         assert!(dst.len() >= src.len().div_ceil(2));
         for (p0, chunk) in src.chunks(32).enumerate() {
             let v = pairs16(chunk.as_ptr(), chunk.len());
@@ -535,8 +555,11 @@ mod tests {
             return;
         }
         // (3, 1029, 34): several tiles of `dy W`'s reduction, the last of odd length, after full
-        // ones (a packed panel is reused without being cleared).
-        for (n, m, k) in [(1, 1, 1), (5, 33, 7), (13, 70, 64), (40, 130, 97), (25, 256, 300), (3, 1029, 34)] {
+        // ones (a packed panel is reused without being cleared). (2, 0, 3) and (2, 3, 0): empty
+        // sums (the outputs are not zero-filled before the kernels write them).
+        for (n, m, k) in
+            [(2, 0, 3), (2, 3, 0), (1, 1, 1), (5, 33, 7), (13, 70, 64), (40, 130, 97), (25, 256, 300), (3, 1029, 34)]
+        {
             let (x, w, dy) = (values(n * k, 1), values(m * k, 2), values(n * m, 3));
             let (xr, wr, dyr) = (round(&x), round(&w), round(&dy));
             let rows = DenseRows { w: &w, k };

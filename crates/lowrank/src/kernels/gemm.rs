@@ -121,12 +121,13 @@ fn small(
             let a = &lhs.data[i * lhs.row_stride..][..k];
             let out = &mut dst[i * ds..][..n];
             if rhs.row_stride == 1 {
-                // out[j] (+)= scale · a · rhs[.., j], column j contiguous
-                for (j, o) in out.iter_mut().enumerate() {
-                    // SAFETY: the CPU has AVX-512F (checked above); the column lies in the slice
-                    // (`Mat::fits`, asserted by the caller).
-                    let d = scale * unsafe { avx512::dot(a, &rhs.data[j * rhs.col_stride..][..k]) };
-                    *o = if acc { *o + d } else { d };
+                // out[j] (+)= scale · a · rhs[.., j], column j contiguous: 16 columns at a time
+                let cs = rhs.col_stride;
+                for j0 in (0..n).step_by(16) {
+                    let cols = 16.min(n - j0);
+                    // SAFETY: the CPU has AVX-512F (checked above); columns j0..j0 + cols lie in
+                    // the slice (`Mat::fits`, asserted by the caller) and so does `out[j0..]`.
+                    unsafe { avx512::dots16(a, &rhs.data[j0 * cs..], cs, scale, &mut out[j0..j0 + cols], acc) };
                 }
             } else {
                 if !acc {
@@ -151,22 +152,62 @@ fn small(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `Σ a[i] · b[i]` over 16 lanes, then across them.
+    /// `out[j] (+)= scale · Σ_i a[i] · b[j·stride + i]` for the `out.len() ≤ 16` columns `j`:
+    /// each column summed over 16 lanes, then the 16 sums reduced across lanes together (a
+    /// reduction each cost more than the products when columns are short, as LoRA's `h Bᵀ`'s are).
+    ///
+    /// # Safety
+    /// AVX-512F; `b` holds `(out.len() - 1) · stride + a.len()` values.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut s = _mm512_setzero_ps();
+    pub(super) unsafe fn dots16(a: &[f32], b: &[f32], stride: usize, scale: f32, out: &mut [f32], acc: bool) {
+        let (k, cols) = (a.len(), out.len());
+        assert!(cols <= 16 && (cols == 0 || (cols - 1) * stride + k <= b.len()));
+        if cols == 0 {
+            return;
+        }
+        let mut s = [_mm512_setzero_ps(); 16];
         let mut i = 0;
-        while i + 16 <= n {
-            s = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s);
+        while i < k {
+            let mask = if k - i >= 16 { 0xffff } else { (1u16 << (k - i)) - 1 };
+            let x = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
+            // All 16 every time (so the sums stay in registers): a column past `cols` loads
+            // nothing, from the last column's address.
+            for (j, sj) in s.iter_mut().enumerate() {
+                let (mask, j) = if j < cols { (mask, j) } else { (0, cols - 1) };
+                *sj = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j * stride + i)), *sj);
+            }
             i += 16;
         }
-        if i < n {
-            let mask = (1u16 << (n - i)) - 1;
-            s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)), s);
+        let lanes = if cols == 16 { 0xffff } else { (1u16 << cols) - 1 };
+        let mut sums = _mm512_mul_ps(sum16(&s), _mm512_set1_ps(scale));
+        if acc {
+            sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(lanes, out.as_ptr()));
         }
-        _mm512_reduce_add_ps(s)
+        _mm512_mask_storeu_ps(out.as_mut_ptr(), lanes, sums);
+    }
+
+    /// Lane `j` of the result is the sum of the 16 lanes of `s[j]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn sum16(s: &[__m512; 16]) -> __m512 {
+        // Pairs: per 128-bit block L, [s0 (lanes 0 + 2), s1 (0 + 2), s0 (1 + 3), s1 (1 + 3)].
+        let mut t = [_mm512_setzero_ps(); 8];
+        for (p, tp) in t.iter_mut().enumerate() {
+            let (x, y) = (s[2 * p], s[2 * p + 1]);
+            *tp = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+        }
+        // Fours: per block L, [s4g, s4g+1, s4g+2, s4g+3] each summed over block L.
+        let mut u = [_mm512_setzero_ps(); 4];
+        for (g, ug) in u.iter_mut().enumerate() {
+            let (x, y) = (t[2 * g], t[2 * g + 1]);
+            *ug = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xee>(x, y));
+        }
+        // Across blocks: block g of the result is the sum of u[g]'s four blocks.
+        let half = |x: __m512, y: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x, y), _mm512_shuffle_f32x4::<0xee>(x, y))
+        }; // [x.b0 + x.b2, x.b1 + x.b3, y.b0 + y.b2, y.b1 + y.b3]
+        let (x01, x23) = (half(u[0], u[1]), half(u[2], u[3]));
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(x01, x23), _mm512_shuffle_f32x4::<0xdd>(x01, x23))
     }
 
     /// `y[i] += a · x[i]`.

@@ -31,7 +31,8 @@ pub struct TrainConfig {
     pub save_every: Option<usize>,
     /// Evaluate every N steps (None: only at the end).
     pub eval_every: Option<usize>,
-    /// Rows of logits materialised at a time in the loss.
+    /// Rows of logits materialised at a time in the loss, at most (fewer where a vocabulary
+    /// makes them over 24 MiB).
     pub loss_chunk: usize,
     /// LoRA+: `B` (and DoRA's magnitudes) learn at `lr ×` this (PEFT's `loraplus_lr_ratio`).
     #[serde(default)]

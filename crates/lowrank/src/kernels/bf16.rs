@@ -174,8 +174,8 @@ fn multiply_panels(a: &[u32], a_stride: usize, n: usize, panels: &[u32], pairs: 
         for (pi, p0) in (0..out.cols).step_by(NR).enumerate() {
             let b = &panels[pi * pairs * NR..(pi + 1) * pairs * NR];
             let dst = out.rows(i0, rows).columns(p0, NR.min(out.cols - p0));
-            // Equal chunks of at most KC pairs (one, of none, when there are no pairs: the output
-            // is still written, with zeros).
+            // Equal chunks of at most KC pairs; a single empty one when there are no pairs, so
+            // the output is still written (with zeros).
             let chunk = pairs.div_ceil(pairs.div_ceil(KC).max(1)).max(1);
             for q0 in (0..pairs.max(1)).step_by(chunk) {
                 let (a, b) = (&a[i0 * a_stride + q0..], &b[q0 * NR..]);

@@ -15,8 +15,8 @@ use crate::{Error, Result};
 /// At most this many bytes of f32 logits a chunk (fewer rows than asked when the vocabulary is
 /// large): under glibc's 32 MiB ceiling for serving an allocation from the heap, so each chunk's
 /// logits and their gradient reuse freed memory. 512 rows of the default model's 49k vocabulary
-/// (96 MiB) were fresh mapped pages every chunk: ~125k page faults a step, ~8% of its time, and
-/// ~200 MiB more at the peak.
+/// (96 MiB) were fresh mapped pages every chunk: ~125k page faults a step (most of the ~10% of
+/// its CPU time spent in the kernel) and ~200 MiB more at the peak.
 const LOGITS_BYTES: usize = 24 << 20;
 
 /// Loss value and the tensor to call `backward()` on.
